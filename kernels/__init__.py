@@ -1,0 +1,1 @@
+"""The project's own selective-scan GPU kernels (installed as ``nnunet_mamba.kernels``)."""

@@ -1,0 +1,81 @@
+"""Small building blocks shared by every network (one code path for 2D and 3D)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+
+
+def conv_nd(nd: int) -> type[nn.Module]:
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
+
+
+def conv_transpose_nd(nd: int) -> type[nn.Module]:
+    return {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[nd]
+
+
+def batch_norm_nd(nd: int) -> type[nn.Module]:
+    return {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[nd]
+
+
+def instance_norm_nd(nd: int) -> type[nn.Module]:
+    return {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[nd]
+
+
+def max_pool_nd(nd: int) -> type[nn.Module]:
+    return {2: nn.MaxPool2d, 3: nn.MaxPool3d}[nd]
+
+
+def adaptive_avg_pool_nd(nd: int) -> type[nn.Module]:
+    return {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[nd]
+
+
+def interp_mode(nd: int) -> str:
+    return {2: "bilinear", 3: "trilinear"}[nd]
+
+
+def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *S) -> (B, L, C) in raster order (last axis fastest)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def unflatten_tokens(t: torch.Tensor, spatial) -> torch.Tensor:
+    """(B, L, C) -> (B, C, *S)."""
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *spatial)
+
+
+class LayerNormNd(nn.LayerNorm):
+    """LayerNorm over the channel axis of a channels-first (B, C, *S) tensor (LN2d / LN3d); LN(c) parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class DropPath(nn.Module):
+    """Per-sample stochastic depth (identity at eval or with p = 0)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self):
+        return f"drop_prob={self.drop_prob}"
+
+
+def fp32_core(forward):
+    """Decorator for an SSM-core forward (README §7 of the specs): autocast off, fp32 input, fp32 output."""
+
+    @functools.wraps(forward)
+    def wrapper(self, x, *args, **kwargs):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return forward(self, x.float(), *args, **kwargs)
+
+    return wrapper

@@ -1,0 +1,79 @@
+"""Mamba-1 mixer with mamba-ssm 2.x parameter names, shapes and initialisation (specs/mamba_block.md).
+
+State dicts move unchanged between this module and ``mamba_ssm.Mamba``. The scan goes through the op boundary
+``nnunet_mamba.ops.selective_scan``; ``mamba_ssm`` is never imported here.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import selective_scan
+
+
+def dt_bias_init(n: int, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4) -> torch.Tensor:
+    """Inverse softplus of a log-uniform initial step size in [dt_min, dt_max] (mamba_block.md §2)."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def dt_weight_init(weight: torch.Tensor, dt_rank: int, dt_init="random", dt_scale=1.0):
+    std = dt_rank ** -0.5 * dt_scale
+    with torch.no_grad():
+        if dt_init == "constant":
+            weight.fill_(std)
+        elif dt_init == "random":
+            weight.uniform_(-std, std)
+        else:
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+
+
+def a_log_init(rows: int, d_state: int) -> torch.Tensor:
+    """S4D-real: A_log[c, n] = log(n + 1) on every row."""
+    return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(rows, 1).contiguous()
+
+
+class Mamba(nn.Module):
+    """``Mamba(d_model, d_state=16, d_conv=4, expand=2)``: (B, L, d_model) -> (B, L, d_model)."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
+                 dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
+                 scan_backend="auto", device=None, dtype=None):
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.scan_backend = scan_backend
+        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
+                                bias=conv_bias, **factory)
+        self.act = nn.SiLU()
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        dt_weight_init(self.dt_proj.weight, self.dt_rank, dt_init, dt_scale)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt_bias_init(self.d_inner, dt_min, dt_max, dt_init_floor))
+        self.dt_proj.bias._no_reinit = True
+        self.A_log = nn.Parameter(a_log_init(self.d_inner, d_state))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, L, _ = hidden_states.shape
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2D, L)
+        x, z = xz.chunk(2, dim=1)
+        x = self.act(self.conv1d(x)[..., :L])
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, L, R + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, D, L), bias goes to the scan
+        y = selective_scan(x, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+                           D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                           backend=self.scan_backend)
+        return self.out_proj(y.transpose(1, 2))

@@ -1,0 +1,30 @@
+"""The selective-scan op boundary: one function, several backends.
+
+``selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+return_last_state=False, backend="auto")`` has exactly the semantics and layouts of mamba-ssm's
+``selective_scan_fn`` (docs/ops.md). Backends:
+
+* ``"torch"``    - vectorised PyTorch (chunked scan, fp32 state, hand-written backward); any device.
+* ``"mamba_ssm"`` - mamba-ssm's CUDA kernel; CUDA tensors, needs ``pip install 'nnunet-mamba[cuda]'``.
+* ``"triton"``   - the project's own chunk-parallel Triton kernel (``kernels/``); CUDA tensors.
+
+``"auto"`` picks the best backend available for the tensors' device and says once which one it uses.
+Nothing here imports mamba_ssm or triton at module import time.
+"""
+from .scan import (
+    BackendUnavailable,
+    available_backends,
+    cross_scan_orders,
+    cross_selective_scan,
+    register_backend,
+    selective_scan,
+)
+
+__all__ = [
+    "BackendUnavailable",
+    "available_backends",
+    "cross_scan_orders",
+    "cross_selective_scan",
+    "register_backend",
+    "selective_scan",
+]

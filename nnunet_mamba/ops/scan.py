@@ -1,0 +1,187 @@
+"""Backend registry and dispatch for the selective scan (see the package docstring)."""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .torch_scan import selective_scan_torch
+
+
+class BackendUnavailable(RuntimeError):
+    """A selective-scan backend was requested that cannot run here; the message says how to get it."""
+
+
+@dataclass
+class _Backend:
+    name: str
+    fn: Callable  # same signature as selective_scan (without backend)
+    why_unavailable: Callable[[Optional[torch.device]], Optional[str]]  # None = usable; else how to fix
+    priority: int  # higher wins in "auto" when no measured choice exists
+    cross_fn: Optional[Callable] = None  # fused multi-direction scan (cross_selective_scan semantics)
+    choose: Optional[Callable] = None  # (u, B) -> bool: measured per-shape preference for this backend
+
+
+_BACKENDS: dict[str, _Backend] = {}
+_ANNOUNCED: set = set()
+
+
+def register_backend(name, fn, why_unavailable, priority=0, cross_fn=None, choose=None):
+    """Add a backend. ``why_unavailable(device)`` returns None when usable, otherwise an install hint."""
+    _BACKENDS[name] = _Backend(name, fn, why_unavailable, priority, cross_fn, choose)
+
+
+def available_backends(device: Optional[torch.device | str] = None) -> list[str]:
+    """Names of the backends usable here (for ``device``, default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+            if b.why_unavailable(device) is None]
+
+
+def _resolve(backend: str, u: torch.Tensor, B: torch.Tensor) -> _Backend:
+    if backend != "auto":
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown selective-scan backend {backend!r}; known: {sorted(_BACKENDS)}")
+        be = _BACKENDS[backend]
+        why = be.why_unavailable(u.device)
+        if why is not None:
+            raise BackendUnavailable(f"selective-scan backend {backend!r} is not usable on {u.device}: {why}")
+        return be
+    usable = [b for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+              if b.why_unavailable(u.device) is None]
+    chosen = next((b for b in usable if b.choose is not None and b.choose(u, B)), usable[0])
+    key = (u.device.type, chosen.name)
+    if key not in _ANNOUNCED:
+        _ANNOUNCED.add(key)
+        print(f"nnunet_mamba: selective scan on {u.device.type} uses the {chosen.name!r} backend "
+              f"(available: {', '.join(b.name for b in usable)})", file=sys.stderr)
+    return chosen
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, backend="auto"):
+    """mamba-ssm ``selective_scan_fn`` semantics; see docs/ops.md.
+
+    u, delta, z: (b, d, L); A: (d, N) fp32; B, C: (d, N), (b, N, L) or grouped (b, G, N, L);
+    D, delta_bias: (d,) fp32. Returns y (b, d, L) in u's dtype [, last state (b, d, N) fp32].
+    All arithmetic is fp32 whatever the input dtype.
+    """
+    be = _resolve(backend, u, B)
+    return be.fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                 return_last_state=return_last_state)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Multi-direction (cross) scans of SS2D / SS3D
+
+
+def cross_scan_orders(nd: int, k: int | None = None) -> list[tuple[tuple[int, ...], bool]]:
+    """Scan orders as data: a list of (axis permutation, reversed).
+
+    2D, K=4: HW, WH, reversed HW, reversed WH (VMamba). 3D, K=6 (default): the three cyclic shifts of the axes,
+    then their reverses. 3D, K=12: all six permutations (lexicographic), then their reverses (specs/ss2d.md §5).
+    """
+    if k is None:
+        k = 4 if nd == 2 else 6
+    if k == 2 * nd:
+        perms = [tuple((i + s) % nd for i in range(nd)) for s in range(nd)]
+    elif nd == 3 and k == 12:
+        perms = list(itertools.permutations(range(3)))
+    else:
+        raise ValueError(f"unsupported number of scan directions K={k} for {nd}D (use {2 * nd}"
+                         + (" or 12" if nd == 3 else "") + ")")
+    return [(p, False) for p in perms] + [(p, True) for p in perms]
+
+
+def _to_sequence(x: torch.Tensor, perm: Sequence[int], flip: bool) -> torch.Tensor:
+    """(b, c, *S) -> (b, c, L) in the given scan order."""
+    s = x.permute(0, 1, *[2 + p for p in perm]).reshape(*x.shape[:2], -1)
+    return s.flip(-1) if flip else s
+
+
+def _from_sequence(s: torch.Tensor, perm: Sequence[int], flip: bool, spatial: Sequence[int]) -> torch.Tensor:
+    """Inverse of _to_sequence: (b, c, L) -> (b, c, *S)."""
+    if flip:
+        s = s.flip(-1)
+    s = s.reshape(*s.shape[:2], *[spatial[p] for p in perm])
+    inv = [perm.index(i) for i in range(len(perm))]
+    return s.permute(0, 1, *[2 + i for i in inv])
+
+
+def cross_selective_scan_reference(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True,
+                                   orders=None, backend="auto"):
+    """cross_selective_scan by materialising the K re-ordered copies and one grouped selective_scan call."""
+    b, d = x.shape[:2]
+    spatial = x.shape[2:]
+    K = len(orders)
+    xs = torch.stack([_to_sequence(x, p, f) for p, f in orders], 1)  # (b, K, d, L)
+    ds = torch.stack([_to_sequence(delta[:, k], p, f) for k, (p, f) in enumerate(orders)], 1)
+    Bs = torch.stack([_to_sequence(B[:, k], p, f) for k, (p, f) in enumerate(orders)], 1)  # (b, K, N, L)
+    Cs = torch.stack([_to_sequence(C[:, k], p, f) for k, (p, f) in enumerate(orders)], 1)
+    ys = selective_scan(xs.flatten(1, 2), ds.flatten(1, 2), A, Bs, Cs, D=D, delta_bias=delta_bias,
+                        delta_softplus=delta_softplus, backend=backend).view(b, K, d, -1)
+    return sum(_from_sequence(ys[:, k], p, f, spatial) for k, (p, f) in enumerate(orders))
+
+
+def cross_selective_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, orders=None,
+                         backend="auto"):
+    """Selective scan of a feature map along K scan orders, merged by summation (SS2D / SS3D core).
+
+    x: (b, d, *S) - the map, read in every order; delta: (b, K, d, *S); B, C: (b, K, N, *S) - per-direction
+    inputs in the map's own (spatial) layout; A: (K*d, N); D, delta_bias: (K*d,) - direction k uses rows
+    [k*d, (k+1)*d). orders: list of (permutation, reversed) (``cross_scan_orders``). Returns y (b, d, *S) fp32:
+    the sum over directions of each direction's scan output mapped back to its spatial position.
+    Inputs are cast to fp32. Backends with a fused form read the map in each order without copies.
+    """
+    if orders is None:
+        orders = cross_scan_orders(x.dim() - 2)
+    args = [t.float() if t is not None else None for t in (x, delta, B, C)]
+    if backend == "auto" or (backend in _BACKENDS and _BACKENDS[backend].cross_fn is not None):
+        be = _resolve(backend, x, B)
+        if be.cross_fn is not None:
+            return be.cross_fn(*args[:2], A, *args[2:], D=D, delta_bias=delta_bias,
+                               delta_softplus=delta_softplus, orders=orders)
+        backend = be.name
+    return cross_selective_scan_reference(*args[:2], A, *args[2:], D=D, delta_bias=delta_bias,
+                                          delta_softplus=delta_softplus, orders=orders, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Built-in backends
+
+def _torch_unavailable(device):
+    return None
+
+
+def _mamba_ssm_unavailable(device):
+    if device is not None and device.type != "cuda":
+        return "mamba-ssm's kernel runs on CUDA tensors only (use backend='torch' on the CPU)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    if importlib.util.find_spec("selective_scan_cuda") is None:
+        return ("mamba-ssm's CUDA extension is not installed. Install it with "
+                "`MAMBA_FORCE_BUILD=TRUE pip install --no-build-isolation 'nnunet-mamba[cuda]'` "
+                "(needs nvcc matching torch's CUDA; see docs/installation.md)")
+    return None
+
+
+def _selective_scan_mamba_ssm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                              return_last_state=False):
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # lazy: CUDA extension
+
+    def c(t):
+        return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
+
+    return selective_scan_fn(c(u), c(delta), A.float(), c(B), c(C), None if D is None else D.float(), c(z),
+                             None if delta_bias is None else delta_bias.float(), delta_softplus,
+                             return_last_state)
+
+
+register_backend("torch", selective_scan_torch, _torch_unavailable, priority=0)
+register_backend("mamba_ssm", _selective_scan_mamba_ssm, _mamba_ssm_unavailable, priority=10)
