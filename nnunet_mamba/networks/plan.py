@@ -5,13 +5,13 @@ from typing import Sequence
 
 
 def plan_step_factors(strides: Sequence[Sequence[int]], n_steps: int, network: str,
-                      configuration: str = "?") -> list[tuple[int, ...]]:
+                      configuration: str = "this configuration") -> list[tuple[int, ...]]:
     """The per-axis factors f_1..f_M of the plan's first ``n_steps`` downsampling steps.
 
     Raises ValueError naming the network, the constraint and the plan values when the plan cannot be followed.
     """
     strides = [tuple(int(v) for v in s) for s in strides]
-    where = f"the plan for configuration '{configuration}' has strides={[list(s) for s in strides]}"
+    where = f"the plan for {configuration} has strides={[list(s) for s in strides]}"
     if not strides or any(v != 1 for v in strides[0]):
         raise ValueError(f"{network} needs the first plan stage not to downsample (strides[0] all ones), but "
                          f"{where}. Use a plan made by nnU-Net's default planner.")
