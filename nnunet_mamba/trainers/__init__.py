@@ -1,6 +1,8 @@
 """The plugin's nnU-Net trainers. Class names are public: checkpoints store them."""
 from .base import NNUNET_DEFAULT, Recipe, nnUNetTrainerMambaBase
 from .lightm_unet import nnUNetTrainerLightMUNet, nnUNetTrainerLightMUNet_nnUNetRecipe
+from .nnmamba import (nnUNetTrainerNnMamba, nnUNetTrainerNnMamba_nnUNetRecipe, nnUNetTrainerNnMambaCSS,
+                      nnUNetTrainerNnMambaCSS_nnUNetRecipe)
 
 __all__ = [
     "NNUNET_DEFAULT",
@@ -8,4 +10,8 @@ __all__ = [
     "nnUNetTrainerMambaBase",
     "nnUNetTrainerLightMUNet",
     "nnUNetTrainerLightMUNet_nnUNetRecipe",
+    "nnUNetTrainerNnMamba",
+    "nnUNetTrainerNnMambaCSS",
+    "nnUNetTrainerNnMamba_nnUNetRecipe",
+    "nnUNetTrainerNnMambaCSS_nnUNetRecipe",
 ]
