@@ -189,6 +189,9 @@ class nnMambaSeg(nn.Module):
         return skip * scale.reshape(b, ch, *([1] * self.spatial_dims))
 
     def forward(self, x):
+        if self.deep_supervision and not self.ds_heads:
+            raise RuntimeError("nnMambaSeg built with ds_heads=False cannot run with deep_supervision=True; "
+                               "set network.deep_supervision = False or build it with ds_heads=True")
         c1 = self.in_conv(x)
         s1 = self._gate(self.att1, c1)
         c2 = self.layer1(c1)
@@ -203,7 +206,4 @@ class nnMambaSeg(nn.Module):
         c8 = self.conv8(self.up8(c7))
         if not self.deep_supervision:
             return c8
-        if not self.ds_heads:
-            raise RuntimeError("nnMambaSeg built with ds_heads=False cannot run with deep_supervision=True; "
-                               "set network.deep_supervision = False or build it with ds_heads=True")
         return [c8, self.ds1_cls_conv(c7), self.ds2_cls_conv(c6), self.ds3_cls_conv(c5)]
