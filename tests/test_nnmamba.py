@@ -337,3 +337,21 @@ def test_recipes(tmp_path, monkeypatch):
     assert not t._do_i_compile()
     r = make_trainer(nnUNetTrainerNnMamba_nnUNetRecipe, ISO_3D, tmp_path, monkeypatch)
     assert (r.initial_lr, r.num_epochs) == (1e-2, 1000) and r.recipe.amp is True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line end to end (nnUNetv2_plan_and_preprocess -> train -> predict with mirroring -> evaluate)
+
+@pytest.mark.slow
+def test_end_to_end_nnmamba_2d(tmp_path):
+    from nnunet_mamba.demo import run_cycle
+
+    r = run_cycle(str(tmp_path), trainer="nnUNetTrainerNnMamba", dim=2, shape=(64, 64), n_train=8, n_test=2,
+                  dataset_id=931, verbose=False)
+    assert r.configuration == "2d" and r.n_test_cases == 2 and len(r.predictions) == 2
+    assert set(r.dice) == {"1", "2"} and all(0.0 <= d <= 1.0 for d in r.dice.values())
+    # the plan of a 64x64 dataset has exactly the 4 steps nnMamba needs; the checkpoint names the trainer
+    folder = tmp_path / "nnUNet_results" / r.dataset_name / "nnUNetTrainerNnMamba__nnUNetPlans__2d"
+    ckpt = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == "nnUNetTrainerNnMamba"
+    assert "layer1.2.mamba_layer.mamba.in_proj.weight" in ckpt["network_weights"]
