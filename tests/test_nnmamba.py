@@ -167,6 +167,13 @@ def test_css_layer_matches_spec_formula():
         assert (m(t) - rev_l(m(rev_l(t)))).abs().max() > 1e-4
 
 
+def test_headless_css_state_dict_loads_into_trainer_css_network():
+    upstream_css = nnMambaSeg(1, number_classes=3, css=True, deep_supervision=False).state_dict()
+    result = nnMambaSeg(1, number_classes=3, css=True, ds_heads=True).load_state_dict(upstream_css, strict=False)
+    assert sorted(result.missing_keys) == [f"ds{i}_cls_conv.{p}" for i in (1, 2, 3) for p in ("bias", "weight")]
+    assert result.unexpected_keys == []
+
+
 def test_ds_without_heads_is_an_error():
     with pytest.raises(ValueError, match="ds_heads=True"):
         nnMambaSeg(1, number_classes=3, css=True)
