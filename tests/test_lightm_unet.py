@@ -1,0 +1,105 @@
+"""LightM-UNet: exact upstream parameter counts from real plans, shapes, plan handling, training, precision."""
+import pytest
+import torch
+
+from helpers import n_params, with_strides
+from nnunet_mamba.networks.lightm_unet import LightMUNet
+from nnunet_mamba.trainers import nnUNetTrainerLightMUNet, nnUNetTrainerLightMUNet_nnUNetRecipe
+
+
+def test_parameter_count_3d_from_real_plans(plans_3d):
+    pm, cm = plans_3d
+    net = nnUNetTrainerLightMUNet.build_network_architecture(pm, cm, 1, 3, True)
+    assert n_params(net) == 5_015_766
+
+
+def test_parameter_count_2d_from_real_plans(plans_2d):
+    pm, cm = plans_2d
+    assert n_params(nnUNetTrainerLightMUNet.build_network_architecture(pm, cm, 1, 2, False)) == 5_011_683
+    assert n_params(nnUNetTrainerLightMUNet_nnUNetRecipe.build_network_architecture(pm, cm, 3, 2)) == 5_011_765
+
+
+@pytest.mark.parametrize("nd,c_in,k", [(3, 2, 4), (2, 4, 5)])
+def test_parameter_formula(nd, c_in, k):
+    """specs/lightm_unet.md §3: 3D = 5,015,608 + 59 C_in + 33 K; 2D = 5,011,576 + 41 C_in + 33 K."""
+    expected = (5_015_608 + 59 * c_in if nd == 3 else 5_011_576 + 41 * c_in) + 33 * k
+    assert n_params(LightMUNet(nd, 32, c_in, k)) == expected
+
+
+def test_upstream_state_dict_keys():
+    keys = set(LightMUNet(3, 32, 1, 3).state_dict())
+    for k in ["convInit.0.conv.weight", "convInit.1.conv.weight", "down_layers.1.0.0.mamba.A_log",
+              "down_layers.1.0.0.skip_scale", "down_layers.3.4.conv2.mamba.dt_proj.bias",
+              "up_samples.0.0.conv.weight", "up_layers.2.0.conv.1.conv.weight", "conv_final.2.1.conv.bias"]:
+        assert k in keys, k
+
+
+def test_anisotropic_plan_shapes(plans_3d):
+    pm, cm = plans_3d
+    cm = with_strides(cm, [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2]], patch_size=[8, 16, 16])
+    net = nnUNetTrainerLightMUNet.build_network_architecture(pm, cm, 1, 3, False)
+    assert [m.kernel_size for m in net.modules() if isinstance(m, torch.nn.MaxPool3d)] == [
+        (1, 2, 2), (1, 2, 2), (2, 2, 2)]
+    assert n_params(net) == 5_015_766  # pooling / interpolation factors carry no parameters
+    x = torch.randn(1, 1, 8, 16, 16)
+    assert net(x).shape == (1, 3, 8, 16, 16)
+
+
+def test_plan_too_short_is_refused_with_the_constraint(plans_3d):
+    pm, cm = plans_3d
+    short = with_strides(cm, [[1, 1, 1], [2, 2, 2], [2, 2, 2]])
+    with pytest.raises(ValueError, match=r"LightM-UNet needs 3 downsampling steps .* provides 2"):
+        nnUNetTrainerLightMUNet.build_network_architecture(pm, short, 1, 3)
+    bad = with_strides(cm, [[1, 1, 1], [2, 2, 2], [3, 3, 3], [2, 2, 2]])
+    with pytest.raises(ValueError, match="factors of 1 or 2"):
+        nnUNetTrainerLightMUNet.build_network_architecture(pm, bad, 1, 3)
+    first = with_strides(cm, [[2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]])
+    with pytest.raises(ValueError, match="first plan stage"):
+        nnUNetTrainerLightMUNet.build_network_architecture(pm, first, 1, 3)
+
+
+@pytest.mark.parametrize("nd,shape", [(2, (2, 1, 32, 32)), (3, (2, 1, 16, 16, 16))])
+def test_train_step_reduces_loss(nd, shape):
+    """A few Adam steps (the upstream recipe) on a fixed batch lower nnU-Net's DC+CE loss; every param learns."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    torch.manual_seed(0)
+    net = LightMUNet(nd, 32, 1, 3)
+    loss_fn = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1, weight_dice=1,
+                             ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+    x = torch.randn(shape)
+    target = (x > 0.5).long() + (x > 1.5).long()
+    r = nnUNetTrainerLightMUNet.recipe
+    opt = torch.optim.Adam(net.parameters(), 1e-3, betas=r.betas, eps=r.eps, weight_decay=r.weight_decay)
+    losses = []
+    for step in range(4):
+        opt.zero_grad()
+        loss = loss_fn(net(x), target)
+        loss.backward()
+        if step == 0:
+            missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+            assert not missing, missing
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_mamba_core_fp32(dtype):
+    net = LightMUNet(2, 32, 1, 2).eval()
+    seen = []
+    net.down_layers[1][0][0].mamba.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        y = net(x)
+    assert torch.isfinite(y).all()
+    assert seen == [(torch.float32, torch.float32)]
+
+
+def test_recipes_as_specified():
+    r = nnUNetTrainerLightMUNet.recipe
+    assert (r.optimizer, r.initial_lr, r.weight_decay, r.eps, r.num_epochs, r.amp, r.deep_supervision) == (
+        "adam", 1e-4, 1e-5, 1e-5, 100, False, False)
+    n = nnUNetTrainerLightMUNet_nnUNetRecipe.recipe
+    assert (n.optimizer, n.initial_lr, n.weight_decay, n.num_epochs, n.amp) == ("sgd", 1e-2, 3e-5, 1000, True)
