@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -44,7 +45,12 @@ def available_backends(device: Optional[torch.device | str] = None) -> list[str]
             if b.why_unavailable(device) is None]
 
 
+ENV_BACKEND = "NNUNET_MAMBA_SCAN_BACKEND"  # forces the backend that "auto" would choose (benchmarks, debugging)
+
+
 def _resolve(backend: str, u: torch.Tensor, B: torch.Tensor) -> _Backend:
+    if backend == "auto" and os.environ.get(ENV_BACKEND):
+        backend = os.environ[ENV_BACKEND]
     if backend != "auto":
         if backend not in _BACKENDS:
             raise ValueError(f"unknown selective-scan backend {backend!r}; known: {sorted(_BACKENDS)}")
@@ -185,3 +191,38 @@ def _selective_scan_mamba_ssm(u, delta, A, B, C, D=None, z=None, delta_bias=None
 
 register_backend("torch", selective_scan_torch, _torch_unavailable, priority=0)
 register_backend("mamba_ssm", _selective_scan_mamba_ssm, _mamba_ssm_unavailable, priority=10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The project's Triton kernels (kernels/selective_scan_triton.py). Triton is imported only when the backend is
+# used; checking availability looks for the package without importing it. "auto" prefers it per shape class from
+# the measured table committed with the benchmark (kernels/auto_table.json, kernels/bench_scan.py).
+
+def _triton_unavailable(device):
+    if device is not None and device.type != "cuda":
+        return ("the Triton kernels run on CUDA tensors only (use backend='torch' on the CPU; the kernel tests run "
+                "them on the CPU through Triton's interpreter, TRITON_INTERPRET=1)")
+    if not torch.cuda.is_available():
+        return "no CUDA device is available (the Triton backend needs a CUDA build of PyTorch and an NVIDIA GPU)"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed: `pip install triton` (PyTorch's Linux CUDA wheels ship a matching one)"
+    return None
+
+
+def _selective_scan_triton(*args, **kwargs):
+    from ..kernels.selective_scan_triton import selective_scan_triton
+    return selective_scan_triton(*args, **kwargs)
+
+
+def _cross_selective_scan_triton(*args, **kwargs):
+    from ..kernels.selective_scan_triton import cross_selective_scan_triton
+    return cross_selective_scan_triton(*args, **kwargs)
+
+
+def _triton_choose(u, B):
+    from ..kernels.autochoose import prefer_triton
+    return prefer_triton(u, B)
+
+
+register_backend("triton", _selective_scan_triton, _triton_unavailable, priority=5,
+                 cross_fn=_cross_selective_scan_triton, choose=_triton_choose)
