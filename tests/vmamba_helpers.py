@@ -18,6 +18,7 @@ def make_trainer(cls, plans_and_config, tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
     plans = copy.deepcopy(pm.plans)
+    plans["continue_training"] = False
     name = next(n for n, c in plans["configurations"].items() if c.get("patch_size") == list(cm.patch_size))
     return cls(plans, name, 0, DATASET_JSON, torch.device("cpu"))
 

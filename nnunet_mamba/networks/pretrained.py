@@ -60,7 +60,7 @@ def group_keys(keys: Iterable[str]) -> list[str]:
     """Compress key lists for reading: the keys of one block / stage / module become ``prefix.* (n keys)``."""
     groups: "OrderedDict[str, list]" = OrderedDict()
     for k in keys:
-        m = re.match(r"^(.*?\b(blocks|layers|layers_up|downsamples)\.\d+)\.", k)
+        m = re.match(r"^(.*\b(?:blocks|layers|layers_up|downsamples)\.\d+)\.", k)
         prefix = m.group(1) if m else k.rsplit(".", 1)[0]
         groups.setdefault(prefix, []).append(k)
     return [ks[0] if len(ks) == 1 else f"{p}.* ({len(ks)} keys)" for p, ks in groups.items()]
