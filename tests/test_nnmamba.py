@@ -17,8 +17,8 @@ def n_params(m):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Plans. The lead's session fixtures (conftest: plans_3d / plans_2d, real nnU-Net plans of a synthetic isotropic
-# dataset) are used when present; hand-made plans cover anisotropic and too-short plans.
+# Plans: real nnU-Net plans of synthetic isotropic datasets (conftest: plans_3d with 5 x2 steps, plans_2d with 6),
+# and hand-made plans for small patches, anisotropic and too-short plans.
 
 def make_plans(patch, strides, name="3d_fullres"):
     nd = len(patch)
@@ -39,7 +39,6 @@ DATASET_JSON = {"channel_names": {"0": "synthetic"}, "labels": {"background": 0,
                 "numTraining": 8, "file_ending": ".nii.gz"}
 
 ISO_3D = make_plans((64, 64, 64), [[1, 1, 1]] + [[2, 2, 2]] * 5)
-ISO_2D = make_plans((64, 64), [[1, 1]] + [[2, 2]] * 6, name="2d")
 
 
 def managers(plans, name=None):
@@ -51,15 +50,8 @@ def managers(plans, name=None):
 
 @pytest.fixture
 def real_plans(request):
-    """(plans_manager, configuration_manager) for 2d / 3d: conftest's real plans, else the hand-made ones."""
-
-    def get(nd):
-        try:
-            return request.getfixturevalue({2: "plans_2d", 3: "plans_3d"}[nd])
-        except pytest.FixtureLookupError:
-            return managers(ISO_2D if nd == 2 else ISO_3D)
-
-    return get
+    """nd -> (plans_manager, configuration_manager) of conftest's real nnU-Net plans."""
+    return lambda nd: request.getfixturevalue({2: "plans_2d", 3: "plans_3d"}[nd])
 
 
 def make_trainer(cls, plans, tmp_path, monkeypatch, name=None):
@@ -190,10 +182,25 @@ def test_ds_without_heads_is_an_error():
                                                    (2, build_nnmamba, 5_770_618), (2, build_nnmamba_css, 5_857_530)])
 def test_counts_through_build_network_architecture(real_plans, nd, builder, expected):
     pm, cm = real_plans(nd)
-    assert len(cm.network_arch_init_kwargs["strides"]) - 1 >= 4
+    assert all(list(s) == [2] * nd for s in cm.network_arch_init_kwargs["strides"][1:5])  # isotropic prefix
     for ds in (True, False):  # inference builds without DS: same parameters (heads always built)
         net = builder(pm, cm, 1, 3, enable_deep_supervision=ds)
         assert n_params(net) == expected and net.deep_supervision is ds
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_trainer_on_real_plans(real_plans, nd, tmp_path, monkeypatch):
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+    pm, cm = real_plans(nd)
+    n_steps = len(cm.network_arch_init_kwargs["strides"]) - 1
+    assert n_steps >= 5  # the plan has more stages than nnMamba uses
+    trainer = make_trainer(nnUNetTrainerNnMamba, pm.plans, tmp_path, monkeypatch,
+                           name="2d" if nd == 2 else "3d_fullres")
+    assert trainer._get_deep_supervision_scales() == cumulative_scales([[2] * nd] * 4)  # 4, not n_steps
+    loss = trainer._build_loss()
+    assert isinstance(loss, DeepSupervisionWrapper)
+    np.testing.assert_allclose(loss.weight_factors, np.array([1, .5, .25, .125]) / 1.875)
 
 
 def test_trainer_classes_use_their_builders():
