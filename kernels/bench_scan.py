@@ -1,0 +1,303 @@
+"""Benchmark: the project's Triton selective scan against mamba-ssm's CUDA kernel, in one process on one GPU.
+
+    python kernels/bench_scan.py [--out DIR] [--sweep] [--quick]
+
+Shapes: the four anchor shapes of shared/notes/scan-kernels.md and the shapes the project's networks produce
+(LightM-UNet 3D at 128^3 batch 2, nnMamba), plus the 2D SS2D 4-direction cross-scan *including* the cross-scan and
+merge (Triton: the fused form; mamba-ssm: the reference path that materialises the K re-ordered copies, runs one
+grouped scan and merges). N = 16, softplus and z gate on (cross: no z, as in SS2D). Times are CUDA-event medians
+(``triton.testing.do_bench``, L2 flushed before every run); forward alone runs without autograd, forward+backward
+with every input requiring grad. "copy %" is the minimum bytes (every input read once, every output written once)
+over the time, as a fraction of the measured device-to-device copy bandwidth.
+
+Writes ``BENCHMARK.md`` (table, GPU, date) and ``auto_table.json`` (the measured winners "auto" uses) to --out
+(default: this folder). --sweep times launch-plan variants on the key shapes first (for tuning make_plan).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import pathlib
+import sys
+import traceback
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from nnunet_mamba.kernels import selective_scan_triton as sst  # noqa: E402
+from nnunet_mamba.ops.scan import cross_scan_orders, cross_selective_scan_reference  # noqa: E402
+
+N = 16
+# (label, b, d, L, groups, anchor)
+SCAN_SHAPES = [
+    ("anchor: full-res 3D tokens (64^3)", 2, 64, 64 ** 3, 1, True),
+    ("anchor: mid-res 3D (32^3)", 2, 128, 32 ** 3, 1, True),
+    ("anchor: 3D bottleneck", 2, 640, 4096, 1, True),
+    ("anchor: 2D 4-direction, grouped (64^2)", 32, 4 * 384, 4096, 4, True),
+    ("LightM-UNet 3D 128^3 b2, stage 1", 2, 64, 128 ** 3, 1, False),
+    ("LightM-UNet stage 2 (64^3)", 2, 128, 64 ** 3, 1, False),
+    ("LightM-UNet stage 3 (32^3)", 2, 256, 32 ** 3, 1, False),
+    ("LightM-UNet stage 4 (16^3)", 2, 512, 16 ** 3, 1, False),
+    ("nnMamba (32^3)", 2, 128, 32 ** 3, 1, False),
+    ("nnMamba (16^3)", 2, 256, 16 ** 3, 1, False),
+    ("nnMamba (8^3)", 2, 512, 8 ** 3, 1, False),
+]
+# (label, b, d per direction, spatial, K)
+CROSS_SHAPES = [("2D SS2D 4-dir cross-scan + merge (64^2)", 32, 384, (64, 64), 4)]
+
+
+def mamba_fn():
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as e:  # report, don't hide: the table says n/a and why
+        print(f"mamba-ssm not usable here: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    return selective_scan_fn
+
+
+def scan_inputs(b, d, L, G, dtype, grad):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s, dt=dtype: torch.randn(*s, device="cuda", generator=g, dtype=torch.float32).to(dt)
+    t = dict(u=r(b, d, L), delta=r(b, d, L) * 0.5 - 1.0, A=-torch.rand(d, N, device="cuda", generator=g) * 8 - 0.5,
+             B=r(b, G, N, L), C=r(b, G, N, L), D=r(d, dt=torch.float32), z=r(b, d, L),
+             delta_bias=r(d, dt=torch.float32) * 0.3)
+    if G == 1:
+        t["B"], t["C"] = t["B"][:, 0], t["C"][:, 0]
+    return {k: v.requires_grad_(grad) for k, v in t.items()}
+
+
+def scan_bytes(b, d, L, G, dtype):
+    isz = torch.finfo(dtype).bits // 8
+    big, bc = b * d * L * isz, b * G * N * L * isz
+    fwd = 4 * big + 2 * bc  # u, delta, z in; y out; B, C in
+    bwd = 7 * big + 4 * bc  # u, delta, z, gy in; gu, gdelta, gz out; B, C in; gB, gC out
+    return fwd, fwd + bwd
+
+
+def time_scan(fn, b, d, L, G, dtype):
+    """(fwd ms, fwd+bwd ms) of fn(u, delta, A, B, C, D, z, delta_bias, softplus)."""
+    x = scan_inputs(b, d, L, G, dtype, grad=False)
+
+    def fwd():
+        fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True)
+
+    with torch.no_grad():
+        t_f = do_bench(fwd, warmup=25, rep=100, return_mode="median")
+    xg = scan_inputs(b, d, L, G, dtype, grad=True)
+    gy = torch.randn(b, d, L, device="cuda", dtype=dtype)
+
+    def fwdbwd():
+        for v in xg.values():
+            v.grad = None
+        y = fn(xg["u"], xg["delta"], xg["A"], xg["B"], xg["C"], xg["D"], xg["z"], xg["delta_bias"], True)
+        y.backward(gy)
+
+    t_fb = do_bench(fwdbwd, warmup=25, rep=100, return_mode="median", grad_to_none=None)
+    del x, xg
+    torch.cuda.empty_cache()
+    return t_f, t_fb
+
+
+def triton_scan(u, delta, A, B, C, D, z, bias, sp):
+    return sst.selective_scan_triton(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=sp)
+
+
+def cross_inputs(b, d, spatial, K, grad):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)
+    t = dict(x=r(b, d, *spatial), delta=r(b, K, d, *spatial) * 0.5 - 1.0,
+             A=-torch.rand(K * d, N, device="cuda", generator=g) * 8 - 0.5, B=r(b, K, N, *spatial),
+             C=r(b, K, N, *spatial), D=r(K * d), bias=r(K * d) * 0.3)
+    return {k: v.requires_grad_(grad) for k, v in t.items()}
+
+
+def cross_bytes(b, d, spatial, K):
+    L = math.prod(spatial)
+    big, bc = b * d * L * 4, b * K * N * L * 4
+    fwd = big + K * big + 2 * bc + big  # x, delta (K dirs), B, C in; y out
+    bwd = big + big + K * big + 2 * bc + big + K * big + 2 * bc  # gy, x, delta, B, C in; gx, gdelta, gB, gC out
+    return fwd, fwd + bwd
+
+
+def time_cross(fn, b, d, spatial, K):
+    orders = cross_scan_orders(len(spatial), K)
+    x = cross_inputs(b, d, spatial, K, grad=False)
+
+    def fwd():
+        fn(x["x"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["bias"], orders)
+
+    with torch.no_grad():
+        t_f = do_bench(fwd, warmup=25, rep=100, return_mode="median")
+    xg = cross_inputs(b, d, spatial, K, grad=True)
+    gy = torch.randn(b, d, *spatial, device="cuda")
+
+    def fwdbwd():
+        for v in xg.values():
+            v.grad = None
+        fn(xg["x"], xg["delta"], xg["A"], xg["B"], xg["C"], xg["D"], xg["bias"], orders).backward(gy)
+
+    t_fb = do_bench(fwdbwd, warmup=25, rep=100, return_mode="median")
+    del x, xg
+    torch.cuda.empty_cache()
+    return t_f, t_fb
+
+
+def triton_cross(x, delta, A, B, C, D, bias, orders):
+    return sst.cross_selective_scan_triton(x, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True,
+                                           orders=orders)
+
+
+def mamba_cross(x, delta, A, B, C, D, bias, orders):
+    return cross_selective_scan_reference(x, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True,
+                                          orders=orders, backend="mamba_ssm")
+
+
+def copy_bandwidth():
+    src = torch.empty(2 ** 28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    t = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() * 4 / (t * 1e-3)
+
+
+def sweep():
+    """Launch-plan variants on the key shapes (fp32 fwd+bwd): prints one line per variant."""
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    variants = [dict(T=64, BD=4, num_warps=8), dict(T=64, BD=2, num_warps=4), dict(T=32, BD=4, num_warps=4),
+                dict(T=128, BD=2, num_warps=8), dict(T=64, BD=1, num_warps=4)]
+    extra = [dict(programs=8 * sm), dict(programs=16 * sm, cbg_max=32)]
+    shapes = [("scan", 2, 64, 64 ** 3, 1), ("scan", 32, 1536, 4096, 4), ("cross", 32, 384, (64, 64), 4)]
+    for kind, b, d, L, G in shapes:
+        for v in variants:
+            for e in extra:
+                sst.set_tuning(**v, **e)
+                try:
+                    if kind == "scan":
+                        tf, tfb = time_scan(triton_scan, b, d, L, G, torch.float32)
+                    else:
+                        tf, tfb = time_cross(triton_cross, b, d, L, G)
+                    p = sst.make_plan(b, G if kind == "scan" else 1, (d // G) if kind == "scan" else d,
+                                      L if kind == "scan" else math.prod(L), N, torch.device("cuda"), True)
+                    print(f"SWEEP {kind} b={b} d={d} L={L} G={G} {v} {e} -> fwd {tf:.3f} ms, fwd+bwd {tfb:.3f} ms "
+                          f"(bwd plan cbg={p.cbg} CPB={p.CPB} n_seg={p.n_seg})", flush=True)
+                except Exception as ex:
+                    print(f"SWEEP {kind} {b},{d},{L},{G} {v} {e} FAILED: {type(ex).__name__}: {str(ex)[:300]}",
+                          flush=True)
+    sst.set_tuning()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent))
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="fp32 only, no bf16 rows")
+    args = ap.parse_args()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name(0)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if args.sweep:
+        sweep()
+        return
+    bw = copy_bandwidth()
+    print(f"{gpu}: device-to-device copy {bw / 1e12:.2f} TB/s; torch {torch.__version__}, triton {triton.__version__}",
+          flush=True)
+    mfn = mamba_fn()
+    rows, entries = [], []
+    dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
+    for label, b, d, L, G, anchor in SCAN_SHAPES:
+        for dt in (dtypes if anchor else [torch.float32]):
+            res = {}
+            for name, fn in (("triton", triton_scan), ("mamba_ssm", mfn)):
+                if fn is None:
+                    res[name] = (None, None)
+                    continue
+                try:
+                    res[name] = time_scan(fn, b, d, L, G, dt)
+                except Exception:
+                    traceback.print_exc()
+                    res[name] = (None, None)
+            fb, fbb = scan_bytes(b, d, L, G, dt)
+            dts = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dt]
+            rows.append((label, f"({b}, {d}, {L}, G={G})", dts, res, fb, fbb))
+            entries.append(dict(kind="scan", label=label, b=b, d=d, L=L, G=G, N=N, dtype=dts,
+                                triton_ms=res["triton"][1], mamba_ssm_ms=res["mamba_ssm"][1],
+                                triton_fwd_ms=res["triton"][0], mamba_ssm_fwd_ms=res["mamba_ssm"][0]))
+            print_row(rows[-1], bw)
+    for label, b, d, spatial, K in CROSS_SHAPES:
+        res = {}
+        for name, fn in (("triton", triton_cross), ("mamba_ssm", mamba_cross if mfn else None)):
+            if fn is None:
+                res[name] = (None, None)
+                continue
+            try:
+                res[name] = time_cross(fn, b, d, spatial, K)
+            except Exception:
+                traceback.print_exc()
+                res[name] = (None, None)
+        fb, fbb = cross_bytes(b, d, spatial, K)
+        L = math.prod(spatial)
+        rows.append((label, f"({b}, {K}x{d}, {L}, K={K})", "fp32", res, fb, fbb))
+        entries.append(dict(kind="cross", label=label, b=b, d=d, L=L, K=K, N=N, dtype="fp32",
+                            triton_ms=res["triton"][1], mamba_ssm_ms=res["mamba_ssm"][1],
+                            triton_fwd_ms=res["triton"][0], mamba_ssm_fwd_ms=res["mamba_ssm"][0]))
+        print_row(rows[-1], bw)
+    table = render(rows, bw, gpu, date)
+    print(table)
+    (out / "BENCHMARK.md").write_text(table)
+    (out / "auto_table.json").write_text(json.dumps(dict(gpu=gpu, date=date, copy_TBps=round(bw / 1e12, 3),
+                                                         entries=entries), indent=1) + "\n")
+
+
+def _ms(t):
+    return "n/a" if t is None else f"{t:.3f}"
+
+
+def _ratio(a, b):
+    return "n/a" if a is None or b is None else f"{b / a:.2f}x"
+
+
+def _frac(nbytes, t, bw):
+    return "n/a" if t is None else f"{100 * nbytes / (t * 1e-3) / bw:.0f}%"
+
+
+def print_row(row, bw):
+    label, shape, dts, res, fb, fbb = row
+    (tf, tfb), (mf, mfb) = res["triton"], res["mamba_ssm"]
+    print(f"{label:45s} {shape:28s} {dts}: triton fwd {_ms(tf)} / fwd+bwd {_ms(tfb)} ms; mamba-ssm {_ms(mf)} / "
+          f"{_ms(mfb)} ms; speed-up {_ratio(tf, mf)} / {_ratio(tfb, mfb)}", flush=True)
+
+
+def render(rows, bw, gpu, date):
+    lines = [
+        "# Selective-scan benchmark: Triton kernels vs mamba-ssm",
+        "",
+        f"GPU: **{gpu}**, {date}; torch {torch.__version__}, triton {triton.__version__}; "
+        f"device-to-device copy {bw / 1e12:.2f} TB/s (read + write). Produced by `python kernels/bench_scan.py`.",
+        "",
+        "N = 16, softplus on, z gate on (cross-scan: no z, as in SS2D). Medians of CUDA-event timings with the L2 "
+        "flushed before each run. Forward without autograd; forward+backward with every input requiring grad. "
+        "Speed-up = mamba-ssm time / Triton time. Copy % = minimum bytes moved (inputs read once, outputs written "
+        "once) / time, as a fraction of the copy bandwidth. Cross-scan row: Triton = fused multi-direction form; "
+        "mamba-ssm = reference path (K re-ordered copies + one grouped scan + merge).",
+        "",
+        "| shape | (b, d, L) | dtype | Triton fwd ms | Triton fwd+bwd ms | mamba-ssm fwd ms | mamba-ssm fwd+bwd ms "
+        "| speed-up fwd | speed-up fwd+bwd | Triton copy % fwd | Triton copy % fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, shape, dts, res, fb, fbb in rows:
+        (tf, tfb), (mf, mfb) = res["triton"], res["mamba_ssm"]
+        lines.append(f"| {label} | {shape} | {dts} | {_ms(tf)} | {_ms(tfb)} | {_ms(mf)} | {_ms(mfb)} | "
+                     f"{_ratio(tf, mf)} | {_ratio(tfb, mfb)} | {_frac(fb, tf, bw)} | {_frac(fbb, tfb, bw)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
