@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -70,6 +72,44 @@ def _resolve(backend: str, u: torch.Tensor, B: torch.Tensor) -> _Backend:
     return chosen
 
 
+@dataclass(frozen=True)
+class ScanCall:
+    """One selective scan run through this boundary: the backend that ran it and its sizes (all directions of a
+    cross scan together: ``channels`` = K*d)."""
+
+    backend: str
+    batch: int
+    channels: int
+    length: int
+    state: int
+    with_D: bool
+    with_z: bool
+
+
+_RECORDERS: list[list] = []
+
+
+@contextmanager
+def record_scans():
+    """Collect a ``ScanCall`` for every (forward) selective scan run inside the block; yields the list.
+
+    Tells which backend "auto" picked for the real tensors (it can differ per shape) and gives the sizes for an
+    analytic FLOP count (benchmarks)."""
+    calls: list = []
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.remove(calls)
+
+
+def _record(backend: str, u: torch.Tensor, A: torch.Tensor, D, z):
+    call = ScanCall(backend, u.shape[0], A.shape[0], math.prod(u.shape[2:]), A.shape[1], D is not None,
+                    z is not None)
+    for calls in _RECORDERS:
+        calls.append(call)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, backend="auto"):
     """mamba-ssm ``selective_scan_fn`` semantics; see docs/ops.md.
@@ -79,6 +119,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     All arithmetic is fp32 whatever the input dtype.
     """
     be = _resolve(backend, u, B)
+    if _RECORDERS:
+        _record(be.name, u, A, D, z)
     return be.fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                  return_last_state=return_last_state)
 
@@ -151,6 +193,8 @@ def cross_selective_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softp
     if backend == "auto" or (backend in _BACKENDS and _BACKENDS[backend].cross_fn is not None):
         be = _resolve(backend, x, B)
         if be.cross_fn is not None:
+            if _RECORDERS:
+                _record(be.name, x, A, D, None)
             return be.cross_fn(*args[:2], A, *args[2:], D=D, delta_bias=delta_bias,
                                delta_softplus=delta_softplus, orders=orders)
         backend = be.name
