@@ -223,22 +223,31 @@ def _check_outputs(out, patch, scales, k, ds):
         assert o.shape[1:] == (k, *[round(p * f) for p, f in zip(patch, s)])
 
 
-@pytest.mark.parametrize("nd, css", [(3, False), (2, False), (2, True)])
-def test_forward_backward_on_plan(nd, css, tmp_path, monkeypatch):
+@pytest.mark.parametrize("nd, css, n_steps", [(3, False, 4), (2, False, 5), (2, True, 5)])
+def test_train_step_on_plan(nd, css, n_steps, tmp_path, monkeypatch):
+    """One nnU-Net train_step (fp32 recipe, DS targets at the reported scales), then DS off for inference."""
     patch = (16, 16, 16) if nd == 3 else (32, 32)
-    plans = make_plans(patch, [[1] * nd] + [[2] * nd] * 4, name="3d_fullres" if nd == 3 else "2d")
+    plans = make_plans(patch, [[1] * nd] + [[2] * nd] * n_steps, name="3d_fullres" if nd == 3 else "2d")
     cls = nnUNetTrainerNnMambaCSS if css else nnUNetTrainerNnMamba
     trainer = make_trainer(cls, plans, tmp_path, monkeypatch)
     scales = trainer._get_deep_supervision_scales()
     assert scales == cumulative_scales([[2] * nd] * 4)
+    torch.manual_seed(0)
     net = cls.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3, True)
     trainer.network = net
-    torch.manual_seed(0)
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    trainer.loss = trainer._build_loss()
     x = torch.randn(2, 1, *patch)
-    out = net(x)
-    _check_outputs(out, patch, scales, 3, ds=True)
-    sum(o.float().mean() for o in out).backward()
-    assert all(p.grad is not None for p in net.parameters())  # all heads and both blocks of each shared layer
+    _check_outputs(net(x), patch, scales, 3, ds=True)
+    target = torch.randint(0, 3, (2, 1, *patch)).float()
+    targets = [torch.nn.functional.interpolate(target, scale_factor=tuple(s), mode="nearest") for s in scales]
+    before = net.layer1[1].mamba_layer.mamba.in_proj.weight.detach().clone()
+    result = trainer.train_step({"data": x, "target": targets})
+    assert np.isfinite(result["loss"])
+    assert not torch.equal(before, net.layer1[1].mamba_layer.mamba.in_proj.weight)  # the shared mixer trains
+    no_grad = {n for n, p in net.named_parameters() if p.grad is None}
+    # with exactly 4 plan steps the last output has weight 0 (upstream v1), so its head gets no gradient
+    assert no_grad == ({"ds3_cls_conv.weight", "ds3_cls_conv.bias"} if n_steps == 4 else set())
     trainer.set_deep_supervision_enabled(False)
     assert net.deep_supervision is False
     with torch.no_grad():
