@@ -1,0 +1,215 @@
+"""Training-step time, peak memory and eval time of whole networks (no nnU-Net needed), on one GPU.
+
+    python benchmarks/train_step.py --cases plain3d,lightm3d --out DIR [--steps 20] [--nan-steps 200]
+
+Each case builds a network as its nnU-Net trainer would for the reference plan (3D 128^3 / 2D), runs warm-up
+steps, then times `steps` training steps (forward, CE loss on the full-resolution logits, backward, optimizer
+step) with CUDA events and reports the median, the peak allocated memory and the eval-mode forward time. With
+`--nan-steps N`, each Mamba network also trains N steps under AMP (bf16 and fp16 with GradScaler) on a learnable
+synthetic target and reports whether any loss was not finite. Baselines are measured in the same call, so
+ratios are fair. Writes `train_step.md` and `train_step.json` to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import statistics
+import sys
+import traceback
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def plain_conv_unet(nd, c_in, k, n_stages, max_feat=320):
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    conv = nn.Conv3d if nd == 3 else nn.Conv2d
+    norm = nn.InstanceNorm3d if nd == 3 else nn.InstanceNorm2d
+    return PlainConvUNet(c_in, n_stages, [min(32 * 2 ** i, max_feat) for i in range(n_stages)], conv, 3,
+                         [1] + [2] * (n_stages - 1), 2, k, 2, conv_bias=True, norm_op=norm,
+                         norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                         nonlin_kwargs={"inplace": True}, deep_supervision=False)
+
+
+def _net(module, cls, *args, **kwargs):
+    return getattr(importlib.import_module(f"nnunet_mamba.networks.{module}"), cls)(*args, **kwargs)
+
+
+# name: (builder, input shape without batch, batch, classes, precision, optimizer)
+CASES = {
+    "plain3d": (lambda: plain_conv_unet(3, 1, 3, 6), (1, 128, 128, 128), 2, 3, "amp", "sgd"),
+    "lightm3d": (lambda: _net("lightm_unet", "LightMUNet", 3, 32, 1, 3), (1, 128, 128, 128), 2, 3, "fp32", "adam"),
+    "lightm3d_amp": (lambda: _net("lightm_unet", "LightMUNet", 3, 32, 1, 3), (1, 128, 128, 128), 2, 3, "amp",
+                     "sgd"),
+    "nnmamba3d": (lambda: _net("nnmamba", "nnMambaSeg", in_ch=1, number_classes=3, spatial_dims=3),
+                  (1, 128, 128, 128), 2, 3, "fp32", "sgd"),
+    "nnmamba3d_amp": (lambda: _net("nnmamba", "nnMambaSeg", in_ch=1, number_classes=3, spatial_dims=3),
+                      (1, 128, 128, 128), 2, 3, "amp", "sgd"),
+    "plain2d_512": (lambda: plain_conv_unet(2, 1, 2, 8, 512), (1, 512, 512), 12, 2, "amp", "sgd"),
+    "lightm2d_512": (lambda: _net("lightm_unet", "LightMUNet", 2, 32, 1, 2), (1, 512, 512), 12, 2, "fp32", "adam"),
+    "plain2d_256": (lambda: plain_conv_unet(2, 1, 9, 7, 512), (1, 256, 256), 32, 9, "amp", "sgd"),
+    "vmunet2d": (lambda: _net("vm_unet", "VMUNet", 1, 9, spatial_dims=2), (1, 256, 256), 32, 9, "fp32", "adamw"),
+    "msvmunet2d": (lambda: _net("msvm_unet", "MSVMUNet", 1, 9, spatial_dims=2), (1, 224, 224), 32, 9, "fp32",
+                   "adamw"),
+}
+MAMBA_NAN_CASES = ["lightm3d", "nnmamba3d", "vmunet2d", "msvmunet2d"]
+
+
+def _optimizer(kind, params):
+    if kind == "sgd":
+        return torch.optim.SGD(params, 1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    if kind == "adam":
+        return torch.optim.Adam(params, 1e-4, eps=1e-5, weight_decay=1e-5)
+    return torch.optim.AdamW(params, 1e-3, weight_decay=1e-2)
+
+
+def _first(out):
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def _batch(shape, batch, k, learnable=False):
+    x = torch.randn(batch, *shape, device="cuda")
+    if learnable:  # classes = intensity bands: a target a network can learn
+        y = torch.bucketize(x[:, 0], torch.linspace(-1, 1, k - 1, device="cuda"))
+    else:
+        y = torch.randint(0, k, (batch, *shape[1:]), device="cuda")
+    return x, y
+
+
+def measure(name, steps, warmup):
+    build, shape, batch, k, precision, opt_kind = CASES[name]
+    torch.manual_seed(0)
+    net = build().cuda()
+    params = sum(p.numel() for p in net.parameters())
+    opt = _optimizer(opt_kind, net.parameters())
+    scaler = torch.amp.GradScaler("cuda") if precision == "amp" else None
+    x, y = _batch(shape, batch, k)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", enabled=precision == "amp"):
+            loss = F.cross_entropy(_first(net(x)), y)
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+            opt.step()
+
+    times = []
+    for i in range(warmup + steps):
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        step()
+        t1.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(t0.elapsed_time(t1))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    net.eval()
+    eval_times = []
+    with torch.no_grad(), torch.autocast("cuda", enabled=precision == "amp"):
+        for i in range(3 + 5):
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            net(x[:1])
+            t1.record()
+            torch.cuda.synchronize()
+            if i >= 3:
+                eval_times.append(t0.elapsed_time(t1))
+    del net, opt
+    torch.cuda.empty_cache()
+    return dict(case=name, params=params, input=f"{batch}x{'x'.join(map(str, shape))}", precision=precision,
+                step_ms=statistics.median(times), peak_gib=peak, eval_ms=statistics.median(eval_times))
+
+
+def nan_check(name, n_steps, dtype):
+    build, shape, batch, k, _, opt_kind = CASES[name]
+    torch.manual_seed(0)
+    net = build().cuda()
+    opt = _optimizer(opt_kind, net.parameters())
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    bad, losses = 0, []
+    for _ in range(n_steps):
+        x, y = _batch(shape, batch, k, learnable=True)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype):
+            loss = F.cross_entropy(_first(net(x)).float(), y)
+        bad += int(not torch.isfinite(loss))
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    del net, opt
+    torch.cuda.empty_cache()
+    return dict(case=name, dtype=str(dtype).replace("torch.", ""), steps=n_steps, non_finite_losses=bad,
+                first_loss=losses[0], last_loss=statistics.mean(losses[-10:]))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default="plain3d,lightm3d", help=f"comma-separated, from: {', '.join(CASES)}")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--nan-steps", type=int, default=0, help="AMP NaN check steps per Mamba case (0: skip)")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    from nnunet_mamba.ops import available_backends
+
+    gpu = torch.cuda.get_device_name()
+    rows, nan_rows = [], []
+    for name in args.cases.split(","):
+        print(f"[bench] {name} ...", flush=True)
+        try:
+            rows.append(measure(name, args.steps, args.warmup))
+            print(f"[bench] {rows[-1]}", flush=True)
+        except Exception as e:  # reported in the table, not skipped
+            traceback.print_exc()
+            rows.append(dict(case=name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+            torch.cuda.empty_cache()
+        if args.nan_steps and name in MAMBA_NAN_CASES and "error" not in rows[-1]:
+            for dtype in (torch.bfloat16, torch.float16):
+                print(f"[bench] {name} {args.nan_steps} AMP steps in {dtype} ...", flush=True)
+                nan_rows.append(nan_check(name, args.nan_steps, dtype))
+                print(f"[bench] {nan_rows[-1]}", flush=True)
+    head = (f"GPU: {gpu}; torch {torch.__version__}; date {datetime.date.today()}; scan backends on cuda: "
+            f"{', '.join(available_backends('cuda'))}; auto/forced: {os.environ.get('NNUNET_MAMBA_SCAN_BACKEND', 'auto')}")
+    lines = [head, "", "| case | params | input | precision | train step (ms) | peak memory (GiB) | eval forward (ms) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | error: {r['error']} | | | | | |")
+        else:
+            lines.append(f"| {r['case']} | {r['params']:,} | {r['input']} | {r['precision']} | {r['step_ms']:.1f} | "
+                         f"{r['peak_gib']:.2f} | {r['eval_ms']:.1f} |")
+    if nan_rows:
+        lines += ["", "| case | AMP dtype | steps | non-finite losses | first loss | mean of last 10 |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['dtype']} | {r['steps']} | {r['non_finite_losses']} | {r['first_loss']:.4f} | "
+                  f"{r['last_loss']:.4f} |" for r in nan_rows]
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "train_step.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, "train_step.json"), "w") as f:
+        json.dump(dict(gpu=gpu, date=str(datetime.date.today()), rows=rows, nan=nan_rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
