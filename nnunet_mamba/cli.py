@@ -1,9 +1,11 @@
-"""``nnunet-mamba`` command line: ``demo``, ``backends`` (and ``benchmark``)."""
+"""``nnunet-mamba`` command line: ``demo``, ``backends`` and ``benchmark``."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from .benchmark.cli import add_parser as add_benchmark
 
 
 def _demo(args):
@@ -52,13 +54,7 @@ def main(argv=None):
     p.set_defaults(func=_demo)
     p = sub.add_parser("backends", help="list the selective-scan backends usable here and how to get the others")
     p.set_defaults(func=_backends)
-    try:
-        from .benchmark.cli import add_parser as add_benchmark
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.benchmark":
-            raise
-    else:
-        add_benchmark(sub)
+    add_benchmark(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
