@@ -32,9 +32,10 @@ class Encoder(nn.Module):
 
     def __init__(self, in_channels: int = 3, dims: Sequence[int] = (96, 192, 384, 768),
                  depths: Sequence[int] = (2, 2, 8, 2), drop_path_rate: float = 0.2, spatial_dims: int = 2,
-                 factors: Sequence[Sequence[int]] = None, k_directions: Optional[int] = None):
+                 factors: Optional[Sequence[Sequence[int]]] = None, k_directions: Optional[int] = None):
         super().__init__()
-        nd, f, conv = spatial_dims, factors, conv_nd(spatial_dims)
+        nd, conv = spatial_dims, conv_nd(spatial_dims)
+        f = factors or [(2,) * nd] * N_STEPS
         self.dims = list(dims)
         self.layer0 = nn.Sequential(conv(in_channels, dims[0] // 2, 3, stride=f[0], padding=1), nn.Identity(),
                                     LayerNormNd(dims[0] // 2), nn.Identity(), nn.GELU())
@@ -110,8 +111,7 @@ class LKPE(nn.Module):
     """Large-kernel patch expanding (c -> c/2, x f): ``expand`` = 1x1 conv (c -> c/2 * prod f), BN, ReLU, depthwise
     3x3 conv; pixel shuffle by f; ``norm = LN(c/2)``. 2D x2: expand width 2c (upstream)."""
 
-    def __init__(self, dim: int, factors: Sequence[int], out_dim: Optional[int] = None,
-                 out_conv: Optional[int] = None):
+    def __init__(self, dim: int, factors: Sequence[int], out_dim: Optional[int] = None):
         super().__init__()
         nd = len(factors)
         self.factors = tuple(factors)
@@ -156,9 +156,10 @@ class Decoder(nn.Module):
     """Three UpBlocks (768 -> 384 -> 192 -> 96) and ``out_layers = Sequential(FLKPE(96, K))``; torch-default init."""
 
     def __init__(self, dims: Sequence[int], num_classes: int, depths: Sequence[int] = (2, 2, 2, 2),
-                 drop_path_rate: float = 0.2, factors: Sequence[Sequence[int]] = None,
-                 k_directions: Optional[int] = None):
+                 drop_path_rate: float = 0.2, factors: Optional[Sequence[Sequence[int]]] = None,
+                 k_directions: Optional[int] = None, spatial_dims: int = 2):
         super().__init__()
+        factors = factors or [(2,) * spatial_dims] * N_STEPS
         dpr = [v.item() for v in torch.linspace(drop_path_rate, 0, (len(dims) - 1) * 2)]
         up_factors = list(reversed(factors[2:]))  # f5, f4, f3
         self.layers = nn.ModuleList([
@@ -193,7 +194,7 @@ class MSVMUNet(nn.Module):
                                spatial_dims=nd, factors=f, k_directions=k_directions)
         self.dims = self.encoder.dims
         self.decoder = Decoder(self.dims[::-1], num_classes, drop_path_rate=drop_path_rate, factors=f,
-                               k_directions=k_directions)
+                               k_directions=k_directions, spatial_dims=nd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.repeat_to_rgb:
