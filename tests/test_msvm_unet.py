@@ -250,7 +250,7 @@ def test_end_to_end_msvm_unet_2d(tmp_path):
     from nnunet_mamba.demo import run_cycle
 
     r = run_cycle(str(tmp_path), trainer="nnUNetTrainerMSVMUNet", dim=2, shape=(128, 128), n_train=8, n_test=2,
-                  dataset_id=942, verbose=False)
+                  dataset_id=942, iterations=3, val_iterations=1, verbose=False)
     assert r.configuration == "2d" and len(r.predictions) == 2
     assert set(r.dice) == {"1", "2"} and all(0.0 <= d <= 1.0 for d in r.dice.values())
     folder = tmp_path / "nnUNet_results" / r.dataset_name / "nnUNetTrainerMSVMUNet__nnUNetPlans__2d"

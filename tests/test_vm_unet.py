@@ -289,9 +289,9 @@ def test_pretrained_trainer_loads_in_initialize(plans_2d, tmp_path, monkeypatch)
 def test_end_to_end_vm_unet_2d(tmp_path):
     from nnunet_mamba.demo import run_cycle
 
-    # 128^2 images: nnU-Net plans 5 downsampling steps, the number VM-UNet needs
+    # 128^2 images: nnU-Net plans 5 downsampling steps, the number VM-UNet needs (CPU: ~20 s per iteration)
     r = run_cycle(str(tmp_path), trainer="nnUNetTrainerVMUNet", dim=2, shape=(128, 128), n_train=8, n_test=2,
-                  dataset_id=941, verbose=False)
+                  dataset_id=941, iterations=3, val_iterations=1, verbose=False)
     assert r.configuration == "2d" and len(r.predictions) == 2
     assert set(r.dice) == {"1", "2"} and all(0.0 <= d <= 1.0 for d in r.dice.values())
     folder = tmp_path / "nnUNet_results" / r.dataset_name / "nnUNetTrainerVMUNet__nnUNetPlans__2d"
