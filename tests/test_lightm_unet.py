@@ -103,3 +103,20 @@ def test_recipes_as_specified():
         "adam", 1e-4, 1e-5, 1e-5, 100, False, False)
     n = nnUNetTrainerLightMUNet_nnUNetRecipe.recipe
     assert (n.optimizer, n.initial_lr, n.weight_decay, n.num_epochs, n.amp) == ("sgd", 1e-2, 3e-5, 1000, True)
+
+
+def test_recomputation_gives_identical_gradients():
+    """Recomputing the Mamba layers in backward (the GPU default, to save memory) changes nothing numerically."""
+    torch.manual_seed(0)
+    net = LightMUNet(2, 32, 1, 2)
+    x = torch.randn(1, 1, 16, 16)
+    grads = []
+    for recompute in (False, True):
+        for m in net.modules():
+            if hasattr(m, "recompute"):
+                m.recompute = recompute
+        net.zero_grad()
+        net(x).square().mean().backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

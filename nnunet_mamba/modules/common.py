@@ -5,6 +5,7 @@ import functools
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 
 def conv_nd(nd: int) -> type[nn.Module]:
@@ -79,3 +80,16 @@ def fp32_core(forward):
             return forward(self, x.float(), *args, **kwargs)
 
     return wrapper
+
+
+def recomputed(module: nn.Module, forward, x: torch.Tensor, enabled=None):
+    """``forward(x)``, recomputed in the backward pass instead of storing its activations when training.
+
+    ``enabled=None`` recomputes on CUDA only (GPU memory is the constraint there; on CPU it would only cost time).
+    Results and gradients are identical either way.
+    """
+    if enabled is None:
+        enabled = x.is_cuda
+    if enabled and module.training and torch.is_grad_enabled():
+        return checkpoint(forward, x, use_reentrant=False)
+    return forward(x)

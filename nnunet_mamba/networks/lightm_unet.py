@@ -11,7 +11,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..modules.common import conv_nd, flatten_tokens, fp32_core, interp_mode, max_pool_nd, unflatten_tokens
+from ..modules.common import (conv_nd, flatten_tokens, fp32_core, interp_mode, max_pool_nd, recomputed,
+                              unflatten_tokens)
 from ..modules.mamba import Mamba
 
 
@@ -29,17 +30,26 @@ def dw_conv(nd, a, b, k, bias=False) -> nn.Sequential:
 
 
 class MambaLayer(nn.Module):
-    """RVM layer: LN -> Mamba -> scaled residual -> the same LN again -> Linear(a -> b). fp32 core."""
+    """RVM layer: LN -> Mamba -> scaled residual -> the same LN again -> Linear(a -> b). fp32 core.
 
-    def __init__(self, in_channels, out_channels, d_state=16, d_conv=4, expand=2):
+    ``recompute``: recompute the layer in the backward pass instead of storing its activations (None: on CUDA).
+    At full resolution its activations are ~20 fp32 copies of (tokens x 2·d_inner); this is what made the upstream
+    network need 60 GiB at 128^3. The function computed is the same.
+    """
+
+    def __init__(self, in_channels, out_channels, d_state=16, d_conv=4, expand=2, recompute=None):
         super().__init__()
+        self.recompute = recompute
         self.norm = nn.LayerNorm(in_channels)
         self.mamba = Mamba(in_channels, d_state=d_state, d_conv=d_conv, expand=expand)
         self.proj = nn.Linear(in_channels, out_channels)
         self.skip_scale = nn.Parameter(torch.ones(1))
 
-    @fp32_core
     def forward(self, x):
+        return recomputed(self, self._forward, x, self.recompute)
+
+    @fp32_core
+    def _forward(self, x):
         t = flatten_tokens(x)
         u = self.mamba(self.norm(t)) + self.skip_scale * t
         return unflatten_tokens(self.proj(self.norm(u)), x.shape[2:])  # upstream quirk: norm applied twice
