@@ -47,6 +47,26 @@ def test_scan_is_excluded_from_the_counted_flops_and_counted_analytically():
     assert fc.backends == ["torch"] and len(fc.scan_calls) == 1
 
 
+@pytest.mark.parametrize("setting, plans, params, gflops", [
+    ("3d", "nnUNetPlans", 31_196_399, 954.7), ("3d", "nnUNetResEncUNetMPlans", 102_350_575, 1435.1),
+    ("2d", "nnUNetPlans", 46_326_581, 119.3), ("2d", "nnUNetResEncUNetMPlans", 140_019_061, 260.3)])
+def test_committed_reference_plans_give_the_published_baseline_counts(setting, plans, params, gflops):
+    """benchmarks/plans/ (nnU-Net's planners on the synthetic reference datasets) reproduce the baselines of
+    specs/reference-numbers.md: parameters exactly, GFLOPs (counted on the meta device, no compute) within 0.1 %
+    (measured here: 954.60, 1434.94, 119.20, 260.25; the reference does not state its counter's small terms)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    root = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "plans", setting)
+    pm = PlansManager(os.path.join(root, plans + ".json"))
+    cm = pm.get_configuration("3d_fullres" if setting == "3d" else "2d")
+    assert list(cm.patch_size) == ([128] * 3 if setting == "3d" else [512] * 2)
+    net = nnUNetTrainer.build_network_architecture(pm, cm, 1, 3, False)
+    assert n_params(net) == params
+    fc = count_flops(net.to("meta"), torch.zeros(1, 1, *cm.patch_size, device="meta"))
+    assert fc.conv_matmul / 1e9 == pytest.approx(gflops, rel=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # accuracy bookkeeping (no training)
 

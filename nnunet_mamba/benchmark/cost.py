@@ -258,7 +258,7 @@ def run_cost(specs: Sequence[TrainerSpec], source: PlansSource, configuration: s
         png = scatter_plot(os.path.join(out_dir, "cost.png"), pts, "params_m", "train_step_ms",
                            "parameters (M)", "training step (ms)",
                            f"{source.dataset_name} {configuration} on {meta.get('gpu', device)}",
-                           size="train_peak_mb", size_label="training peak memory", logx=True)
+                           size="train_peak_mb", size_label="training peak memory", logx=True, logy=True)
         if png:
             paths["png"] = png
     if not any(r["status"] == "error" for r in rows):

@@ -6,7 +6,7 @@ Needs nnU-Net's folders ``nnUNet_raw`` and ``nnUNet_preprocessed`` set in the en
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..synthetic import make_dataset
 
@@ -14,7 +14,8 @@ DEFAULT_PLANNERS = ("ExperimentPlanner", "nnUNetPlannerResEncM")
 
 
 def plan_synthetic(dataset_id: int, shape: Sequence[int], name: str, planners: Sequence[str] = DEFAULT_PLANNERS,
-                   n_cases: int = 3, n_classes: int = 3, preprocess_configurations: Sequence[str] = ()) -> str:
+                   n_cases: int = 3, n_classes: int = 3, spacing: Optional[Sequence[float]] = None,
+                   preprocess_configurations: Sequence[str] = ()) -> str:
     """Write a synthetic raw dataset, extract its fingerprint and plan it with every planner; returns its
     ``nnUNet_preprocessed`` folder (plans: nnUNetPlans.json, nnUNetResEncUNetMPlans.json, ...).
 
@@ -27,7 +28,7 @@ def plan_synthetic(dataset_id: int, shape: Sequence[int], name: str, planners: S
                                                                        preprocess)
 
     folder = make_dataset(os.environ["nnUNet_raw"], dataset_id, shape, n_train=n_cases, n_test=0,
-                          n_classes=n_classes, name=name)
+                          n_classes=n_classes, spacing=spacing, name=name)
     extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=False, verbose=False,
                          show_progress_bar=False)
     for planner in planners:

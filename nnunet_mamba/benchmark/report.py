@@ -71,7 +71,7 @@ def _csv_value(v):
 
 def scatter_plot(path: str, points: Sequence[dict], x: str, y: str, xlabel: str, ylabel: str, title: str,
                  size: Optional[str] = None, size_label: str = "", yerr: Optional[tuple] = None,
-                 logx: bool = False) -> Optional[str]:
+                 logx: bool = False, logy: bool = False) -> Optional[str]:
     """One labelled marker per point (``label`` key); marker area proportional to ``size`` when given.
 
     ``yerr``: keys (low, high) of an error bar. Returns the PNG path, or None when no point has both values.
@@ -98,6 +98,8 @@ def scatter_plot(path: str, points: Sequence[dict], x: str, y: str, xlabel: str,
         ax.annotate(p["label"], (p[x], p[y]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     if logx:
         ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title + (f"\nmarker area ~ {size_label}" if size else ""), fontsize=10)
