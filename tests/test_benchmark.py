@@ -185,8 +185,8 @@ def test_cost_table(tiny, tmp_path):
         assert r["precision"] == "fp32" and r["patch_size"] == [32, 32]
 
     # parameter counts equal those of the networks built independently from the same plans
-    for r, cls, identifier in ((lightm, nnUNetTrainerLightMUNet, "nnUNetPlans"),
-                               (plain, nnUNetTrainer, "nnUNetPlans"), (resenc, nnUNetTrainer, "nnUNetResEncUNetMPlans")):
+    for r, cls, identifier in ((lightm, nnUNetTrainerLightMUNet, "nnUNetPlans"), (plain, nnUNetTrainer, "nnUNetPlans"),
+                               (resenc, nnUNetTrainer, "nnUNetResEncUNetMPlans")):
         pm, cm = _plans(source.folder, identifier)
         net = cls.build_network_architecture(pm, cm, 1, 3, False)
         assert r["params"] == n_params(net), r["label"]

@@ -150,8 +150,8 @@ def run_accuracy(specs: Sequence[TrainerSpec], source: PlansSource, configuratio
             tag = f"[benchmark] ({i}/{len(specs)}) {plan.run_trainer} {spec.plans} {configuration} fold {fold}"
             try:
                 if state != "done" and train:
-                    print(f"{tag}: {dict(train='training', resume='resuming (--c)', validate='validating (--val)')[state]}"
-                          f", log in {log_dir}", flush=True)
+                    action = {"train": "training", "resume": "resuming (--c)", "validate": "validating (--val)"}
+                    print(f"{tag}: {action[state]}, log in {log_dir}", flush=True)
                     cmd = [_bin("nnUNetv2_train"), source.dataset_name, configuration, str(fold), "-tr",
                            plan.run_trainer, "-p", spec.plans]
                     cmd += {"resume": ["--c"], "validate": ["--val"]}.get(state, [])
@@ -213,8 +213,9 @@ def run_accuracy(specs: Sequence[TrainerSpec], source: PlansSource, configuratio
     if plot:
         summary = [r for r in rows if r.get("status") == "ok" and (r["fold"] == "mean" or len(folds) == 1)]
         pts = [dict(r, label=r["label"]) for r in summary]
-        x, xlabel, logx = ("train_step_ms", "training step (ms)", True) if any(
-            isinstance(r.get("train_step_ms"), (int, float)) for r in pts) else ("rank", "trainer (by mean Dice)", False)
+        with_cost = any(isinstance(r.get("train_step_ms"), (int, float)) for r in pts)
+        x, xlabel, logx = ("train_step_ms", "training step (ms)", True) if with_cost else (
+            "rank", "trainer (by mean Dice)", False)
         if x == "rank":
             for k, p in enumerate(sorted(pts, key=lambda p: p["mean_dice"])):
                 p["rank"] = k

@@ -126,7 +126,7 @@ def _precision(trainer, device: torch.device) -> str:
 
 def _short_error(e: BaseException) -> str:
     msg = f"{type(e).__name__}: {e}".strip()
-    if isinstance(e, torch.OutOfMemoryError):
+    if isinstance(e, torch.cuda.OutOfMemoryError):
         msg = "CUDA out of memory (compare at a smaller batch with --batch-size)"
     lines = msg.splitlines()
     return lines[0][:400] + (" ..." if len(lines) > 1 or len(lines[0]) > 400 else "")
@@ -139,7 +139,6 @@ def measure_trainer(spec: TrainerSpec, source: PlansSource, configuration: str, 
     """One row of the cost table (``status`` 'ok' or 'error' with ``error``)."""
     row: dict = {"label": spec.label, "trainer": spec.trainer, "plans": spec.plans, "configuration": configuration,
                  "device": str(device), "status": "error", "error": None}
-    trainer = None
     phase = "lookup"
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's lookup narrates its search
@@ -205,16 +204,17 @@ def measure_trainer(spec: TrainerSpec, source: PlansSource, configuration: str, 
         progress(f"{spec.label}: FAILED at {phase} - {row['error']}")
         if log is not None:
             log.write(f"=== {spec.label} ({phase})\n{traceback.format_exc()}\n")
-    finally:
-        del trainer
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return row
 
 
+def _free(device: torch.device):
+    """Release what the last trainer held (called after ``measure_trainer`` returned, its frame gone)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def environment_info(device: torch.device) -> dict:
-    import nnunetv2  # noqa: F401  (version below)
     from importlib.metadata import PackageNotFoundError, version
 
     def v(pkg):
@@ -252,6 +252,7 @@ def run_cost(specs: Sequence[TrainerSpec], source: PlansSource, configuration: s
             _print(f"({i}/{len(specs)}) {spec.label} on {spec.plans} {configuration}, {device}")
             rows.append(measure_trainer(spec, source, configuration, device, batch_size, warmup, repeats,
                                         compile_networks, log=log))
+            _free(device)
             paths = write_outputs(out_dir, "cost", rows, COLUMNS, meta, NOTES)
     if plot:
         pts = [dict(r, params_m=r["params"] / 1e6) for r in rows if r["status"] == "ok"]
