@@ -228,6 +228,11 @@ def _selective_scan_mamba_ssm(u, delta, A, B, C, D=None, z=None, delta_bias=None
     def c(t):
         return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
 
+    # Time-constant B/C (d, N): mamba-ssm's non-variable-B path wants them in fp32 and its last state differs
+    # (measured on the H100, tests/test_cuda.py); pass them as d groups of one channel each instead.
+    b, d, L = u.shape
+    B, C = [X.to(u.dtype).view(1, d, X.shape[1], 1).expand(b, d, X.shape[1], L) if X.dim() == 2 else X
+            for X in (B, C)]
     return selective_scan_fn(c(u), c(delta), A.float(), c(B), c(C), None if D is None else D.float(), c(z),
                              None if delta_bias is None else delta_bias.float(), delta_softplus,
                              return_last_state)
