@@ -61,6 +61,6 @@ def test_mixer_state_dict_loads_into_mamba_ssm(d, L):
 
 def test_auto_uses_a_cuda_kernel_when_installed():
     names = available_backends("cuda")
-    assert names[-1] == "torch"
+    assert "torch" in names
     if importlib.util.find_spec("selective_scan_cuda") is not None:
-        assert "mamba_ssm" in names
+        assert names[0] == "mamba_ssm"
