@@ -19,7 +19,7 @@ def _cuda(inp):
 
 @needs_mamba_ssm
 @pytest.mark.parametrize("b,d,L,N,layout", [(2, 8, 1, 4, "shared"), (1, 16, 777, 16, "grouped"),
-                                            (2, 32, 4096, 16, "shared"), (1, 8, 5000, 8, "const")])
+                                            (2, 32, 4096, 16, "shared"), (1, 8, 5000, 8, "grouped")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mamba_ssm_backend_matches_torch_backend(b, d, L, N, layout, dtype):
     assert "mamba_ssm" in available_backends("cuda")

@@ -118,3 +118,16 @@ def test_torch_backend_10x_faster_than_reference_algorithm():
     print(f"torch backend {t_ours * 1e3:.0f} ms, reference algorithm {t_ref * 1e3:.0f} ms, "
           f"speed-up {t_ref / t_ours:.1f}x")
     assert t_ref / t_ours >= 10
+
+
+def test_time_constant_bc_never_reach_mamba_ssm():
+    """(d, N) B/C: mamba-ssm's path for them failed on the GPU, so the backend refuses them with a reason and
+    "auto" skips it (checked without a GPU: the refusal happens before any kernel is touched)."""
+    from nnunet_mamba.ops import scan
+
+    be = scan._BACKENDS["mamba_ssm"]
+    inp = make_inputs(1, 2, 8, 2, "const", requires_grad=False)
+    assert "not supported" in be.unsupported(inp["B"])
+    assert be.unsupported(make_inputs(1, 2, 8, 2, "shared")["B"]) is None
+    with pytest.raises(BackendUnavailable, match="not supported"):
+        scan._selective_scan_mamba_ssm(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"])

@@ -27,15 +27,16 @@ class _Backend:
     priority: int  # higher wins in "auto" when no measured choice exists
     cross_fn: Optional[Callable] = None  # fused multi-direction scan (cross_selective_scan semantics)
     choose: Optional[Callable] = None  # (u, B) -> bool: measured per-shape preference for this backend
+    unsupported: Optional[Callable] = None  # (B) -> None, or why this backend cannot take that B/C layout
 
 
 _BACKENDS: dict[str, _Backend] = {}
 _ANNOUNCED: set = set()
 
 
-def register_backend(name, fn, why_unavailable, priority=0, cross_fn=None, choose=None):
+def register_backend(name, fn, why_unavailable, priority=0, cross_fn=None, choose=None, unsupported=None):
     """Add a backend. ``why_unavailable(device)`` returns None when usable, otherwise an install hint."""
-    _BACKENDS[name] = _Backend(name, fn, why_unavailable, priority, cross_fn, choose)
+    _BACKENDS[name] = _Backend(name, fn, why_unavailable, priority, cross_fn, choose, unsupported)
 
 
 def available_backends(device: Optional[torch.device | str] = None) -> list[str]:
@@ -57,12 +58,12 @@ def _resolve(backend: str, u: torch.Tensor, B: torch.Tensor) -> _Backend:
         if backend not in _BACKENDS:
             raise ValueError(f"unknown selective-scan backend {backend!r}; known: {sorted(_BACKENDS)}")
         be = _BACKENDS[backend]
-        why = be.why_unavailable(u.device)
-        if why is not None:
+        why = be.why_unavailable(u.device) or (be.unsupported and be.unsupported(B))
+        if why:
             raise BackendUnavailable(f"selective-scan backend {backend!r} is not usable on {u.device}: {why}")
         return be
     usable = [b for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)
-              if b.why_unavailable(u.device) is None]
+              if b.why_unavailable(u.device) is None and not (b.unsupported and b.unsupported(B))]
     chosen = next((b for b in usable if b.choose is not None and b.choose(u, B)), usable[0])
     key = (u.device.type, chosen.name)
     if key not in _ANNOUNCED:
@@ -223,23 +224,29 @@ def _mamba_ssm_unavailable(device):
 
 def _selective_scan_mamba_ssm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                               return_last_state=False):
+    if B.dim() == 2 or C.dim() == 2:
+        raise BackendUnavailable(f"selective-scan backend 'mamba_ssm': {_CONSTANT_BC}")
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # lazy: CUDA extension
 
     def c(t):
         return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
 
-    # Time-constant B/C (d, N): mamba-ssm's non-variable-B path wants them in fp32 and its last state differs
-    # (measured on the H100, tests/test_cuda.py); pass them as d groups of one channel each instead.
-    b, d, L = u.shape
-    B, C = [X.to(u.dtype).view(1, d, X.shape[1], 1).expand(b, d, X.shape[1], L) if X.dim() == 2 else X
-            for X in (B, C)]
     return selective_scan_fn(c(u), c(delta), A.float(), c(B), c(C), None if D is None else D.float(), c(z),
                              None if delta_bias is None else delta_bias.float(), delta_softplus,
                              return_last_state)
 
 
 register_backend("torch", selective_scan_torch, _torch_unavailable, priority=0)
-register_backend("mamba_ssm", _selective_scan_mamba_ssm, _mamba_ssm_unavailable, priority=10)
+_CONSTANT_BC = ("time-constant B/C of shape (d, N) are not supported (on the H100 mamba-ssm's path for them gave "
+                "another last state than the oracle and refused bf16); backend='auto' uses the torch backend for them")
+
+
+def _mamba_ssm_unsupported(B):
+    return _CONSTANT_BC if B.dim() == 2 else None
+
+
+register_backend("mamba_ssm", _selective_scan_mamba_ssm, _mamba_ssm_unavailable, priority=10,
+                 unsupported=_mamba_ssm_unsupported)
 
 
 # ----------------------------------------------------------------------------------------------------------
