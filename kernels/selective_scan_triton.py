@@ -35,9 +35,8 @@ All state and accumulation is fp32; inputs may be fp32, bf16 or fp16.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import triton

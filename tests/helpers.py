@@ -4,6 +4,42 @@ import copy
 import torch
 
 
+def make_plans(patch, strides, name="3d_fullres"):
+    """A minimal nnU-Net plans dict (small patches, any strides) for unit tests; real plans: conftest."""
+    nd = len(patch)
+    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": len(strides), "features_per_stage": [32 * 2 ** i for i in range(len(strides))],
+                            "kernel_sizes": [[3] * nd] * len(strides), "strides": [list(s) for s in strides],
+                            "n_conv_per_stage": [2] * len(strides),
+                            "n_conv_per_stage_decoder": [2] * (len(strides) - 1)},
+            "_kw_requires_import": []}
+    return {"dataset_name": "Dataset990_nnMambaTest", "plans_name": "nnUNetPlans",
+            "configurations": {name: {"data_identifier": f"nnUNetPlans_{name}", "batch_size": 2,
+                                      "patch_size": list(patch), "spacing": [1.0] * nd, "batch_dice": True,
+                                      "architecture": arch}},
+            "transpose_forward": list(range(nd)), "transpose_backward": list(range(nd))}
+
+
+DATASET_JSON = {"channel_names": {"0": "synthetic"}, "labels": {"background": 0, "a": 1, "b": 2},
+                "numTraining": 8, "file_ending": ".nii.gz"}
+
+
+def managers(plans, name=None):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(copy.deepcopy(plans))
+    return pm, pm.get_configuration(name or next(iter(plans["configurations"])))
+
+
+def make_trainer(cls, plans, tmp_path, monkeypatch, name=None):
+    """A trainer instance on CPU for ``plans`` (not initialised: no preprocessed data needed)."""
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    plans = copy.deepcopy(plans)
+    plans["continue_training"] = False
+    return cls(plans, name or next(iter(plans["configurations"])), 0, DATASET_JSON, torch.device("cpu"))
+
+
 def with_strides(configuration_manager, strides, patch_size=None):
     """A copy of a real configuration with other strides (and patch size): for anisotropic / too-short plans."""
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager

@@ -1,10 +1,10 @@
 """nnMamba (specs/nnmamba.md): upstream parameter counts, names, shapes on nnU-Net plans, fp32 core, DS loss."""
-import copy
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import make_plans, make_trainer, managers, n_params
 from nnunet_mamba.networks.nnmamba import MambaLayer, nnMambaSeg
 from nnunet_mamba.networks.plan import cumulative_scales
 from nnunet_mamba.trainers.nnmamba import (NNMAMBA_RECIPE, build_nnmamba, build_nnmamba_css, nnmamba_ds_weights,
@@ -12,54 +12,17 @@ from nnunet_mamba.trainers.nnmamba import (NNMAMBA_RECIPE, build_nnmamba, build_
                                            nnUNetTrainerNnMambaCSS, nnUNetTrainerNnMambaCSS_nnUNetRecipe)
 
 
-def n_params(m):
-    return sum(p.numel() for p in m.parameters())
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Plans: real nnU-Net plans of synthetic isotropic datasets (conftest: plans_3d with 5 x2 steps, plans_2d with 6),
 # and hand-made plans for small patches, anisotropic and too-short plans.
 
-def make_plans(patch, strides, name="3d_fullres"):
-    nd = len(patch)
-    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {"n_stages": len(strides), "features_per_stage": [32 * 2 ** i for i in range(len(strides))],
-                            "kernel_sizes": [[3] * nd] * len(strides), "strides": [list(s) for s in strides],
-                            "n_conv_per_stage": [2] * len(strides),
-                            "n_conv_per_stage_decoder": [2] * (len(strides) - 1)},
-            "_kw_requires_import": []}
-    return {"dataset_name": "Dataset990_nnMambaTest", "plans_name": "nnUNetPlans",
-            "configurations": {name: {"data_identifier": f"nnUNetPlans_{name}", "batch_size": 2,
-                                      "patch_size": list(patch), "spacing": [1.0] * nd, "batch_dice": True,
-                                      "architecture": arch}},
-            "transpose_forward": list(range(nd)), "transpose_backward": list(range(nd))}
-
-
-DATASET_JSON = {"channel_names": {"0": "synthetic"}, "labels": {"background": 0, "a": 1, "b": 2},
-                "numTraining": 8, "file_ending": ".nii.gz"}
-
 ISO_3D = make_plans((64, 64, 64), [[1, 1, 1]] + [[2, 2, 2]] * 5)
-
-
-def managers(plans, name=None):
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    pm = PlansManager(copy.deepcopy(plans))
-    return pm, pm.get_configuration(name or next(iter(plans["configurations"])))
 
 
 @pytest.fixture
 def real_plans(request):
     """nd -> (plans_manager, configuration_manager) of conftest's real nnU-Net plans."""
     return lambda nd: request.getfixturevalue({2: "plans_2d", 3: "plans_3d"}[nd])
-
-
-def make_trainer(cls, plans, tmp_path, monkeypatch, name=None):
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
-    plans = copy.deepcopy(plans)
-    plans["continue_training"] = False
-    return cls(plans, name or next(iter(plans["configurations"])), 0, DATASET_JSON, torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------------------------------------------

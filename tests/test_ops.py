@@ -1,5 +1,4 @@
 """The op boundary against the float64 oracle: outputs, last state and every gradient."""
-import random
 import time
 
 import pytest

@@ -146,7 +146,7 @@ class SS2D(nn.Module):
 
     def scan(self, x: torch.Tensor) -> torch.Tensor:
         """The K-direction selective scan of a channels-first map (B, D, *S); returns the merged sum, fp32."""
-        b, spatial = x.shape[0], x.shape[2:]
+        spatial = x.shape[2:]
         R, N = self.dt_rank, self.d_state
         xf = x.flatten(2)  # (b, D, L)
         x_dbl = torch.einsum("bdl,kcd->bkcl", xf, self.x_proj_weight.to(xf.dtype))  # (b, K, R+2N, L)
