@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-_BLOCK_BYTES = 256 * 2**20
+_BLOCK_BYTES = 64 * 2**20
 
 
 def _chunk_len(L: int) -> int:
