@@ -2,8 +2,6 @@
 wraps it: every parameter gets a gradient on every step (DDP fails on unused parameters otherwise) and the two
 replicas stay identical. (nnU-Net also converts BatchNorm to SyncBatchNorm, which PyTorch allows for GPU modules
 only; on the CPU the BatchNorm layers stay per-process.)"""
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -37,9 +35,9 @@ def _loss(out, y):
     return total
 
 
-def _worker(rank, world, name, port, result_file):
+def _worker(rank, world, name, store_file, result_file):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{store_file}")
     build, shape = CASES[name]
     torch.manual_seed(0)  # the same initial weights on both ranks (DDP also broadcasts rank 0's)
     net = build()
@@ -64,16 +62,10 @@ def _worker(rank, world, name, port, result_file):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_ddp_two_gloo_processes(name, tmp_path):
     result = str(tmp_path / "result.pt")
-    mp.spawn(_worker, args=(2, name, _free_port(), result), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, name, str(tmp_path / "store"), result), nprocs=2, join=True)
     r = torch.load(result)
     assert r["no_grad"] == []
     assert r["max_diff"] == 0.0
