@@ -2,6 +2,7 @@
 wraps it: every parameter gets a gradient on every step (DDP fails on unused parameters otherwise) and the two
 replicas stay identical. (nnU-Net also converts BatchNorm to SyncBatchNorm, which PyTorch allows for GPU modules
 only; on the CPU the BatchNorm layers stay per-process.)"""
+
 import pytest
 import torch
 import torch.distributed as dist
