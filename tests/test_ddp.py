@@ -60,6 +60,7 @@ def _worker(rank, world, name, store_file, result_file):
         torch.save({"no_grad": sorted(no_grad), "max_diff": (gathered[0] - gathered[1]).abs().max().item(),
                     "changed": bool((flat != torch.cat([p.detach().flatten() for p in build().parameters()])).any())},
                    result_file)
+    dist.barrier()  # both ranks done before either tears the group down
     dist.destroy_process_group()
 
 

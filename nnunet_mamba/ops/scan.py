@@ -242,7 +242,7 @@ _CONSTANT_BC = ("time-constant B/C of shape (d, N) are not supported (on the H10
 
 
 def _mamba_ssm_unsupported(B):
-    return _CONSTANT_BC if B.dim() == 2 else None
+    return _CONSTANT_BC if B is not None and B.dim() == 2 else None
 
 
 register_backend("mamba_ssm", _selective_scan_mamba_ssm, _mamba_ssm_unavailable, priority=10,
