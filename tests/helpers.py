@@ -1,5 +1,7 @@
 """Test helpers shared by several test files."""
 import copy
+import json
+import os
 
 import torch
 
@@ -61,3 +63,23 @@ def with_strides(configuration_manager, strides, patch_size=None):
 
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def check_cycle(r, n_classes=3, weight_key=None):
+    """What every end-to-end run (nnunet_mamba.demo.run_cycle) must have produced: a non-empty prediction for every
+    test case, Dice for every foreground class in [0, 1], nnU-Net's per-case summary, the final checkpoint naming
+    the trainer (holding ``weight_key``), and nnU-Net's own validation summary of the fold."""
+    assert r.predictions == [f"case_{i:03d}.nii.gz" for i in range(8, 8 + r.n_test_cases)]
+    assert sorted(r.dice) == [str(c) for c in range(1, n_classes)]
+    assert all(0.0 <= v <= 1.0 for v in r.dice.values())
+    with open(r.summary_file) as f:
+        assert len(json.load(f)["metric_per_case"]) == r.n_test_cases
+    folder = os.path.dirname(r.summary_file)
+    assert not [p for p in r.predictions if not os.path.getsize(os.path.join(folder, p))]
+    fold = os.path.join(os.path.dirname(folder), "nnUNet_results", r.dataset_name,
+                        f"{r.trainer}__nnUNetPlans__{r.configuration}", "fold_0")
+    ckpt = torch.load(os.path.join(fold, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == r.trainer
+    if weight_key is not None:
+        assert weight_key in ckpt["network_weights"]
+    assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))

@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-from helpers import with_strides
+from helpers import check_cycle, n_params, with_strides
 from nnunet_mamba.networks.msvm_unet import MSVMUNet
 from nnunet_mamba.networks.pretrained import ENV_PRETRAINED, load_msvmunet_pretrained
 from nnunet_mamba.trainers.base import CosineLRScheduler
 from nnunet_mamba.trainers.msvm_unet import (MSVM_UNET_RECIPE, build_msvm_unet, nnUNetTrainerMSVMUNet,
                                              nnUNetTrainerMSVMUNet_nnUNetRecipe, nnUNetTrainerMSVMUNetPretrained)
-from vmamba_helpers import make_trainer, n_params, perturbed, save_checkpoint
+from vmamba_helpers import make_trainer, perturbed, save_checkpoint
 
 ANISO_3D = [(1, 2, 2), (2, 2, 2), (1, 2, 2), (2, 2, 2), (1, 2, 2)]
 
@@ -251,9 +251,5 @@ def test_end_to_end_msvm_unet_2d(tmp_path):
 
     r = run_cycle(str(tmp_path), trainer="nnUNetTrainerMSVMUNet", dim=2, shape=(128, 128), n_train=8, n_test=2,
                   dataset_id=942, iterations=3, val_iterations=1, verbose=False)
-    assert r.configuration == "2d" and len(r.predictions) == 2
-    assert set(r.dice) == {"1", "2"} and all(0.0 <= d <= 1.0 for d in r.dice.values())
-    folder = tmp_path / "nnUNet_results" / r.dataset_name / "nnUNetTrainerMSVMUNet__nnUNetPlans__2d"
-    ckpt = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert ckpt["trainer_name"] == "nnUNetTrainerMSVMUNet"
-    assert "encoder.layers.2.blocks.7.op.A_logs" in ckpt["network_weights"]
+    assert r.configuration == "2d"
+    check_cycle(r, 3, weight_key="encoder.layers.2.blocks.7.op.A_logs")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_plans, make_trainer, managers, n_params
+from helpers import check_cycle, make_plans, make_trainer, managers, n_params
 from nnunet_mamba.networks.nnmamba import MambaLayer, nnMambaSeg
 from nnunet_mamba.networks.plan import cumulative_scales
 from nnunet_mamba.trainers.nnmamba import (NNMAMBA_RECIPE, build_nnmamba, build_nnmamba_css, nnmamba_ds_weights,
@@ -334,10 +334,6 @@ def test_end_to_end_nnmamba_2d(tmp_path):
 
     r = run_cycle(str(tmp_path), trainer="nnUNetTrainerNnMamba", dim=2, shape=(64, 64), n_train=8, n_test=2,
                   dataset_id=931, verbose=False)
-    assert r.configuration == "2d" and r.n_test_cases == 2 and len(r.predictions) == 2
-    assert set(r.dice) == {"1", "2"} and all(0.0 <= d <= 1.0 for d in r.dice.values())
-    # the plan of a 64x64 dataset has exactly the 4 steps nnMamba needs; the checkpoint names the trainer
-    folder = tmp_path / "nnUNet_results" / r.dataset_name / "nnUNetTrainerNnMamba__nnUNetPlans__2d"
-    ckpt = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert ckpt["trainer_name"] == "nnUNetTrainerNnMamba"
-    assert "layer1.2.mamba_layer.mamba.in_proj.weight" in ckpt["network_weights"]
+    assert r.configuration == "2d"
+    # the plan of a 64x64 dataset has exactly the 4 steps nnMamba needs
+    check_cycle(r, 3, weight_key="layer1.2.mamba_layer.mamba.in_proj.weight")

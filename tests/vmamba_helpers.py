@@ -1,26 +1,15 @@
 """Helpers of the VM-UNet / MSVM-UNet tests: trainers on real plans, fake VMamba checkpoints in upstream layout."""
 import argparse
-import copy
 
 import torch
 
-DATASET_JSON = {"channel_names": {"0": "synthetic"}, "labels": {"background": 0, "a": 1, "b": 2},
-                "numTraining": 8, "file_ending": ".nii.gz"}
-
-
-def n_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
+import helpers
 
 def make_trainer(cls, plans_and_config, tmp_path, monkeypatch):
     """An instance of trainer ``cls`` on the plans of a (plans_manager, configuration_manager) fixture."""
     pm, cm = plans_and_config
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
-    plans = copy.deepcopy(pm.plans)
-    plans["continue_training"] = False
-    name = next(n for n, c in plans["configurations"].items() if c.get("patch_size") == list(cm.patch_size))
-    return cls(plans, name, 0, DATASET_JSON, torch.device("cpu"))
+    name = next(n for n, c in pm.plans["configurations"].items() if c.get("patch_size") == list(cm.patch_size))
+    return helpers.make_trainer(cls, pm.plans, tmp_path, monkeypatch, name)
 
 
 def perturbed(sd: dict, seed: int = 123) -> dict:
