@@ -3,6 +3,8 @@ wraps it: every parameter gets a gradient on every step (DDP fails on unused par
 replicas stay identical. (nnU-Net also converts BatchNorm to SyncBatchNorm, which PyTorch allows for GPU modules
 only; on the CPU the BatchNorm layers stay per-process.)"""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -60,8 +62,10 @@ def _worker(rank, world, name, store_file, result_file):
         torch.save({"no_grad": sorted(no_grad), "max_diff": (gathered[0] - gathered[1]).abs().max().item(),
                     "changed": bool((flat != torch.cat([p.detach().flatten() for p in build().parameters()])).any())},
                    result_file)
-    dist.barrier()  # both ranks done before either tears the group down
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks done (result written) before either exits
+    # Skip the interpreter's teardown of the gloo group: its C++ threads sometimes abort there ("terminate called
+    # without an active exception", seen in 2 of 6 CI runs, always after the result was complete).
+    os._exit(0)
 
 
 @pytest.mark.parametrize("name", list(CASES))
