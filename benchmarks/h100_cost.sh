@@ -10,12 +10,13 @@
 # mamba-ssm is optional: without it the selective scan runs on the project's Triton kernels (the table's
 # "scan backend" column says which one ran).
 #
-# Steps, from the project root (the wheels are >64 MiB together, so they travel in two calls):
+# Steps, from the project root (a call carries at most 64 MiB: SimpleITK's wheel alone is 53 MB, so `stage` repacks it
+# with xz, ~28 MB, and fetches only the pure-import dependencies the GPU image lacks):
 #   CPU machine:  bash benchmarks/h100_cost.sh stage
-#                 -> .gpu-nnunet/ (nnU-Net + deps, ~30 MB) and .gpu-sitk/ (SimpleITK, ~53 MB); both git-ignored
-#   GPU call 1:   carry [".gpu-sitk"]    command: bash benchmarks/h100_cost.sh install
-#   GPU call 2:   carry [".gpu-nnunet"]  command: bash benchmarks/h100_cost.sh install && bash benchmarks/h100_cost.sh check && bash benchmarks/h100_cost.sh run 3d
-#   GPU call 3:   command: bash benchmarks/h100_cost.sh run 2d
+#                 -> .gpu-nnunet/ (nnU-Net + deps, ~20 MB) and .gpu-sitk/sitk.tar.xz (~28 MB); both git-ignored
+#   GPU call:     carry [".gpu-nnunet", ".gpu-sitk"]
+#                 command: bash benchmarks/h100_cost.sh install && bash benchmarks/h100_cost.sh check &&
+#                          bash benchmarks/h100_cost.sh run 3d && bash benchmarks/h100_cost.sh run 2d
 #   (installed files live in /tmp/site and stay while the machine stays warm; results go to $OUT/3d, $OUT/2d:
 #    cost.md/.csv/.json/.png, rewritten after every trainer, so a call that times out keeps what it measured.)
 #   Optional mamba-ssm backend: also carry ".gpu" (bash ../shared/tools/gpu/stage.sh) and prefix a run with
@@ -29,20 +30,25 @@ cd "$(dirname "$0")/.."
 SITE=/tmp/site
 PY=${PYTHON:-python}
 
-# pip distribution -> import name of the packages nnU-Net imports at import time beyond nnU-Net's own wheels;
-# installed on the GPU machine only where its image lacks them.
-EXTRA_DISTS="seaborn:seaborn scikit-learn:sklearn joblib:joblib threadpoolctl:threadpoolctl msgpack:msgpack
-numexpr:numexpr httpx:httpx httpcore:httpcore h11:h11 anyio:anyio sniffio:sniffio certifi:certifi idna:idna
-rich:rich markdown-it-py:markdown_it mdurl:mdurl pygments:pygments narwhals:narwhals pydantic:pydantic
-pydantic-core:pydantic_core annotated-types:annotated_types typing-inspection:typing_inspection
-typing-extensions:typing_extensions platformdirs:platformdirs py-cpuinfo:cpuinfo tifffile:tifffile
-imageio:imageio lazy-loader:lazy_loader requests:requests charset-normalizer:charset_normalizer urllib3:urllib3"
+# pip distribution -> import name of the packages nnU-Net imports at import time beyond nnU-Net's own wheels that
+# the GPU image ("cuda", package list in the device tool's KINDS.md, 2026-11-17) lacks; the others nnU-Net imports
+# (seaborn, scikit-learn, msgpack, httpx, rich, pygments, narwhals, tifffile, imageio, requests, ...) are there.
+# `check` names any module still missing. Installed on the GPU machine only where absent.
+EXTRA_DISTS="numexpr:numexpr pydantic:pydantic pydantic-core:pydantic_core annotated-types:annotated_types
+typing-inspection:typing_inspection platformdirs:platformdirs"
 
 stage() {
   bash ../shared/tools/gpu/stage.sh --nnunet
   mkdir -p .gpu-sitk .gpu-nnunet/extra
   grep -qx '/.gpu-sitk/' .git/info/exclude 2>/dev/null || echo '/.gpu-sitk/' >> .git/info/exclude
-  find .gpu-nnunet -maxdepth 1 -iname 'simpleitk*' -exec mv {} .gpu-sitk/ \;
+  mkdir -p .gpu-cache && grep -qx '/.gpu-cache/' .git/info/exclude || echo '/.gpu-cache/' >> .git/info/exclude
+  find .gpu-nnunet .gpu-sitk -maxdepth 1 -iname 'simpleitk*.whl' -exec mv {} .gpu-cache/ \;   # not carried
+  rm -rf .gpu-nnunet/extra/*
+  if [[ ! -f .gpu-sitk/sitk.tar.xz ]]; then   # the wheel's files, xz-compressed (53 MB -> 28 MB); install unpacks it
+    local tmp; tmp=$(mktemp -d)
+    (cd "$tmp" && unzip -q "$OLDPWD"/.gpu-cache/simpleitk-*.whl && tar cf - . | xz -9 -T0 > "$OLDPWD/.gpu-sitk/sitk.tar.xz")
+    rm -rf "$tmp"
+  fi
   plat=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
         --platform manylinux2014_x86_64 --platform any)
   for pair in $EXTRA_DISTS; do
@@ -58,6 +64,7 @@ install() {
     [[ -d $dir ]] || continue
     files=$(find "$dir" -maxdepth 1 -type f \( -name '*.whl' -o -name '*.tar.gz' \))
     [[ -n $files ]] && "$PY" -m pip install -q --no-deps --no-index --no-build-isolation --target "$SITE" $files
+    for tarball in "$dir"/*.tar.xz; do [[ -f $tarball ]] && tar xJf "$tarball" -C "$SITE"; done
     echo "installed $dir into $SITE"
   done
   if [[ -d .gpu-nnunet/extra ]]; then
