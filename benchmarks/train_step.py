@@ -58,6 +58,10 @@ CASES = {
     "vmunet2d": (lambda: _net("vm_unet", "VMUNet", 1, 9, spatial_dims=2), (1, 256, 256), 32, 9, "fp32", "adamw"),
     "msvmunet2d": (lambda: _net("msvm_unet", "MSVMUNet", 1, 9, spatial_dims=2), (1, 224, 224), 32, 9, "fp32",
                    "adamw"),
+    "msvmunet3d": (lambda: _net("msvm_unet", "MSVMUNet", 1, 3, spatial_dims=3), (1, 128, 128, 128), 2, 3, "fp32",
+                   "adamw"),
+    "msvmunet3d_amp": (lambda: _net("msvm_unet", "MSVMUNet", 1, 3, spatial_dims=3), (1, 128, 128, 128), 2, 3, "amp",
+                       "adamw"),
 }
 MAMBA_NAN_CASES = ["lightm3d", "nnmamba3d", "vmunet2d", "msvmunet2d"]
 
@@ -83,7 +87,18 @@ def _batch(shape, batch, k, learnable=False):
     return x, y
 
 
-def measure(name, steps, warmup):
+def profile_step(step, name, top=12):
+    """Print the CUDA kernels that take the time of one step (torch.profiler), to find what to fix."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(f"[profile] {name}: top {top} CUDA kernels of one step")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+
+
+def measure(name, steps, warmup, profile=False):
     build, shape, batch, k, precision, opt_kind = CASES[name]
     torch.manual_seed(0)
     net = build().cuda()
@@ -119,6 +134,8 @@ def measure(name, steps, warmup):
         if i >= warmup:
             times.append(t0.elapsed_time(t1))
     peak = torch.cuda.max_memory_allocated() / 2**30
+    if profile:
+        profile_step(step, name)
     net.eval()
     eval_times = []
     with torch.no_grad(), torch.autocast("cuda", enabled=precision == "amp"):
@@ -168,15 +185,17 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--nan-steps", type=int, default=0, help="AMP NaN check steps per Mamba case (0: skip)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--profile", action="store_true", help="print each case's top CUDA kernels (one extra step)")
     args = p.parse_args()
     from nnunet_mamba.ops import available_backends
 
+    torch.backends.cudnn.benchmark = True  # as nnUNetv2_train does
     gpu = torch.cuda.get_device_name()
     rows, nan_rows = [], []
     for name in args.cases.split(","):
         print(f"[bench] {name} ...", flush=True)
         try:
-            rows.append(measure(name, args.steps, args.warmup))
+            rows.append(measure(name, args.steps, args.warmup, args.profile))
             print(f"[bench] {rows[-1]}", flush=True)
         except Exception as e:  # reported in the table, not skipped
             traceback.print_exc()

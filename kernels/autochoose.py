@@ -2,8 +2,8 @@
 
 ``kernels/bench_scan.py`` times both backends (forward + backward) on the anchor and network shapes and writes
 ``kernels/auto_table.json``. A call is matched to the nearest measured shape of the same kind (plain scan or fused
-cross-scan) and precision class, by distance in (log2(batch * channels), log2(L)); the backend that was faster
-there is chosen. Without a table entry of that kind no preference is expressed (the registry then falls back to
+cross-scan), precision class and input layout ((b, d, L)-contiguous or channels-last), by distance in
+(log2(batch * channels), log2(L)); the backend that was faster there is chosen. Without a table entry of that kind no preference is expressed (the registry then falls back to
 backend priority). Importing this module does not import triton.
 """
 from __future__ import annotations
@@ -29,12 +29,13 @@ def _key(kind: str, bd: int, L: int):
     return kind, math.log2(max(1, bd)), math.log2(max(1, L))
 
 
-def nearest_entry(kind: str, batch_channels: int, L: int, half: bool, table: Optional[dict] = None):
+def nearest_entry(kind: str, batch_channels: int, L: int, half: bool, table: Optional[dict] = None,
+                  layout: str = "contiguous"):
     table = load_table() if table is None else table
     rows = [e for e in table.get("entries", []) if e.get("kind") == kind
             and e.get("triton_ms") is not None and e.get("mamba_ssm_ms") is not None]
-    same = [e for e in rows if (e.get("dtype") != "fp32") == half]
-    rows = same or rows
+    for match in (lambda e: (e.get("dtype") != "fp32") == half, lambda e: e.get("layout", "contiguous") == layout):
+        rows = [e for e in rows if match(e)] or rows
     if not rows:
         return None
     _, x, y = _key(kind, batch_channels, L)
@@ -42,10 +43,12 @@ def nearest_entry(kind: str, batch_channels: int, L: int, half: bool, table: Opt
 
 
 def prefer_triton(u, B, table: Optional[dict] = None) -> bool:
-    """u: (b, d, L) for a plain scan, or the map (b, d, *S) of a cross-scan. True when Triton measured faster."""
+    """u: (b, d, L) for a plain scan, or the map (b, d, *S) of a cross-scan. True when Triton measured faster on the
+    nearest measured shape of the same kind, precision class and layout of u (channels-last: channel stride 1)."""
     import torch
 
     kind = "cross" if u.dim() > 3 else "scan"
     L = math.prod(u.shape[2:])
-    e = nearest_entry(kind, u.shape[0] * u.shape[1], L, u.dtype != torch.float32, table)
+    layout = "channels-last" if kind == "scan" and u.stride(1) == 1 and u.shape[1] > 1 else "contiguous"
+    e = nearest_entry(kind, u.shape[0] * u.shape[1], L, u.dtype != torch.float32, table, layout)
     return e is not None and e["triton_ms"] <= e["mamba_ssm_ms"]

@@ -11,7 +11,7 @@ with every input requiring grad. "copy %" is the minimum bytes (every input read
 over the time, as a fraction of the measured device-to-device copy bandwidth.
 
 Writes ``BENCHMARK.md`` (table, GPU, date) and ``auto_table.json`` (the measured winners "auto" uses) to --out
-(default: this folder). --sweep times launch-plan variants on the key shapes first (for tuning make_plan).
+(default: this folder). --sweep times launch-plan variants (selective_scan_triton.set_tuning keys) on key shapes instead.
 """
 from __future__ import annotations
 
@@ -82,17 +82,26 @@ def scan_bytes(b, d, L, G, dtype):
     return fwd, fwd + bwd
 
 
-def time_scan(fn, b, d, L, G, dtype):
-    """(fwd ms, fwd+bwd ms) of fn(u, delta, A, B, C, D, z, delta_bias, softplus)."""
-    x = scan_inputs(b, d, L, G, dtype, grad=False)
+def channels_last(t):
+    """Same values, channel (or N) axis fastest in memory: the layout of a Linear's output viewed as (b, d, L)."""
+    if t.dim() < 3:
+        return t
+    return t.detach().movedim(-1, -2).contiguous().movedim(-1, -2).requires_grad_(t.requires_grad)
+
+
+def time_scan(fn, b, d, L, G, dtype, layout="contiguous"):
+    """(fwd ms, fwd+bwd ms) of fn(u, delta, A, B, C, D, z, delta_bias, softplus); inputs and the output gradient
+    (b, d, L)-contiguous or channels-last."""
+    conv = channels_last if layout == "channels-last" else (lambda t: t)
+    x = {k: conv(v) for k, v in scan_inputs(b, d, L, G, dtype, grad=False).items()}
 
     def fwd():
         fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True)
 
     with torch.no_grad():
         t_f = do_bench(fwd, warmup=25, rep=100, return_mode="median")
-    xg = scan_inputs(b, d, L, G, dtype, grad=True)
-    gy = torch.randn(b, d, L, device="cuda", dtype=dtype)
+    xg = {k: conv(v) for k, v in scan_inputs(b, d, L, G, dtype, grad=True).items()}
+    gy = conv(torch.randn(b, d, L, device="cuda", dtype=dtype))
 
     def fwdbwd():
         for v in xg.values():
@@ -168,28 +177,18 @@ def copy_bandwidth():
 
 
 def sweep():
-    """Launch-plan variants on the key shapes (fp32 fwd+bwd): prints one line per variant."""
-    sm = torch.cuda.get_device_properties(0).multi_processor_count
-    variants = [dict(T=64, BD=4, num_warps=8), dict(T=64, BD=2, num_warps=4), dict(T=32, BD=4, num_warps=4),
-                dict(T=128, BD=2, num_warps=8), dict(T=64, BD=1, num_warps=4)]
-    extra = [dict(programs=8 * sm), dict(programs=16 * sm, cbg_max=32)]
-    shapes = [("scan", 2, 64, 64 ** 3, 1), ("scan", 32, 1536, 4096, 4), ("cross", 32, 384, (64, 64), 4)]
-    for kind, b, d, L, G in shapes:
+    """Launch-plan variants on the key shapes (fp32 fwd+bwd, channels-last): prints one line per variant."""
+    variants = [dict(BD=32, F=4, per_sm=16), dict(BD=32, F=4, per_sm=8), dict(BD=64, F=4, per_sm=8),
+                dict(BD=32, F=8, per_sm=16), dict(BD=32, F=4, per_sm=16, U=8), dict(BD=16, F=4, per_sm=16)]
+    shapes = [(2, 64, 64 ** 3, 1), (2, 128, 32 ** 3, 1), (32, 1536, 4096, 4)]
+    for b, d, L, G in shapes:
         for v in variants:
-            for e in extra:
-                sst.set_tuning(**v, **e)
-                try:
-                    if kind == "scan":
-                        tf, tfb = time_scan(triton_scan, b, d, L, G, torch.float32)
-                    else:
-                        tf, tfb = time_cross(triton_cross, b, d, L, G)
-                    p = sst.make_plan(b, G if kind == "scan" else 1, (d // G) if kind == "scan" else d,
-                                      L if kind == "scan" else math.prod(L), N, torch.device("cuda"), True)
-                    print(f"SWEEP {kind} b={b} d={d} L={L} G={G} {v} {e} -> fwd {tf:.3f} ms, fwd+bwd {tfb:.3f} ms "
-                          f"(bwd plan cbg={p.cbg} CPB={p.CPB} n_seg={p.n_seg})", flush=True)
-                except Exception as ex:
-                    print(f"SWEEP {kind} {b},{d},{L},{G} {v} {e} FAILED: {type(ex).__name__}: {str(ex)[:300]}",
-                          flush=True)
+            sst.set_tuning(**v)
+            try:
+                tf, tfb = time_scan(triton_scan, b, d, L, G, torch.float32, "channels-last")
+                print(f"SWEEP b={b} d={d} L={L} G={G} {v} -> fwd {tf:.3f} ms, fwd+bwd {tfb:.3f} ms", flush=True)
+            except Exception as ex:
+                print(f"SWEEP {b},{d},{L},{G} {v} FAILED: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
     sst.set_tuning()
 
 
@@ -212,25 +211,26 @@ def main():
     mfn = mamba_fn()
     rows, entries = [], []
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
-    for label, b, d, L, G, anchor in SCAN_SHAPES:
-        for dt in (dtypes if anchor else [torch.float32]):
-            res = {}
-            for name, fn in (("triton", triton_scan), ("mamba_ssm", mfn)):
-                if fn is None:
-                    res[name] = (None, None)
-                    continue
-                try:
-                    res[name] = time_scan(fn, b, d, L, G, dt)
-                except Exception:
-                    traceback.print_exc()
-                    res[name] = (None, None)
-            fb, fbb = scan_bytes(b, d, L, G, dt)
-            dts = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dt]
-            rows.append((label, f"({b}, {d}, {L}, G={G})", dts, res, fb, fbb))
-            entries.append(dict(kind="scan", label=label, b=b, d=d, L=L, G=G, N=N, dtype=dts,
-                                triton_ms=res["triton"][1], mamba_ssm_ms=res["mamba_ssm"][1],
-                                triton_fwd_ms=res["triton"][0], mamba_ssm_fwd_ms=res["mamba_ssm"][0]))
-            print_row(rows[-1], bw)
+    cases = [(s, dt, "contiguous") for s in SCAN_SHAPES for dt in (dtypes if s[-1] else [torch.float32])]
+    cases += [(s, torch.float32, "channels-last") for s in SCAN_SHAPES]
+    for (label, b, d, L, G, anchor), dt, layout in cases:
+        res = {}
+        for name, fn in (("triton", triton_scan), ("mamba_ssm", mfn)):
+            if fn is None:
+                res[name] = (None, None)
+                continue
+            try:
+                res[name] = time_scan(fn, b, d, L, G, dt, layout)
+            except Exception:
+                traceback.print_exc()
+                res[name] = (None, None)
+        fb, fbb = scan_bytes(b, d, L, G, dt)
+        dts = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dt]
+        rows.append((label, f"({b}, {d}, {L}, G={G})", f"{dts}, {layout}", res, fb, fbb))
+        entries.append(dict(kind="scan", label=label, b=b, d=d, L=L, G=G, N=N, dtype=dts, layout=layout,
+                            triton_ms=res["triton"][1], mamba_ssm_ms=res["mamba_ssm"][1],
+                            triton_fwd_ms=res["triton"][0], mamba_ssm_fwd_ms=res["mamba_ssm"][0]))
+        print_row(rows[-1], bw)
     for label, b, d, spatial, K in CROSS_SHAPES:
         res = {}
         for name, fn in (("triton", triton_cross), ("mamba_ssm", mamba_cross if mfn else None)):
@@ -244,8 +244,8 @@ def main():
                 res[name] = (None, None)
         fb, fbb = cross_bytes(b, d, spatial, K)
         L = math.prod(spatial)
-        rows.append((label, f"({b}, {K}x{d}, {L}, K={K})", "fp32", res, fb, fbb))
-        entries.append(dict(kind="cross", label=label, b=b, d=d, L=L, K=K, N=N, dtype="fp32",
+        rows.append((label, f"({b}, {K}x{d}, {L}, K={K})", "fp32, contiguous", res, fb, fbb))
+        entries.append(dict(kind="cross", label=label, b=b, d=d, L=L, K=K, N=N, dtype="fp32", layout="contiguous",
                             triton_ms=res["triton"][1], mamba_ssm_ms=res["mamba_ssm"][1],
                             triton_fwd_ms=res["triton"][0], mamba_ssm_fwd_ms=res["mamba_ssm"][0]))
         print_row(rows[-1], bw)
@@ -282,13 +282,16 @@ def render(rows, bw, gpu, date):
         f"GPU: **{gpu}**, {date}; torch {torch.__version__}, triton {triton.__version__}; "
         f"device-to-device copy {bw / 1e12:.2f} TB/s (read + write). Produced by `python kernels/bench_scan.py`.",
         "",
-        "N = 16, softplus on, z gate on (cross-scan: no z, as in SS2D). Medians of CUDA-event timings with the L2 "
-        "flushed before each run. Forward without autograd; forward+backward with every input requiring grad. "
+        "N = 16, softplus on, z gate on (cross-scan: no z, as in SS2D). Inputs (u, delta, z, B, C and the output "
+        "gradient) either (b, d, L)-contiguous or channels-last (the channel axis fastest, as a Linear's output "
+        "viewed as (b, d, L) is); each backend gets the same tensors and does its own layout conversions (the Triton "
+        "backend makes them channels-last, mamba-ssm contiguous), timed with it. Medians of CUDA-event timings with "
+        "the L2 flushed before each run. Forward without autograd; forward+backward with every input requiring grad. "
         "Speed-up = mamba-ssm time / Triton time. Copy % = minimum bytes moved (inputs read once, outputs written "
         "once) / time, as a fraction of the copy bandwidth. Cross-scan row: Triton = fused multi-direction form; "
         "mamba-ssm = reference path (K re-ordered copies + one grouped scan + merge).",
         "",
-        "| shape | (b, d, L) | dtype | Triton fwd ms | Triton fwd+bwd ms | mamba-ssm fwd ms | mamba-ssm fwd+bwd ms "
+        "| shape | (b, d, L) | dtype, input layout | Triton fwd ms | Triton fwd+bwd ms | mamba-ssm fwd ms | mamba-ssm fwd+bwd ms "
         "| speed-up fwd | speed-up fwd+bwd | Triton copy % fwd | Triton copy % fwd+bwd |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -1,4 +1,4 @@
-"""Chunk-parallel selective scan in Triton: forward and backward, plain and fused multi-direction (cross) forms.
+"""Selective scan in Triton, serial in time inside a thread: forward and backward, plain and fused multi-direction.
 
 Math (mamba-ssm ``selective_scan_fn`` semantics, specs/mamba_block.md §4), per batch ``b``, channel ``c``, state ``n``:
 
@@ -7,30 +7,30 @@ Math (mamba-ssm ``selective_scan_fn`` semantics, specs/mamba_block.md §4), per 
     h_t    = a_t * h_{t-1} + x_t        (h_{-1} = 0, fp32)
     y_t    = sum_n C_t[n] h_t[n] + D u_t ;   out_t = y_t * silu(z_t)
 
-Work decomposition (see docs/kernels.md):
+Layout (docs/kernels.md): a program owns ``BD`` channels of one batch element and one **chunk** of ``T`` steps, and
+holds their ``(BN, BD)`` fp32 state (states x channels; Triton's default layout puts the channels across the lanes,
+so a thread holds the states of one channel and every sum over ``n`` stays in the thread). It advances the state one
+step per loop iteration: one exp2 and two FMAs per element and step, no cross-thread scan. Chunks run in parallel:
 
-* The sequence is cut into **chunks** of ``T`` steps. A program holds a ``(BD, BN, T)`` tile (``BD`` channels, the
-  ``N`` states padded to ``BN``, ``T`` steps) and scans it along ``T`` with ``tl.associative_scan`` over pairs
-  ``(a, x)`` with the combine ``(a1, x1) o (a2, x2) = (a1 a2, a2 x1 + x2)``; the state entering the chunk is applied
-  afterwards: ``h_t = P_t h_in + X_t``. This never forms ``exp(-cumsum)`` and cannot overflow.
-* A program walks the chunks of one **segment** (``cps`` consecutive chunks) in order, for ``CPB`` channel sub-tiles
-  (chunk loop outside, sub-tile loop inside, so the B/C tile of a chunk is loaded once and the B/C gradients of
-  the ``CPB*BD`` channels are summed in registers). The state entering each chunk lives in a small fp32 buffer
-  (the chunk-start states, kept for the backward pass), not in registers.
-* Segments run in parallel. When there is more than one, a first kernel reduces every segment to its local end state
-  ``sum_s exp(A (S_end - S_s)) x_s`` (no scan, only decays ``<= 1`` for ``A < 0``) and its summed ``dt``; each
-  program of the main kernel then folds the preceding segments' summaries into its entering state (O(#segments)).
-* The backward pass recomputes ``a_t`` and the states of each chunk from the saved chunk-start states (b, d, chunks,
-  N), runs the reverse scan ``g_t = C_t gy_t + a_{t+1} g_{t+1}`` (``a_{t+1}`` from a shifted load of ``delta``) walking
-  the chunks backwards, and carries the gradient state across segments the same way (a reduction kernel per
-  segment, then an O(#segments) fold per program). The A-terms use ``a_t h_{t-1} = h_t - x_t`` so no shift of the
-  state is needed. Nothing of size (b, d, L, N) is ever stored.
-* The **cross** (multi-direction) form launches the same kernels once per scan order with index arithmetic that maps
-  sequence position ``l`` to its spatial offset (axis permutation + reversal); outputs (and the gradient of the map)
-  are accumulated into one spatial-layout fp32 tensor in direction order, so no transposed/flipped copy is made
-  and the sum is deterministic.
+* **Forward**: ``_chunk_kernel`` (no output) gives each chunk's end state from a zero entering state and its summed
+  dt; ``_carry_kernel`` walks the chunk summaries in order, ``H_{j+1} = exp(A S_j) H_j + h_j`` (b*d*N values per
+  chunk), giving every chunk's entering state; ``_chunk_kernel`` (output) runs each chunk again from that state and
+  writes ``y``. The entering states (b, d, chunks, N) are kept for the backward pass.
+* **Backward**: ``_bsum_kernel`` walks each chunk backwards from a zero carry, ``G_t = C_t dy_t + a_{t+1} G_{t+1}``,
+  and ``_carry_kernel`` (reversed) gives the carry entering every chunk from the right (the last chunk gets the
+  gradient of the last state). ``_bwd_kernel`` then walks its chunk forward once, writing the state entering every
+  block of ``F`` steps to a scratch buffer, and walks the blocks backwards: it recomputes a block's ``F`` states into
+  registers (a tuple) and runs the reverse recurrence over them, writing du, d(delta), dz and the per-step B/C
+  gradients (summed over the program's channels) and accumulating dA, dD, d(bias). ``G_t a_t h_{t-1}`` is formed
+  from the stored ``h_{t-1}``, so there is no cancellation. No atomics: results are bitwise repeatable.
+* **Cross (multi-direction) form**: the same kernels with a position map ``l -> spatial offset`` (axis permutation +
+  reversal) per scan order; outputs and the gradient of the map are accumulated into one spatial fp32 tensor in
+  direction order, so no transposed/flipped copy is made and the sum is deterministic.
 
-All state and accumulation is fp32; inputs may be fp32, bf16 or fp16.
+Any strides are accepted. Loads and stores along the channels are coalesced when the channel axis is the fastest
+one in memory (what a ``Linear`` produces, ``(b, L, d)`` viewed as ``(b, d, L)``), which is the fast case; with
+``(b, d, L)``-contiguous tensors every lane reads another row. All state and accumulation is fp32; inputs may be
+fp32, bf16 or fp16.
 """
 from __future__ import annotations
 
@@ -47,11 +47,6 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 # ------------------------------------------------------------------------------------------------------------------
 # device helpers
-
-
-@triton.jit
-def _combine(a1, x1, a2, x2):
-    return a1 * a2, a2 * x1 + x2
 
 
 @triton.jit
@@ -77,462 +72,352 @@ def _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP: tl.constexpr, FLIP: tl.constexpr):
         return l
 
 
-@triton.jit
-def _load_dt(ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    raw = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+# ------------------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit(do_not_specialize=["one", "T"])
+def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr,
+                  hin_ptr, hloc_ptr, sloc_ptr,
+                  L, d, dg, N, n_chunks, cbg, one,
+                  s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
+                  s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, Q1, Q2, R0, R1, R2,
+                  HAS_MAP: tl.constexpr, FLIP: tl.constexpr, ACCUM: tl.constexpr,
+                  B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, OUT: tl.constexpr, SAVE_LAST: tl.constexpr,
+                  BD: tl.constexpr, BN: tl.constexpr, T, U: tl.constexpr):
+    # Tiles are (BN, BD): states x channels. Triton's default layout spreads the last axis over the lanes, so a
+    # thread holds all BN states of one channel and the sums over n stay inside the thread. The state index is
+    # multiplied by the runtime 1 `one` so that no load looks contiguous along n (which would make Triton spread
+    # n over the lanes instead).
+    rn1 = tl.arange(0, BN) * one
+    j = tl.program_id(0)
+    cb = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    g = cb // cbg
+    cl = (cb % cbg) * BD + tl.arange(0, BD)
+    cm = cl < dg
+    c = g * dg + cl
+    rn = tl.arange(0, BN)
+    nm = rn < N
+    m2 = nm[:, None] & cm[None, :]
+    A2 = tl.load(A_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0) * LOG2E
     if HAS_BIAS:
-        raw = raw + bias[:, None]
-    if SOFTPLUS:
-        dt = _softplus(raw)
+        bias = tl.load(bias_ptr + c, mask=cm, other=0.0)
+    if HAS_D:
+        Dv = tl.load(D_ptr + c, mask=cm, other=0.0)
+    if not B_VAR:
+        Bc = tl.load(B_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32)
+    if not C_VAR:
+        Cc = tl.load(C_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32)
+    srow = ((b * d + c[None, :]) * n_chunks + j) * N + rn1[:, None]
+    if OUT:
+        h = tl.load(hin_ptr + srow, mask=m2, other=0.0)
     else:
-        dt = raw
-    return tl.where(mask, dt, 0.0), raw
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# forward
-
-
-@triton.jit
-def _fwd_seg_kernel(u_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, segh_ptr, segs_ptr,
-                    L, d, dg, N, n_chunks, cps, n_seg, cbg,
-                    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_Bb, s_Bg, s_Bn, s_Bl,
-                    Q1, Q2, R0, R1, R2,
-                    HAS_MAP: tl.constexpr, FLIP: tl.constexpr, B_VAR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    SOFTPLUS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr,
-                    CPB: tl.constexpr):
-    """Per segment (all but the last): local end state (zero entering state) and the segment's summed dt."""
-    seg = tl.program_id(0)
-    cb = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    g = cb // cbg
-    cbi = cb % cbg
-    rd = tl.arange(0, BD)
-    rn = tl.arange(0, BN)
-    rt = tl.arange(0, T)
-    nm = rn < N
-    j0 = seg * cps
-    j1 = tl.minimum(j0 + cps, n_chunks)
-    for s in range(CPB):
-        cl = cbi * (CPB * BD) + s * BD + rd
-        cm = cl < dg
-        c = g * dg + cl
-        m2 = cm[:, None] & nm[None, :]
-        A2 = tl.load(A_ptr + c[:, None] * N + rn[None, :], mask=m2, other=0.0) * LOG2E
-        bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else None
-        H = tl.zeros((BD, BN), tl.float32)
+        h = tl.zeros((BN, BD), tl.float32)
         ssum = tl.zeros((BD,), tl.float32)
-        for j in range(j0, j1):
-            l = j * T + rt
+    l0 = j * T
+    u_base = u_ptr + b * s_ub + c * s_ud
+    dt_base = dt_ptr + b * s_db + c * s_dd
+    for t0 in range(0, T, U):
+        for k in tl.static_range(U):
+            l = l0 + t0 + k
+            o = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
             lm = l < L
-            off = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-            mt = cm[:, None] & lm[None, :]
-            u = tl.load(u_ptr + b * s_ub + c[:, None] * s_ud + off[None, :] * s_ul, mask=mt, other=0.0).to(tl.float32)
-            dt, _ = _load_dt(dt_ptr + b * s_db + c[:, None] * s_dd + off[None, :] * s_dl, mt, bias, HAS_BIAS,
-                             SOFTPLUS)
+            mk = cm & lm
+            u = tl.load(u_base + o * s_ul, mask=mk, other=0.0).to(tl.float32)
+            raw = tl.load(dt_base + o * s_dl, mask=mk, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                raw += bias
+            dt = tl.where(mk, _softplus(raw) if SOFTPLUS else raw, 0.0)
             if B_VAR:
-                Bx = tl.load(B_ptr + b * s_Bb + g * s_Bg + rn[:, None] * s_Bn + off[None, :] * s_Bl,
-                             mask=nm[:, None] & lm[None, :], other=0.0).to(tl.float32)[None, :, :]
+                Bx = tl.load(B_ptr + b * s_Bb + g * s_Bg + rn * s_Bn + o * s_Bl, mask=nm & lm,
+                             other=0.0).to(tl.float32)[:, None]
             else:
-                Bx = tl.load(B_ptr + c[:, None] * N + rn[None, :], mask=m2, other=0.0).to(tl.float32)[:, :, None]
-            tot = tl.sum(dt, axis=1)
-            rest = tot[:, None] - tl.cumsum(dt, axis=1)  # sum of dt over (s, end]
-            w = tl.exp2(A2[:, :, None] * rest[:, None, :])
-            H = tl.exp2(A2 * tot[:, None]) * H + tl.sum(w * ((dt * u)[:, None, :] * Bx), axis=2)
-            ssum += tot
-        tl.store(segh_ptr + ((b * d + c[:, None]) * n_seg + seg) * N + rn[None, :], H, mask=m2)
-        tl.store(segs_ptr + (b * d + c) * n_seg + seg, ssum, mask=cm)
-
-
-@triton.jit
-def _fwd_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr,
-                hs_ptr, last_ptr, segh_ptr, segs_ptr,
-                L, d, dg, N, n_chunks, cps, n_seg, cbg, hs_rows,
-                s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
-                s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
-                Q1, Q2, R0, R1, R2,
-                HAS_MAP: tl.constexpr, FLIP: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
-                HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                ACCUM: tl.constexpr, ALL_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
-                BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, CPB: tl.constexpr):
-    seg = tl.program_id(0)
-    cb = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    g = cb // cbg
-    cbi = cb % cbg
-    rd = tl.arange(0, BD)
-    rn = tl.arange(0, BN)
-    rt = tl.arange(0, T)
-    nm = rn < N
-    j0 = seg * cps
-    j1 = tl.minimum(j0 + cps, n_chunks)
-    # state entering the segment: fold the summaries of the preceding segments
-    for s in range(CPB):
-        cl = cbi * (CPB * BD) + s * BD + rd
-        cm = cl < dg
-        c = g * dg + cl
-        m2 = cm[:, None] & nm[None, :]
-        A2 = tl.load(A_ptr + c[:, None] * N + rn[None, :], mask=m2, other=0.0) * LOG2E
-        H = tl.zeros((BD, BN), tl.float32)
-        for sp in range(0, seg):
-            hl = tl.load(segh_ptr + ((b * d + c[:, None]) * n_seg + sp) * N + rn[None, :], mask=m2, other=0.0)
-            sd = tl.load(segs_ptr + (b * d + c) * n_seg + sp, mask=cm, other=0.0)
-            H = tl.exp2(A2 * sd[:, None]) * H + hl
-        row = j0 if ALL_STATES else seg
-        tl.store(hs_ptr + ((b * d + c[:, None]) * hs_rows + row) * N + rn[None, :], H, mask=m2)
-    tl.debug_barrier()
-    for j in range(j0, j1):
-        l = j * T + rt
-        lm = l < L
-        off = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-        if B_VAR:
-            Bt = tl.load(B_ptr + b * s_Bb + g * s_Bg + rn[:, None] * s_Bn + off[None, :] * s_Bl,
-                         mask=nm[:, None] & lm[None, :], other=0.0).to(tl.float32)[None, :, :]
-        if C_VAR:
-            Ct = tl.load(C_ptr + b * s_Cb + g * s_Cg + rn[:, None] * s_Cn + off[None, :] * s_Cl,
-                         mask=nm[:, None] & lm[None, :], other=0.0).to(tl.float32)[None, :, :]
-        row = j if ALL_STATES else seg
-        for s in range(CPB):
-            cl = cbi * (CPB * BD) + s * BD + rd
-            cm = cl < dg
-            c = g * dg + cl
-            m2 = cm[:, None] & nm[None, :]
-            mt = cm[:, None] & lm[None, :]
-            A2 = tl.load(A_ptr + c[:, None] * N + rn[None, :], mask=m2, other=0.0) * LOG2E
-            bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else None
-            u = tl.load(u_ptr + b * s_ub + c[:, None] * s_ud + off[None, :] * s_ul, mask=mt, other=0.0).to(tl.float32)
-            dt, _ = _load_dt(dt_ptr + b * s_db + c[:, None] * s_dd + off[None, :] * s_dl, mt, bias, HAS_BIAS,
-                             SOFTPLUS)
-            if B_VAR:
-                Bx = Bt
-            else:
-                Bx = tl.load(B_ptr + c[:, None] * N + rn[None, :], mask=m2, other=0.0).to(tl.float32)[:, :, None]
-            if C_VAR:
-                Cx = Ct
-            else:
-                Cx = tl.load(C_ptr + c[:, None] * N + rn[None, :], mask=m2, other=0.0).to(tl.float32)[:, :, None]
-            a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-            x = (dt * u)[:, None, :] * Bx
-            P, X = tl.associative_scan((a, x), axis=2, combine_fn=_combine)
-            sptr = hs_ptr + ((b * d + c[:, None]) * hs_rows + row) * N + rn[None, :]
-            h0 = tl.load(sptr, mask=m2, other=0.0)
-            h = P * h0[:, :, None] + X
-            y = tl.sum(h * Cx, axis=1)
-            if HAS_D:
-                y += tl.load(D_ptr + c, mask=cm, other=0.0)[:, None] * u
-            if HAS_Z:
-                zz = tl.load(z_ptr + b * s_zb + c[:, None] * s_zd + off[None, :] * s_zl, mask=mt,
-                             other=0.0).to(tl.float32)
-                y = y * (zz * tl.sigmoid(zz))
-            optr = out_ptr + b * s_ob + c[:, None] * s_od + off[None, :] * s_ol
-            if ACCUM:
-                y += tl.load(optr, mask=mt, other=0.0).to(tl.float32)
-            tl.store(optr, y, mask=mt)
-            hend = tl.sum(tl.where(rt[None, None, :] == T - 1, h, 0.0), axis=2)
-            nxt = j + 1
-            if ALL_STATES:
-                tl.store(sptr + N, hend, mask=m2 & (nxt < j1))
-            else:
-                tl.store(sptr, hend, mask=m2 & (nxt < j1))
-            if SAVE_LAST:
-                tl.store(last_ptr + (b * d + c[:, None]) * N + rn[None, :], hend, mask=m2 & (nxt == n_chunks))
-        tl.debug_barrier()
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# backward
-
-
-@triton.jit
-def _bwd_seg_kernel(dt_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, segg_ptr, segd_ptr,
-                    L, d, dg, N, n_chunks, cps, n_seg, cbg,
-                    s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_Cb, s_Cg, s_Cn, s_Cl,
-                    Q1, Q2, R0, R1, R2,
-                    HAS_MAP: tl.constexpr, FLIP: tl.constexpr, C_VAR: tl.constexpr, HAS_Z: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-                    T: tl.constexpr, CPB: tl.constexpr):
-    """Per segment (all but the first): the gradient state at its start from its own outputs only (zero entering
-    from the right), and the summed dt over (segment start, next segment start]."""
-    seg = tl.program_id(0) + 1
-    cb = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    g = cb // cbg
-    cbi = cb % cbg
-    rd = tl.arange(0, BD)
-    rn = tl.arange(0, BN)
-    rt = tl.arange(0, T)
-    nm = rn < N
-    j0 = seg * cps
-    j1 = tl.minimum(j0 + cps, n_chunks)
-    for s in range(CPB):
-        cl = cbi * (CPB * BD) + s * BD + rd
-        cm = cl < dg
-        c = g * dg + cl
-        m2 = cm[:, None] & nm[None, :]
-        A2 = tl.load(A_ptr + c[:, None] * N + rn[None, :], mask=m2, other=0.0) * LOG2E
-        bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else None
-        E = tl.zeros((BD, BN), tl.float32)
-        dec = tl.zeros((BD,), tl.float32)
-        for jj in range(0, j1 - j0):
-            j = j1 - 1 - jj
-            l = j * T + rt
-            lm = l < L
-            off = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-            mt = cm[:, None] & lm[None, :]
-            dt, _ = _load_dt(dt_ptr + b * s_db + c[:, None] * s_dd + off[None, :] * s_dl, mt, bias, HAS_BIAS,
-                             SOFTPLUS)
-            ln = j * T + T
-            offn = _pos(ln, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-            mn = cm & (ln < L)
-            dn, _ = _load_dt((dt_ptr + b * s_db + c * s_dd + offn * s_dl)[:, None], mn[:, None], bias, HAS_BIAS,
-                             SOFTPLUS)
-            dn = tl.sum(dn, axis=1)
-            gy = tl.load(g_ptr + b * s_gb + c[:, None] * s_gd + off[None, :] * s_gl, mask=mt, other=0.0).to(tl.float32)
-            if HAS_Z:
-                zz = tl.load(z_ptr + b * s_zb + c[:, None] * s_zd + off[None, :] * s_zl, mask=mt,
-                             other=0.0).to(tl.float32)
-                gy = gy * (zz * tl.sigmoid(zz))
-            if C_VAR:
-                Cx = tl.load(C_ptr + b * s_Cb + g * s_Cg + rn[:, None] * s_Cn + off[None, :] * s_Cl,
-                             mask=nm[:, None] & lm[None, :], other=0.0).to(tl.float32)[None, :, :]
-            else:
-                Cx = tl.load(C_ptr + c[:, None] * N + rn[None, :], mask=m2, other=0.0).to(tl.float32)[:, :, None]
-            d0 = tl.sum(tl.where(rt[None, :] == 0, dt, 0.0), axis=1)
-            S = tl.cumsum(dt, axis=1) - d0[:, None]  # sum of dt over (chunk start, t]
-            w = tl.exp2(A2[:, :, None] * S[:, None, :])
-            span = tl.sum(dt, axis=1) - d0 + dn  # sum of dt over (chunk start, next chunk start]
-            E = tl.sum(w * (gy[:, None, :] * Cx), axis=2) + tl.exp2(A2 * span[:, None]) * E
-            dec += span
-        tl.store(segg_ptr + ((b * d + c[:, None]) * n_seg + seg) * N + rn[None, :], E, mask=m2)
-        tl.store(segd_ptr + (b * d + c) * n_seg + seg, dec, mask=cm)
-
-
-@triton.jit
-def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr,
-                hs_ptr, glast_ptr, segg_ptr, segd_ptr, escr_ptr,
-                gu_ptr, gdt_ptr, gz_ptr, gBp_ptr, gCp_ptr, gAp_ptr, gDp_ptr, gbp_ptr,
-                L, d, dg, N, n_chunks, cps, n_seg, cbg,
-                s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
-                s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
-                s_pc, s_pb, s_pg, s_pn,
-                Q1, Q2, R0, R1, R2,
-                HAS_MAP: tl.constexpr, FLIP: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
-                HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                HAS_GLAST: tl.constexpr, GU_ACCUM: tl.constexpr,
-                BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, CPB: tl.constexpr):
-    seg = tl.program_id(0)
-    cb = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    g = cb // cbg
-    cbi = cb % cbg
-    prow = b * n_seg + seg  # row of the per-program partial sums (gA, gD, gbias, constant gB/gC)
-    rd = tl.arange(0, BD)
-    rn = tl.arange(0, BN)
-    rt = tl.arange(0, T)
-    nm = rn < N
-    j0 = seg * cps
-    j1 = tl.minimum(j0 + cps, n_chunks)
-    # gradient state entering the segment from the right: fold the later segments' summaries
-    for s in range(CPB):
-        cl = cbi * (CPB * BD) + s * BD + rd
-        cm = cl < dg
-        c = g * dg + cl
-        m2 = cm[:, None] & nm[None, :]
-        A2 = tl.load(A_ptr + c[:, None] * N + rn[None, :], mask=m2, other=0.0) * LOG2E
-        if HAS_GLAST:
-            E = tl.load(glast_ptr + (b * d + c[:, None]) * N + rn[None, :], mask=m2, other=0.0)
-        else:
-            E = tl.zeros((BD, BN), tl.float32)
-        for i in range(0, n_seg - 1 - seg):
-            sp = n_seg - 1 - i
-            sd = tl.load(segd_ptr + (b * d + c) * n_seg + sp, mask=cm, other=0.0)
-            E = tl.exp2(A2 * sd[:, None]) * E + tl.load(segg_ptr + ((b * d + c[:, None]) * n_seg + sp) * N
-                                                        + rn[None, :], mask=m2, other=0.0)
-        tl.store(escr_ptr + ((b * d + c[:, None]) * n_seg + seg) * N + rn[None, :], E, mask=m2)
-    tl.debug_barrier()
-    for jj in range(0, j1 - j0):
-        j = j1 - 1 - jj
-        l = j * T + rt
-        lm = l < L
-        off = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-        lnx = l + 1
-        lnm = lnx < L
-        offn = _pos(lnx, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-        if B_VAR:
-            Bt = tl.load(B_ptr + b * s_Bb + g * s_Bg + rn[:, None] * s_Bn + off[None, :] * s_Bl,
-                         mask=nm[:, None] & lm[None, :], other=0.0).to(tl.float32)[None, :, :]
-            gBacc = tl.zeros((1, BN, T), tl.float32)
-        if C_VAR:
-            Ct = tl.load(C_ptr + b * s_Cb + g * s_Cg + rn[:, None] * s_Cn + off[None, :] * s_Cl,
-                         mask=nm[:, None] & lm[None, :], other=0.0).to(tl.float32)[None, :, :]
-            gCacc = tl.zeros((1, BN, T), tl.float32)
-        for s in range(CPB):
-            cl = cbi * (CPB * BD) + s * BD + rd
-            cm = cl < dg
-            c = g * dg + cl
-            m2 = cm[:, None] & nm[None, :]
-            mt = cm[:, None] & lm[None, :]
-            Af = tl.load(A_ptr + c[:, None] * N + rn[None, :], mask=m2, other=0.0)
-            A2 = Af * LOG2E
-            bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else None
-            u = tl.load(u_ptr + b * s_ub + c[:, None] * s_ud + off[None, :] * s_ul, mask=mt, other=0.0).to(tl.float32)
-            dt, raw = _load_dt(dt_ptr + b * s_db + c[:, None] * s_dd + off[None, :] * s_dl, mt, bias, HAS_BIAS,
-                               SOFTPLUS)
-            dtn, _ = _load_dt(dt_ptr + b * s_db + c[:, None] * s_dd + offn[None, :] * s_dl, cm[:, None] & lnm[None, :],
-                              bias, HAS_BIAS, SOFTPLUS)
-            go = tl.load(g_ptr + b * s_gb + c[:, None] * s_gd + off[None, :] * s_gl, mask=mt, other=0.0).to(tl.float32)
-            if B_VAR:
-                Bx = Bt
-            else:
-                Bx = tl.load(B_ptr + c[:, None] * N + rn[None, :], mask=m2, other=0.0).to(tl.float32)[:, :, None]
-            if C_VAR:
-                Cx = Ct
-            else:
-                Cx = tl.load(C_ptr + c[:, None] * N + rn[None, :], mask=m2, other=0.0).to(tl.float32)[:, :, None]
-            # recompute the chunk's states from the saved chunk-start state
-            a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-            du = dt * u
-            x = du[:, None, :] * Bx
-            P, X = tl.associative_scan((a, x), axis=2, combine_fn=_combine)
-            h0 = tl.load(hs_ptr + ((b * d + c[:, None]) * n_chunks + j) * N + rn[None, :], mask=m2, other=0.0)
-            h = P * h0[:, :, None] + X
-            if HAS_D:
-                Dv = tl.load(D_ptr + c, mask=cm, other=0.0)
-            if HAS_Z:
-                zz = tl.load(z_ptr + b * s_zb + c[:, None] * s_zd + off[None, :] * s_zl, mask=mt,
-                             other=0.0).to(tl.float32)
-                y = tl.sum(h * Cx, axis=1)
+                Bx = Bc
+            h = tl.exp2(A2 * dt[None, :]) * h + Bx * (dt * u)[None, :]
+            if OUT:
+                if C_VAR:
+                    Cx = tl.load(C_ptr + b * s_Cb + g * s_Cg + rn * s_Cn + o * s_Cl, mask=nm & lm,
+                                 other=0.0).to(tl.float32)[:, None]
+                else:
+                    Cx = Cc
+                y = tl.sum(h * Cx, axis=0)
                 if HAS_D:
-                    y += Dv[:, None] * u
-                sg = tl.sigmoid(zz)
-                gy = go * (zz * sg)
-                gz = go * y * sg * (1.0 + zz * (1.0 - sg))
-                tl.store(gz_ptr + b * s_zb + c[:, None] * s_zd + off[None, :] * s_zl, gz, mask=mt)
+                    y += Dv * u
+                if HAS_Z:
+                    zz = tl.load(z_ptr + b * s_zb + c * s_zd + o * s_zl, mask=mk, other=0.0).to(tl.float32)
+                    y = y * (zz * tl.sigmoid(zz))
+                optr = out_ptr + b * s_ob + c * s_od + o * s_ol
+                if ACCUM:
+                    y += tl.load(optr, mask=mk, other=0.0).to(tl.float32)
+                tl.store(optr, y, mask=mk)
             else:
-                gy = go
-            # reverse scan for the state gradient: g_t = C_t gy_t + a_{t+1} g_{t+1}
-            an = tl.exp2(dtn[:, None, :] * A2[:, :, None])
-            q = gy[:, None, :] * Cx
-            Pr, G = tl.associative_scan((an, q), axis=2, combine_fn=_combine, reverse=True)
-            eptr = escr_ptr + ((b * d + c[:, None]) * n_seg + seg) * N + rn[None, :]
-            E = tl.load(eptr, mask=m2, other=0.0)
-            gh = Pr * E[:, :, None] + G
-            tl.store(eptr, tl.sum(tl.where(rt[None, None, :] == 0, gh, 0.0), axis=2), mask=m2)
-            ghB = tl.sum(gh * Bx, axis=1)
-            ghx = gh * (h - x)  # = g_t * a_t * h_{t-1}
-            gdt = u * ghB + tl.sum(ghx * Af[:, :, None], axis=1)
+                ssum += dt
+    if OUT:
+        if SAVE_LAST:
+            tl.store(hloc_ptr + (b * d + c[None, :]) * N + rn1[:, None], h, mask=m2 & (j == n_chunks - 1))
+    else:
+        tl.store(hloc_ptr + srow, h, mask=m2)
+        tl.store(sloc_ptr + (b * d + c) * n_chunks + j, ssum, mask=cm)
+
+
+@triton.jit
+def _carry_kernel(A_ptr, hloc_ptr, sloc_ptr, hin_ptr, init_ptr, d, N, n_chunks,
+                  REV: tl.constexpr, HAS_INIT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+                  KC: tl.constexpr):
+    """Entering states from the chunk summaries, serial over the chunks (KC chunks per load).
+
+    Forward (REV=False): hin[j] = H_j, H_{j+1} = exp(A S_j) H_j + hloc[j], H_0 = 0.
+    Backward (REV=True): hin[j] = R_j, R_{j-1} = exp(A S_j) R_j + hloc[j], R_{last} = init (grad of the last state).
+    """
+    cb = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    c = cb * BD + tl.arange(0, BD)
+    cm = c < d
+    rn = tl.arange(0, BN)
+    rk = tl.arange(0, KC)
+    m2 = cm[:, None] & (rn < N)[None, :]
+    A2 = tl.load(A_ptr + c[:, None] * N + rn[None, :], mask=m2, other=0.0) * LOG2E
+    base = (b * d + c[:, None, None]) * n_chunks
+    if HAS_INIT:
+        H = tl.load(init_ptr + (b * d + c[:, None]) * N + rn[None, :], mask=m2, other=0.0)
+    else:
+        H = tl.zeros((BD, BN), tl.float32)
+    for p0 in range(0, n_chunks, KC):
+        jm = (p0 + rk) < n_chunks
+        if REV:
+            jj = n_chunks - 1 - (p0 + rk)
+        else:
+            jj = p0 + rk
+        m3 = m2[:, :, None] & jm[None, None, :]
+        ptr3 = (base + jj[None, None, :]) * N + rn[None, :, None]
+        hl = tl.load(hloc_ptr + ptr3, mask=m3, other=0.0)
+        sl = tl.load(sloc_ptr + (b * d + c[:, None]) * n_chunks + jj[None, :], mask=cm[:, None] & jm[None, :],
+                     other=0.0)
+        out = tl.zeros((BD, BN, KC), tl.float32)
+        for k in tl.static_range(KC):
+            sel = rk == k
+            out = tl.where(sel[None, None, :], H[:, :, None], out)
+            hk = tl.sum(tl.where(sel[None, None, :], hl, 0.0), axis=2)
+            sk = tl.sum(tl.where(sel[None, :], sl, 0.0), axis=1)
+            H = tl.exp2(A2 * sk[:, None]) * H + hk
+        tl.store(hin_ptr + ptr3, out, mask=m3)
+
+
+@triton.jit(do_not_specialize=["one", "T"])
+def _bsum_kernel(dt_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
+                 L, d, dg, N, n_chunks, cbg, one,
+                 s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_Cb, s_Cg, s_Cn, s_Cl, Q1, Q2, R0, R1, R2,
+                 HAS_MAP: tl.constexpr, FLIP: tl.constexpr, C_VAR: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                 BD: tl.constexpr, BN: tl.constexpr, T, U: tl.constexpr):
+    """Backward chunk summary: walking chunk j backwards from a zero carry, G_t = C_t dy_t + a_{t+1} G_{t+1};
+    stores q[j] = a_{first} G_{first}, the carry the chunk passes to its left neighbour."""
+    j = tl.program_id(0)
+    cb = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    g = cb // cbg
+    cl = (cb % cbg) * BD + tl.arange(0, BD)
+    cm = cl < dg
+    c = g * dg + cl
+    rn = tl.arange(0, BN)
+    rn1 = rn * one
+    nm = rn < N
+    m2 = nm[:, None] & cm[None, :]
+    A2 = tl.load(A_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0) * LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c, mask=cm, other=0.0)
+    if not C_VAR:
+        Cc = tl.load(C_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32)
+    G = tl.zeros((BN, BD), tl.float32)
+    an = tl.zeros((BN, BD), tl.float32)
+    l1 = j * T + T - 1
+    for t0 in range(0, T, U):
+        for k in tl.static_range(U):
+            l = l1 - t0 - k
+            o = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
+            lm = l < L
+            mk = cm & lm
+            raw = tl.load(dt_ptr + b * s_db + c * s_dd + o * s_dl, mask=mk, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                raw += bias
+            dt = tl.where(mk, _softplus(raw) if SOFTPLUS else raw, 0.0)
+            dy = tl.load(g_ptr + b * s_gb + c * s_gd + o * s_gl, mask=mk, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zz = tl.load(z_ptr + b * s_zb + c * s_zd + o * s_zl, mask=mk, other=0.0).to(tl.float32)
+                dy = dy * (zz * tl.sigmoid(zz))
+            if C_VAR:
+                Cx = tl.load(C_ptr + b * s_Cb + g * s_Cg + rn * s_Cn + o * s_Cl, mask=nm & lm,
+                             other=0.0).to(tl.float32)[:, None]
+            else:
+                Cx = Cc
+            G = an * G + Cx * dy[None, :]
+            an = tl.exp2(A2 * dt[None, :])
+    tl.store(q_ptr + ((b * d + c[None, :]) * n_chunks + j) * N + rn1[:, None], an * G, mask=m2)
+
+
+@triton.jit(do_not_specialize=["one", "T"])
+def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr,
+                hin_ptr, rin_ptr, hf_ptr,
+                gu_ptr, gdt_ptr, gz_ptr, gBp_ptr, gCp_ptr, gAp_ptr, gDp_ptr, gbp_ptr,
+                L, d, dg, N, n_chunks, cbg, one, hf_rs,
+                s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
+                s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_pc, s_pb, s_pg, s_pn, Q1, Q2, R0, R1, R2,
+                HAS_MAP: tl.constexpr, FLIP: tl.constexpr, GU_ACCUM: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                BD: tl.constexpr, BN: tl.constexpr, T, F: tl.constexpr):
+    """Gradients of chunk j. (1) Walk the chunk forward from its entering state, writing the state entering every
+    block of F steps to the scratch hf. (2) Walk the blocks backwards: recompute the block's F states into
+    registers, then walk them backwards with the carry R (R_t = a_t G_t; the chunk's last step gets rin[j])."""
+    j = tl.program_id(0)
+    cb = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    g = cb // cbg
+    cbi = cb % cbg
+    cl = cbi * BD + tl.arange(0, BD)
+    cm = cl < dg
+    c = g * dg + cl
+    rn = tl.arange(0, BN)
+    rn1 = rn * one
+    nm = rn < N
+    m2 = nm[:, None] & cm[None, :]
+    A2 = tl.load(A_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0) * LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c, mask=cm, other=0.0)
+    if HAS_D:
+        Dv = tl.load(D_ptr + c, mask=cm, other=0.0)
+    if not B_VAR:
+        Bc = tl.load(B_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32)
+        gBc = tl.zeros((BN, BD), tl.float32)
+    if not C_VAR:
+        Cc = tl.load(C_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32)
+        gCc = tl.zeros((BN, BD), tl.float32)
+    u_base = u_ptr + b * s_ub + c * s_ud
+    dt_base = dt_ptr + b * s_db + c * s_dd
+    NF = T // F
+    hf_b = hf_ptr + (b * d + c[None, :]) * N + rn1[:, None] + (j * NF).to(tl.int64) * hf_rs  # + f * hf_rs
+    # (1) forward walk: states entering each block
+    h = tl.load(hin_ptr + ((b * d + c[None, :]) * n_chunks + j) * N + rn1[:, None], mask=m2, other=0.0)
+    for f in range(NF):
+        tl.store(hf_b + f * hf_rs, h, mask=m2)
+        for k in tl.static_range(F):
+            l = j * T + f * F + k
+            o = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
+            mk = cm & (l < L)
+            u = tl.load(u_base + o * s_ul, mask=mk, other=0.0).to(tl.float32)
+            raw = tl.load(dt_base + o * s_dl, mask=mk, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                raw += bias
+            dt = tl.where(mk, _softplus(raw) if SOFTPLUS else raw, 0.0)
+            if B_VAR:
+                Bx = tl.load(B_ptr + b * s_Bb + g * s_Bg + rn * s_Bn + o * s_Bl, mask=nm & (l < L),
+                             other=0.0).to(tl.float32)[:, None]
+            else:
+                Bx = Bc
+            h = tl.exp2(A2 * dt[None, :]) * h + Bx * (dt * u)[None, :]
+    # (2) backward over the blocks
+    R = tl.load(rin_ptr + ((b * d + c[None, :]) * n_chunks + j) * N + rn1[:, None], mask=m2, other=0.0)
+    gA = tl.zeros((BN, BD), tl.float32)
+    gD = tl.zeros((BD,), tl.float32)
+    gb = tl.zeros((BD,), tl.float32)
+    for ff in range(NF):
+        f = NF - 1 - ff
+        h = tl.load(hf_b + f * hf_rs, mask=m2, other=0.0)
+        hs = ()
+        dts = ()
+        us = ()
+        raws = ()
+        for k in tl.static_range(F):
+            l = j * T + f * F + k
+            o = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
+            mk = cm & (l < L)
+            u = tl.load(u_base + o * s_ul, mask=mk, other=0.0).to(tl.float32)
+            raw = tl.load(dt_base + o * s_dl, mask=mk, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                raw += bias
+            dt = tl.where(mk, _softplus(raw) if SOFTPLUS else raw, 0.0)
+            if B_VAR:
+                Bx = tl.load(B_ptr + b * s_Bb + g * s_Bg + rn * s_Bn + o * s_Bl, mask=nm & (l < L),
+                             other=0.0).to(tl.float32)[:, None]
+            else:
+                Bx = Bc
+            hs = hs + (h,)  # the state before step k
+            h = tl.exp2(A2 * dt[None, :]) * h + Bx * (dt * u)[None, :]
+            dts = dts + (dt,)
+            us = us + (u,)
+            raws = raws + (raw,)
+        for k in tl.static_range(F - 1, -1, -1):
+            l = j * T + f * F + k
+            o = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
+            lm = l < L
+            mk = cm & lm
+            hp = hs[k]
+            dt = dts[k]
+            u = us[k]
+            if B_VAR:
+                Bx = tl.load(B_ptr + b * s_Bb + g * s_Bg + rn * s_Bn + o * s_Bl, mask=nm & lm,
+                             other=0.0).to(tl.float32)[:, None]
+            else:
+                Bx = Bc
+            if C_VAR:
+                Cx = tl.load(C_ptr + b * s_Cb + g * s_Cg + rn * s_Cn + o * s_Cl, mask=nm & lm,
+                             other=0.0).to(tl.float32)[:, None]
+            else:
+                Cx = Cc
+            du = dt * u
+            a = tl.exp2(A2 * dt[None, :])
+            h = a * hp + Bx * du[None, :]
+            go = tl.load(g_ptr + b * s_gb + c * s_gd + o * s_gl, mask=mk, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zz = tl.load(z_ptr + b * s_zb + c * s_zd + o * s_zl, mask=mk, other=0.0).to(tl.float32)
+                y = tl.sum(h * Cx, axis=0)
+                if HAS_D:
+                    y += Dv * u
+                sg = tl.sigmoid(zz)
+                dy = go * (zz * sg)
+                tl.store(gz_ptr + b * s_zb + c * s_zd + o * s_zl, go * y * sg * (1.0 + zz * (1.0 - sg)), mask=mk)
+            else:
+                dy = go
+            Gt = R + Cx * dy[None, :]
+            ghx = Gt * (a * hp)  # G_t a_t h_{t-1}
+            ghB = tl.sum(Gt * Bx, axis=0)
+            gdt = u * ghB + tl.sum(ghx * A2, axis=0) * 0.6931471805599453
             gu = dt * ghB
             if HAS_D:
-                gu += Dv[:, None] * gy
+                gu += Dv * dy
+                gD += dy * u
             if SOFTPLUS:
-                gdt = gdt * tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
-            gdt = tl.where(mt, gdt, 0.0)
-            uptr = gu_ptr + b * s_ub + c[:, None] * s_ud + off[None, :] * s_ul
+                gdt = gdt * tl.where(raws[k] > 20.0, 1.0, tl.sigmoid(raws[k]))
+            gdt = tl.where(mk, gdt, 0.0)
+            gb += gdt
+            guptr = gu_ptr + b * s_ub + c * s_ud + o * s_ul
             if GU_ACCUM:
-                gu += tl.load(uptr, mask=mt, other=0.0).to(tl.float32)
-            tl.store(uptr, gu, mask=mt)
-            tl.store(gdt_ptr + b * s_db + c[:, None] * s_dd + off[None, :] * s_dl, gdt, mask=mt)
-            pptr = gAp_ptr + (prow * d + c[:, None]) * N + rn[None, :]
-            tl.store(pptr, tl.load(pptr, mask=m2, other=0.0) + tl.sum(ghx * dt[:, None, :], axis=2), mask=m2)
-            if HAS_D:
-                dptr = gDp_ptr + prow * d + c
-                tl.store(dptr, tl.load(dptr, mask=cm, other=0.0) + tl.sum(gy * u, axis=1), mask=cm)
-            if HAS_BIAS:
-                bptr = gbp_ptr + prow * d + c
-                tl.store(bptr, tl.load(bptr, mask=cm, other=0.0) + tl.sum(gdt, axis=1), mask=cm)
+                gu += tl.load(guptr, mask=mk, other=0.0).to(tl.float32)
+            tl.store(guptr, gu, mask=mk)
+            tl.store(gdt_ptr + b * s_db + c * s_dd + o * s_dl, gdt, mask=mk)
+            gA += ghx * dt[None, :]
+            pofs = cbi * s_pc + b * s_pb + g * s_pg + o * N + rn * s_pn
             if B_VAR:
-                gBacc += tl.sum(gh * du[:, None, :], axis=0, keep_dims=True)
+                tl.store(gBp_ptr + pofs, tl.sum(Gt * du[None, :], axis=1), mask=nm & lm)
             else:
-                pptr = gBp_ptr + (prow * d + c[:, None]) * N + rn[None, :]
-                tl.store(pptr, tl.load(pptr, mask=m2, other=0.0) + tl.sum(gh * du[:, None, :], axis=2), mask=m2)
+                gBc += Gt * du[None, :]
             if C_VAR:
-                gCacc += tl.sum(h * gy[:, None, :], axis=0, keep_dims=True)
+                tl.store(gCp_ptr + pofs, tl.sum(h * dy[None, :], axis=1), mask=nm & lm)
             else:
-                pptr = gCp_ptr + (prow * d + c[:, None]) * N + rn[None, :]
-                tl.store(pptr, tl.load(pptr, mask=m2, other=0.0) + tl.sum(h * gy[:, None, :], axis=2), mask=m2)
-        pm = (nm[:, None] & lm[None, :])[None, :, :]
-        pofs = cbi * s_pc + b * s_pb + g * s_pg + rn[None, :, None] * s_pn + off[None, None, :]
-        if B_VAR:
-            tl.store(gBp_ptr + pofs, gBacc, mask=pm)
-        if C_VAR:
-            tl.store(gCp_ptr + pofs, gCacc, mask=pm)
-        tl.debug_barrier()
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# host side: launch planning
-
-
-@dataclass
-class Plan:
-    T: int  # chunk length
-    BD: int  # channels per register tile
-    CPB: int  # channel sub-tiles per program
-    cbg: int  # channel blocks (programs) per group
-    n_chunks: int
-    cps: int  # chunks per segment
-    n_seg: int
-    num_warps: int
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
-def _n_sm(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: any small number
-
-
-# Tuning overrides (benchmark sweeps / tests): a dict merged into the plan's choices.
-_OVERRIDE: dict = {}
-
-
-def set_tuning(**kw):
-    """Override plan choices (T, BD, CPB_fwd, CPB_bwd, n_seg_fwd, n_seg_bwd, num_warps, programs). Empty resets."""
-    _OVERRIDE.clear()
-    _OVERRIDE.update({k: v for k, v in kw.items() if v is not None})
-
-
-def make_plan(b, G, dg, L, N, device, backward: bool) -> Plan:
-    """Chunk length, tile and work split for a (b, G groups of dg channels, L, N) scan.
-
-    The machine is filled with ``target`` programs. Forward: one register tile of channels per program and as many
-    segments as needed. Backward: a program loops over ``CPB`` channel sub-tiles so that the B/C gradients are summed
-    in registers; at most ``cbg_max`` channel blocks per group (their B/C partial sums are added afterwards), then
-    segments to fill the machine (each costs a reduction pass)."""
-    o = _OVERRIDE
-    BN = _pow2(N)
-    # defaults = the best of the launch-plan sweep on an H100 (kernels/BENCHMARK.md): T=32, BD=4, 4 warps
-    T = o.get("T") or (32 if BN <= 16 else 16)
-    T = max(16, min(T, _pow2(L)))
-    BD = o.get("BD") or max(1, min(8, 2048 // (BN * T)))
-    BD = max(1, min(BD, _pow2(dg)))
-    n_sub = -(-dg // BD)
-    n_chunks = -(-L // T)
-    target = o.get("programs") or 8 * _n_sm(device)
-    if backward:
-        CPB = o.get("CPB_bwd")
-        if CPB is None:
-            cbg = max(1, min(-(-target // (b * G)), n_sub, o.get("cbg_max", 8)))
-            CPB = -(-n_sub // cbg)
-    else:
-        CPB = o.get("CPB_fwd") or 1
-    CPB = max(1, min(CPB, n_sub))
-    cbg = -(-n_sub // CPB)
-    n_seg = o.get("n_seg_bwd" if backward else "n_seg_fwd")
-    if n_seg is None:
-        n_seg = -(-target // (b * G * cbg))
-    n_seg = max(1, min(n_seg, n_chunks))
-    cps = -(-n_chunks // n_seg)
-    n_seg = -(-n_chunks // cps)
-    nw = o.get("num_warps") or (4 if BD * BN * T <= 2048 else 8)
-    return Plan(T, BD, CPB, cbg, n_chunks, cps, n_seg, nw)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# host side: one scan pass over (b, d, L) tensors, optionally through a position map
+                gCc += h * dy[None, :]
+            R = a * Gt
+    prow = b * n_chunks + j  # per-program partial sums, reduced on the host
+    pm = ((prow * d + c[None, :]) * N + rn1[:, None])
+    tl.store(gAp_ptr + pm, gA, mask=m2)
+    if HAS_D:
+        tl.store(gDp_ptr + prow * d + c, gD, mask=cm)
+    if HAS_BIAS:
+        tl.store(gbp_ptr + prow * d + c, gb, mask=cm)
+    if not B_VAR:
+        tl.store(gBp_ptr + pm, gBc, mask=m2)
+    if not C_VAR:
+        tl.store(gCp_ptr + pm, gCc, mask=m2)
 
 
 @dataclass
@@ -562,142 +447,158 @@ def _order_for(spatial: Sequence[int], perm: Sequence[int], flip: bool) -> _Orde
     return _Order(Q[1], Q[2], R[0], R[1], R[2], bool(flip), True)
 
 
-def _bc_strides(X, is_var):
-    """Strides (b, g, n, l) of a varying B/C viewed as (b, G, N, L); zeros for the constant layout."""
-    if not is_var:
-        return 0, 0, 0, 0
-    return X.stride(0), X.stride(1), X.stride(2), X.stride(3)
+# ------------------------------------------------------------------------------------------------------------------
+# host side
 
 
-def _fwd(u, dt, A, B, C, D, z, bias, softplus, out, G, order, accum, all_states, want_last, plan):
-    """One forward launch sequence. u, dt, z, out: (b, d, L)-strided; B, C: (b, G, N, L) views or (d, N)."""
+# Tuning overrides (benchmark sweeps, tests): T (chunk), BD (channels per program), F (backward block), U (unroll),
+# per_sm (programs per SM the chunk length aims at). Empty = the defaults of _Plan.
+_OVERRIDE: dict = {}
+_TUNING_KEYS = ("T", "BD", "F", "U", "per_sm")
+
+
+def set_tuning(**kw):
+    """Override launch-plan choices (keys: T, BD, F, U, per_sm); no arguments resets."""
+    bad = set(kw) - set(_TUNING_KEYS)
+    if bad:
+        raise ValueError(f"set_tuning: unknown keys {sorted(bad)}; known: {', '.join(_TUNING_KEYS)}")
+    _OVERRIDE.clear()
+    _OVERRIDE.update({k: v for k, v in kw.items() if v is not None})
+
+
+class _Plan:
+    """Launch geometry shared by the forward and backward of one call.
+
+    Defaults = the best plan of the H100 measurements (kernels/BENCHMARK.md): 32 channels per program (one warp, a
+    channel per lane), chunks long enough for ~16 programs per SM, blocks of F = 4 steps in the backward."""
+
+    def __init__(self, b, d, G, L, N, device):
+        o = _OVERRIDE
+        self.dg = d // G
+        self.BN = triton.next_power_of_2(N)
+        self.BD = min(o.get("BD", 32), triton.next_power_of_2(self.dg))
+        self.cbg = triton.cdiv(self.dg, self.BD)
+        self.num_warps = max(1, self.BD // 32)
+        self.U = o.get("U", 4)
+        F = o.get("F", 4)
+        T = o.get("T")
+        if T is None:
+            n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+            want = max(1, (o.get("per_sm", 16) * n_sm) // (b * G * self.cbg))
+            T = triton.next_power_of_2(triton.cdiv(L, want))
+        self.T = max(T, self.U, F)
+        self.F = F
+        self.n_chunks = triton.cdiv(L, self.T)
+        self.grid = (self.n_chunks, G * self.cbg, b)
+        self.carry_BD = min(32, triton.next_power_of_2(d))
+
+
+def _bc(X):
+    """Strides (b, g, n, l) of a time-varying B/C viewed as (b, G, N, L); zeros for the constant (d, N) layout."""
+    return tuple(X.stride()) if X.dim() == 4 else (0, 0, 0, 0)
+
+
+def _carry(A, loc, sums, init, rev, plan, b, d, N):
+    out = torch.empty_like(loc)
+    _carry_kernel[(triton.cdiv(d, plan.carry_BD), b)](
+        A, loc, sums, out, init if init is not None else A, d, N, plan.n_chunks, REV=rev, HAS_INIT=init is not None,
+        BD=plan.carry_BD, BN=plan.BN, KC=16, num_warps=4)
+    return out
+
+
+def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want_last):
+    """One forward pass into ``out``. u, dt, z, out: (b, d, L)-strided; B, C: (b, G, N, L) views or (d, N).
+    Returns the chunk-entering states (b, d, chunks, N), the chunks' dt sums (b, d, chunks) and the last state."""
     b, d, L = u.shape
     N = A.shape[1]
-    dg = d // G
-    BN = _pow2(N)
     dev = u.device
-    B_VAR, C_VAR = B.dim() == 4, C.dim() == 4
-    hs_rows = plan.n_chunks if all_states else plan.n_seg
-    hs = torch.empty(b, d, hs_rows, N, device=dev, dtype=torch.float32)
-    last = torch.empty(b, d, N, device=dev, dtype=torch.float32) if want_last else hs
-    grid = (plan.n_seg, G * plan.cbg, b)
-    dummy = hs
-    if plan.n_seg > 1:
-        segh = torch.empty(b, d, plan.n_seg, N, device=dev, dtype=torch.float32)
-        segs = torch.empty(b, d, plan.n_seg, device=dev, dtype=torch.float32)
-        _fwd_seg_kernel[(plan.n_seg - 1, G * plan.cbg, b)](
-            u, dt, A, bias if bias is not None else dummy, B, segh, segs,
-            L, d, dg, N, plan.n_chunks, plan.cps, plan.n_seg, plan.cbg,
-            u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1), dt.stride(2), *_bc_strides(B, B_VAR),
-            order.Q1, order.Q2, order.R0, order.R1, order.R2,
-            HAS_MAP=order.has_map, FLIP=order.flip, B_VAR=B_VAR, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-            BD=plan.BD, BN=BN, T=plan.T, CPB=plan.CPB, num_warps=plan.num_warps)
+    f32 = torch.float32
+    sloc = torch.empty(b, d, plan.n_chunks, device=dev, dtype=f32)
+    last = torch.empty(b, d, N, device=dev, dtype=f32) if want_last else sloc
+    zt = z if z is not None else u
+    common = (L, d, plan.dg, N, plan.n_chunks, plan.cbg, 1, *u.stride(), *dt.stride(), *zt.stride(), *out.stride(),
+              *_bc(B), *_bc(C), order.Q1, order.Q2, order.R0, order.R1, order.R2)
+    flags = dict(HAS_MAP=order.has_map, FLIP=order.flip, ACCUM=accum, B_VAR=B.dim() == 4, C_VAR=C.dim() == 4,
+                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+                 BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, num_warps=plan.num_warps)
+    Dt = D if D is not None else A
+    bt = bias if bias is not None else A
+    if plan.n_chunks > 1:
+        hloc = torch.empty(b, d, plan.n_chunks, N, device=dev, dtype=f32)
+        _chunk_kernel[plan.grid](u, dt, zt, out, A, Dt, bt, B, C, hloc, hloc, sloc, *common, OUT=False,
+                                 SAVE_LAST=False, **flags)
+        hin = _carry(A, hloc, sloc, None, False, plan, b, d, N)
+        del hloc
     else:
-        segh = segs = dummy
-    zz = z if z is not None else u
-    _fwd_kernel[grid](
-        u, dt, zz, out, A, D if D is not None else dummy, bias if bias is not None else dummy, B, C,
-        hs, last, segh, segs,
-        L, d, dg, N, plan.n_chunks, plan.cps, plan.n_seg, plan.cbg, hs_rows,
-        u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1), dt.stride(2),
-        zz.stride(0), zz.stride(1), zz.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        *_bc_strides(B, B_VAR), *_bc_strides(C, C_VAR),
-        order.Q1, order.Q2, order.R0, order.R1, order.R2,
-        HAS_MAP=order.has_map, FLIP=order.flip, B_VAR=B_VAR, C_VAR=C_VAR, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=bias is not None, SOFTPLUS=softplus, ACCUM=accum, ALL_STATES=all_states, SAVE_LAST=want_last,
-        BD=plan.BD, BN=BN, T=plan.T, CPB=plan.CPB, num_warps=plan.num_warps)
-    return hs, (last if want_last else None)
+        hin = torch.zeros(b, d, 1, N, device=dev, dtype=f32)
+    _chunk_kernel[plan.grid](u, dt, zt, out, A, Dt, bt, B, C, hin, last, sloc, *common, OUT=True, SAVE_LAST=want_last,
+                             **flags)
+    return hin, sloc, (last if want_last else None)
 
 
-def _bwd(u, dt, z, gout, A, D, B, C, bias, softplus, hs, glast, G, order, gu, gdt, gz, gu_accum, plan, T):
-    """One backward launch sequence. Returns fp32 (gA, gB, gC, gD, gbias) partial sums reduced to their shapes
-    (gB/gC varying: (b, G, N, L-positions) in the position layout of ``order``)."""
+def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan, order, gu, gdt, gz, gu_accum):
+    """One backward pass: writes gu (accumulating if gu_accum), gdt, gz; returns fp32 (gA, gB, gC, gD, gbias), gB/gC
+    time-varying as (b, G, N, L-positions) in the position layout of ``order``."""
     b, d, L = u.shape
     N = A.shape[1]
-    dg = d // G
-    BN = _pow2(N)
+    G = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
     dev = u.device
     f32 = torch.float32
     B_VAR, C_VAR = B.dim() == 4, C.dim() == 4
-    assert plan.T == T and plan.n_chunks == hs.shape[2]
-    rows = b * plan.n_seg
-    gAp = torch.zeros(rows, d, N, device=dev, dtype=f32)
-    gDp = torch.zeros(rows, d, device=dev, dtype=f32) if D is not None else gAp
-    gbp = torch.zeros(rows, d, device=dev, dtype=f32) if bias is not None else gAp
-    Lpos = B.shape[3] if B_VAR else (C.shape[3] if C_VAR else L)
-    # B/C partials over channel blocks; position layout = that of the map (identity: contiguous L)
-    npos = L if not order.has_map else Lpos
-    gBp = (torch.empty(plan.cbg, b, G, N, npos, device=dev, dtype=f32) if B_VAR
-           else torch.zeros(rows, d, N, device=dev, dtype=f32))
-    gCp = (torch.empty(plan.cbg, b, G, N, npos, device=dev, dtype=f32) if C_VAR
-           else torch.zeros(rows, d, N, device=dev, dtype=f32))
-    if B_VAR or C_VAR:
-        ref = gBp if B_VAR else gCp
-        s_p = (ref.stride(0), ref.stride(1), ref.stride(2), ref.stride(3))
-    else:
-        s_p = (0, 0, 0, 0)
-    dummy = gAp
-    if plan.n_seg > 1:
-        segg = torch.empty(b, d, plan.n_seg, N, device=dev, dtype=f32)
-        segd = torch.empty(b, d, plan.n_seg, device=dev, dtype=f32)
-        zz = z if z is not None else dt
-        _bwd_seg_kernel[(plan.n_seg - 1, G * plan.cbg, b)](
-            dt, zz, gout, A, bias if bias is not None else dummy, C, segg, segd,
-            L, d, dg, N, plan.n_chunks, plan.cps, plan.n_seg, plan.cbg,
-            dt.stride(0), dt.stride(1), dt.stride(2), zz.stride(0), zz.stride(1), zz.stride(2),
-            gout.stride(0), gout.stride(1), gout.stride(2), *_bc_strides(C, C_VAR),
-            order.Q1, order.Q2, order.R0, order.R1, order.R2,
+    zt = z if z is not None else u
+    bt = bias if bias is not None else A
+    pos = (order.Q1, order.Q2, order.R0, order.R1, order.R2)
+    if plan.n_chunks > 1:  # the carry from the right entering every chunk
+        q = torch.empty(b, d, plan.n_chunks, N, device=dev, dtype=f32)
+        _bsum_kernel[plan.grid](
+            dt, zt, gout, A, bt, C, q, L, d, plan.dg, N, plan.n_chunks, plan.cbg, 1,
+            *dt.stride(), *zt.stride(), *gout.stride(), *_bc(C), *pos,
             HAS_MAP=order.has_map, FLIP=order.flip, C_VAR=C_VAR, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-            SOFTPLUS=softplus, BD=plan.BD, BN=BN, T=plan.T, CPB=plan.CPB, num_warps=plan.num_warps)
+            SOFTPLUS=softplus, BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, num_warps=plan.num_warps)
+        rin = _carry(A, q, sloc, glast, True, plan, b, d, N)
+        del q
     else:
-        segg = segd = dummy
-    escr = torch.empty(b, d, plan.n_seg, N, device=dev, dtype=f32)
-    zz = z if z is not None else u
-    gzz = gz if gz is not None else gu
-    _bwd_kernel[(plan.n_seg, G * plan.cbg, b)](
-        u, dt, zz, gout, A, D if D is not None else dummy, bias if bias is not None else dummy, B, C,
-        hs, glast if glast is not None else dummy, segg, segd, escr,
-        gu, gdt, gzz, gBp, gCp, gAp, gDp, gbp,
-        L, d, dg, N, plan.n_chunks, plan.cps, plan.n_seg, plan.cbg,
-        u.stride(0), u.stride(1), u.stride(2), dt.stride(0), dt.stride(1), dt.stride(2),
-        zz.stride(0), zz.stride(1), zz.stride(2), gout.stride(0), gout.stride(1), gout.stride(2),
-        *_bc_strides(B, B_VAR), *_bc_strides(C, C_VAR), *s_p,
-        order.Q1, order.Q2, order.R0, order.R1, order.R2,
-        HAS_MAP=order.has_map, FLIP=order.flip, B_VAR=B_VAR, C_VAR=C_VAR, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=bias is not None, SOFTPLUS=softplus, HAS_GLAST=glast is not None, GU_ACCUM=gu_accum,
-        BD=plan.BD, BN=BN, T=plan.T, CPB=plan.CPB, num_warps=plan.num_warps)
-    gA = gAp.sum(0)
-    gD = gDp.sum(0) if D is not None else None
-    gbias = gbp.sum(0) if bias is not None else None
-    gB = gBp.sum(0) if B_VAR else gBp.sum(0)
-    gC = gCp.sum(0) if C_VAR else gCp.sum(0)
-    return gA, gB, gC, gD, gbias
+        rin = (glast if glast is not None else torch.zeros(b, d, N, device=dev, dtype=f32)).reshape(b, d, 1, N)
+    hf = torch.empty(plan.n_chunks * (plan.T // plan.F), b, d, N, device=dev, dtype=f32)  # block-entering states
+    rows = b * plan.n_chunks
+    gAp = torch.empty(rows, d, N, device=dev, dtype=f32)
+    gDp = torch.empty(rows, d, device=dev, dtype=f32) if D is not None else gAp
+    gbp = torch.empty(rows, d, device=dev, dtype=f32) if bias is not None else gAp
+    npos = B.shape[3] if B_VAR else (C.shape[3] if C_VAR else L)
+    # time-varying B/C gradients per channel block as (b, G, positions, N): a step's N values are contiguous
+    gBp = torch.empty(plan.cbg, b, G, npos, N, device=dev, dtype=f32) if B_VAR else torch.empty_like(gAp)
+    gCp = torch.empty(plan.cbg, b, G, npos, N, device=dev, dtype=f32) if C_VAR else torch.empty_like(gAp)
+    s_p = (gBp if B_VAR else gCp).stride()[:3] + (1,) if (B_VAR or C_VAR) else (0, 0, 0, 0)
+    _bwd_kernel[plan.grid](
+        u, dt, zt, gout, A, D if D is not None else A, bt, B, C, hin, rin, hf,
+        gu, gdt, gz if gz is not None else gu, gBp, gCp, gAp, gDp, gbp,
+        L, d, plan.dg, N, plan.n_chunks, plan.cbg, 1, b * d * N,
+        *u.stride(), *dt.stride(), *zt.stride(), *gout.stride(), *_bc(B), *_bc(C), *s_p, *pos,
+        HAS_MAP=order.has_map, FLIP=order.flip, GU_ACCUM=gu_accum, B_VAR=B_VAR, C_VAR=C_VAR, HAS_D=D is not None,
+        HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        BD=plan.BD, BN=plan.BN, T=plan.T, F=plan.F, num_warps=plan.num_warps)
+    gB = gBp.sum(0).transpose(-1, -2) if B_VAR else gBp.sum(0)
+    gC = gCp.sum(0).transpose(-1, -2) if C_VAR else gCp.sum(0)
+    return (gAp.sum(0), gB, gC, gDp.sum(0) if D is not None else None, gbp.sum(0) if bias is not None else None)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # autograd: plain selective scan
 
 
-def _contig(t):
-    return t if t is None else t.contiguous()
-
-
-def _grouped_bc(X, b, d, L):
-    """(d, N) stays 2-D (constant); (b, N, L) -> (b, 1, N, L) view; (b, G, N, L) as is."""
+def _grouped_bc(X):
+    """(d, N) -> fp32 contiguous (constant); (b, N, L) -> (b, 1, N, L) view; (b, G, N, L) as is."""
     if X.dim() == 2:
         return X.float().contiguous()
-    if X.dim() == 3:
-        return X.unsqueeze(1)
-    return X
+    return X.unsqueeze(1) if X.dim() == 3 else X
 
 
 class _ScanFn(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, want_last):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
         b, d, L = u.shape
-        N = A.shape[1]
-        Bg, Cg = _grouped_bc(B, b, d, L), _grouped_bc(C, b, d, L)
+        Bg, Cg = _grouped_bc(B), _grouped_bc(C)
         G = Bg.shape[1] if Bg.dim() == 4 else (Cg.shape[1] if Cg.dim() == 4 else 1)
         if Bg.dim() == 4 and Cg.dim() == 4 and Bg.shape[1] != Cg.shape[1]:
             raise ValueError(f"selective_scan: B has {Bg.shape[1]} groups but C has {Cg.shape[1]}")
@@ -706,57 +607,49 @@ class _ScanFn(torch.autograd.Function):
         Af = A.float().contiguous()
         Df = D.float().contiguous() if D is not None else None
         bf = delta_bias.float().contiguous() if delta_bias is not None else None
-        out = torch.empty(b, d, L, device=u.device, dtype=u.dtype)
-        need_grad = any(ctx.needs_input_grad)
-        fplan = make_plan(b, G, d // G, L, N, u.device, backward=False)
-        hs, last = _fwd(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, G, _IDENTITY, False, need_grad, True, fplan)
-        ctx.save_for_backward(u, delta, Af, B, C, Df, z, bf, hs)
-        ctx.cfg = (softplus, G, fplan.T)
+        plan = _Plan(b, d, G, L, A.shape[1], u.device)
+        out = torch.empty_like(u)  # u's strides: channels-last in, channels-last out
+        hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True)
+        ctx.save_for_backward(u, delta, Af, B, C, Df, z, bf, hin, sloc)
+        ctx.cfg = (softplus, plan)
         ctx.set_materialize_grads(False)
         return out, last
 
     @staticmethod
     def backward(ctx, gout, glast):
-        u, delta, Af, B, C, Df, z, bf, hs = ctx.saved_tensors
-        softplus, G, T = ctx.cfg
-        b, d, L = u.shape
-        N = Af.shape[1]
-        Bg, Cg = _grouped_bc(B, b, d, L), _grouped_bc(C, b, d, L)
-        gout = gout.contiguous() if gout is not None else torch.zeros_like(u)
-        gu = torch.empty_like(u)
-        gdt = torch.empty_like(delta)
+        u, delta, Af, B, C, Df, z, bf, hin, sloc = ctx.saved_tensors
+        softplus, plan = ctx.cfg
+        gout = gout if gout is not None else torch.zeros_like(u)
+        gu, gdt = torch.empty_like(u), torch.empty_like(delta)  # gradients in the layout of their inputs
         gz = torch.empty_like(z) if z is not None else None
-        bplan = make_plan(b, G, d // G, L, N, u.device, backward=True)
-        bplan = _with_T(bplan, T, L)
-        gA, gB, gC, gD, gbias = _bwd(u, delta, z, gout, Af, Df, Bg, Cg, bf, softplus, hs,
-                                     glast.contiguous() if glast is not None else None, G, _IDENTITY,
-                                     gu, gdt, gz, False, bplan, T)
-        gB = gB.view(B.shape).to(B.dtype)
-        gC = gC.view(C.shape).to(C.dtype)
-        return (gu, gdt, gA, gB, gC, gD, gz, gbias, None, None)
+        gA, gB, gC, gD, gbias = _backward(u, delta, z, gout, Af, Df, _grouped_bc(B), _grouped_bc(C), bf, softplus,
+                                          hin, sloc, glast.contiguous() if glast is not None else None, plan,
+                                          _IDENTITY, gu, gdt, gz, False)
+        return (gu, gdt, gA, gB.reshape(B.shape).to(B.dtype), gC.reshape(C.shape).to(C.dtype), gD, gz, gbias, None)
 
 
-def _with_T(plan: Plan, T: int, L: int) -> Plan:
-    """The backward must use the forward's chunk length (the saved states are per chunk)."""
-    if plan.T == T:
-        return plan
-    n_chunks = -(-L // T)
-    n_seg = max(1, min(plan.n_seg, n_chunks))
-    cps = -(-n_chunks // n_seg)
-    return Plan(T, plan.BD, plan.CPB, plan.cbg, n_chunks, cps, -(-n_chunks // cps), plan.num_warps)
+def _channels_last(t):
+    """The same (b, d, L) / (b, [G,] N, L) values with the channel (or N) axis fastest in memory; a copy only when it
+    is not already so. The kernels' loads along the channels are then coalesced (module docstring)."""
+    if t is None or t.dim() < 3 or t.stride(-2) == 1:
+        return t
+    return t.movedim(-1, -2).contiguous().movedim(-1, -2)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False):
-    """mamba-ssm ``selective_scan_fn`` semantics on the Triton kernels (see module docstring)."""
+    """mamba-ssm ``selective_scan_fn`` semantics on the Triton kernels (see module docstring).
+
+    u, delta, z and time-varying B/C are used channels-last (copied to that layout where they are not; a Linear's
+    output viewed as (b, d, L) already is); the output and the input gradients come back in that layout."""
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be (batch, dim, L), got {tuple(u.shape)}")
     if A.is_complex():
         raise NotImplementedError("selective_scan (triton): complex A is not supported; use backend='torch'")
-    u, delta, z = _contig(u), _contig(delta), _contig(z)
     if delta.shape != u.shape or (z is not None and z.shape != u.shape):
         raise ValueError("selective_scan: u, delta (and z) must have the same (batch, dim, L) shape")
-    out, last = _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state))
+    u, delta, z, B, C = (_channels_last(t) for t in (u, delta, z, B, C))
+    out, last = _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
     return (out, last) if return_last_state else out
 
 
@@ -773,43 +666,37 @@ class _CrossFn(torch.autograd.Function):
         L = math.prod(spatial)
         K = len(orders)
         N = A.shape[1]
-        xs = x.reshape(b, d, L)
-        ds = delta.reshape(b, K, d, L)
-        Bs = B.reshape(b, K, N, L)
-        Cs = C.reshape(b, K, N, L)
+        xs, ds = x.reshape(b, d, L), delta.reshape(b, K, d, L)
+        Bs, Cs = B.reshape(b, K, N, L), C.reshape(b, K, N, L)
         Af = A.float().contiguous()
         Df = D.float().contiguous() if D is not None else None
         bf = delta_bias.float().contiguous() if delta_bias is not None else None
         out = torch.empty(b, d, L, device=x.device, dtype=torch.float32)
-        need_grad = any(ctx.needs_input_grad)
-        plan = make_plan(b, 1, d, L, N, x.device, backward=False)
-        states = []
+        plan = _Plan(b, d, 1, L, N, x.device)
+        saved = []
         for k, (perm, flip) in enumerate(orders):
-            o = _order_for(spatial, perm, flip)
-            hs, _ = _fwd(xs, ds[:, k], Af[k * d:(k + 1) * d], Bs[:, k:k + 1], Cs[:, k:k + 1],
-                         Df[k * d:(k + 1) * d] if Df is not None else None, None,
-                         bf[k * d:(k + 1) * d] if bf is not None else None, softplus, out, 1, o, k > 0, need_grad,
-                         False, plan)
-            states.append(hs)
-        ctx.save_for_backward(x, delta, Af, B, C, Df, bf, *states)
-        ctx.cfg = (softplus, list(orders), plan.T)
+            rows = slice(k * d, (k + 1) * d)
+            hin, sloc, _ = _forward(xs, ds[:, k], Af[rows], Bs[:, k:k + 1], Cs[:, k:k + 1],
+                                    Df[rows] if Df is not None else None, None, bf[rows] if bf is not None else None,
+                                    softplus, out, plan, _order_for(spatial, perm, flip), k > 0, False)
+            saved += [hin, sloc]
+        ctx.save_for_backward(x, delta, Af, B, C, Df, bf, *saved)
+        ctx.cfg = (softplus, list(orders), plan)
         return out.view(b, d, *spatial)
 
     @staticmethod
     def backward(ctx, gout):
-        x, delta, Af, B, C, Df, bf, *states = ctx.saved_tensors
-        softplus, orders, T = ctx.cfg
+        x, delta, Af, B, C, Df, bf, *saved = ctx.saved_tensors
+        softplus, orders, plan = ctx.cfg
         b, d = x.shape[:2]
         spatial = tuple(x.shape[2:])
         L = math.prod(spatial)
         K = len(orders)
         N = Af.shape[1]
         f32 = torch.float32
-        xs = x.reshape(b, d, L)
-        ds = delta.reshape(b, K, d, L)
-        Bs = B.reshape(b, K, N, L)
-        Cs = C.reshape(b, K, N, L)
-        go = gout.reshape(b, d, L).contiguous()
+        xs, ds = x.reshape(b, d, L), delta.reshape(b, K, d, L)
+        Bs, Cs = B.reshape(b, K, N, L), C.reshape(b, K, N, L)
+        go = gout.reshape(b, d, L)
         gx = torch.empty(b, d, L, device=x.device, dtype=f32)
         gdelta = torch.empty(b, K, d, L, device=x.device, dtype=f32)
         gA = torch.empty_like(Af)
@@ -817,14 +704,12 @@ class _CrossFn(torch.autograd.Function):
         gC = torch.empty(b, K, N, L, device=x.device, dtype=f32)
         gD = torch.empty_like(Df) if Df is not None else None
         gbias = torch.empty_like(bf) if bf is not None else None
-        plan = _with_T(make_plan(b, 1, d, L, N, x.device, backward=True), T, L)
         for k, (perm, flip) in enumerate(orders):
-            o = _order_for(spatial, perm, flip)
             rows = slice(k * d, (k + 1) * d)
-            gAk, gBk, gCk, gDk, gbk = _bwd(
+            gAk, gBk, gCk, gDk, gbk = _backward(
                 xs, ds[:, k], None, go, Af[rows], Df[rows] if Df is not None else None, Bs[:, k:k + 1],
-                Cs[:, k:k + 1], bf[rows] if bf is not None else None, softplus, states[k], None, 1, o,
-                gx, gdelta[:, k], None, k > 0, plan, T)
+                Cs[:, k:k + 1], bf[rows] if bf is not None else None, softplus, saved[2 * k], saved[2 * k + 1], None,
+                plan, _order_for(spatial, perm, flip), gx, gdelta[:, k], None, k > 0)
             gA[rows] = gAk
             gB[:, k] = gBk[:, 0]
             gC[:, k] = gCk[:, 0]

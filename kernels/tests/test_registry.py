@@ -43,6 +43,16 @@ def test_prefer_triton_uses_nearest_measured_shape():
     assert not autochoose.prefer_triton(f32(2, 64, 100), None, {"entries": []})  # nothing measured: no preference
 
 
+def test_prefer_triton_matches_the_input_layout():
+    table = {"entries": [
+        dict(kind="scan", b=2, d=64, L=262144, dtype="fp32", layout="contiguous", triton_ms=10.0, mamba_ssm_ms=9.0),
+        dict(kind="scan", b=2, d=64, L=262144, dtype="fp32", layout="channels-last", triton_ms=7.0, mamba_ssm_ms=9.5),
+    ]}
+    u = torch.empty(2, 64, 1000)
+    assert not autochoose.prefer_triton(u, None, table)  # (b, d, L)-contiguous: mamba-ssm measured faster
+    assert autochoose.prefer_triton(u.transpose(1, 2).contiguous().transpose(1, 2), None, table)  # channels-last
+
+
 def test_auto_resolves_by_measurement(monkeypatch):
     """With both GPU backends usable, "auto" takes triton exactly where the table says it was faster."""
     monkeypatch.setattr(autochoose, "load_table", lambda *a: TABLE)

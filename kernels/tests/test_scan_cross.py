@@ -55,8 +55,8 @@ def run_and_grad(fn, inp, gy, dtype=None):
 
 @pytest.mark.parametrize("spatial,K,tune", [
     ((5, 7), 4, dict(T=16, BD=2)),
-    ((6, 9), 4, dict(T=16, BD=2, n_seg_fwd=2, n_seg_bwd=3, CPB_bwd=1)),
-    ((3, 4, 5), 6, dict(T=16, BD=2, n_seg_fwd=2, n_seg_bwd=2, CPB_bwd=2)),
+    ((6, 9), 4, dict(T=16, BD=2)),
+    ((3, 4, 5), 6, dict(T=16, BD=2)),
     ((2, 3, 4), 12, dict(T=16, BD=4)),
     ((1, 1), 4, dict(T=16, BD=2)),  # L = 1
 ])
@@ -81,7 +81,7 @@ def test_cross_matches_oracle(tk, tuning, dev, spatial, K, tune):
 def test_cross_matches_reference_path(tk, tuning, dev):
     """Same function as ``cross_selective_scan_reference`` (materialised copies + one grouped scan, torch backend),
     with B/C given as strided views the way SS2D produces them (a split of a (b, K, R+2N, *S) projection)."""
-    tuning(T=16, BD=2, n_seg_fwd=2, n_seg_bwd=2, CPB_bwd=1)
+    tuning(T=16, BD=2)
     orders = cross_scan_orders(2)
     inp = make(1, 4, (4, 6), 3, 4, seed=3, device=dev)
     g = torch.Generator().manual_seed(5)

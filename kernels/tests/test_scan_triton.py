@@ -1,9 +1,10 @@
 """The Triton selective scan against the float64 oracle: outputs, last state and every gradient.
 
-On CPU these run through Triton's interpreter (see conftest.py) at small sizes with small tiles (chunk T = 16) so
-that every code path is exercised: several chunks, L not a multiple of T, L = 1, several segments in the forward and
-backward passes, several channel blocks per group (B/C gradient partial sums), channel tiles that do not divide the
-group, every B/C layout and dtype. Full sizes run on the GPU (``-m cuda``).
+On CPU these run through Triton's interpreter (see conftest.py) at small sizes with small tiles (chunk T = 8 or 16,
+backward blocks F = 2..8) so that every code path is exercised: several chunks (the forward and backward carries),
+L not a multiple of T, L = 1, several blocks per chunk, several channel blocks per group (B/C gradient partial sums),
+channel tiles that do not divide the group, channels-last inputs, every B/C layout and dtype. Full sizes run on the
+GPU (``-m cuda``).
 """
 import pytest
 import torch
@@ -79,13 +80,13 @@ def check_against_oracle(tk, inp, softplus=True, use=("D", "z", "delta_bias"), t
 # (b, d, L, N, layout, groups, tuning)
 CASES = [
     (2, 4, 1, 3, "shared", 1, dict(T=16, BD=2)),  # L = 1
-    (1, 4, 37, 4, "shared", 1, dict(T=16, BD=2)),  # 3 chunks, L % T != 0, one segment
-    (2, 4, 70, 4, "grouped", 2, dict(T=16, BD=2, n_seg_fwd=3, n_seg_bwd=3, CPB_bwd=1)),  # segments
-    (1, 6, 50, 5, "grouped", 2, dict(T=16, BD=2, n_seg_fwd=2, n_seg_bwd=4, CPB_bwd=2)),  # dg=3: tile overhang
-    (2, 8, 45, 2, "const", 1, dict(T=16, BD=2, n_seg_fwd=3, n_seg_bwd=2, CPB_bwd=2)),  # constant B/C
-    (1, 8, 64, 16, "grouped", 4, dict(T=16, BD=1, n_seg_fwd=4, n_seg_bwd=4, CPB_bwd=1)),  # 4 groups, exact L
-    (1, 4, 33, 1, "shared", 1, dict(T=16, BD=4, n_seg_fwd=3, n_seg_bwd=3)),  # N = 1
-    (2, 6, 40, 3, "shared", 1, dict(T=16, BD=4, n_seg_fwd=1, n_seg_bwd=3, CPB_bwd=2)),  # channel blocks + partials
+    (1, 4, 37, 4, "shared", 1, dict(T=16, BD=2, F=8)),  # 3 chunks, L % T != 0
+    (2, 4, 70, 4, "grouped", 2, dict(T=8, BD=2, F=2)),  # 9 chunks, 4 blocks each
+    (1, 6, 50, 5, "grouped", 2, dict(T=16, BD=2, F=4)),  # dg=3: tile overhang
+    (2, 8, 45, 2, "const", 1, dict(T=16, BD=2)),  # constant B/C
+    (1, 8, 64, 16, "grouped", 4, dict(T=16, BD=1)),  # 4 groups, exact L
+    (1, 4, 33, 1, "shared", 1, dict(T=16, BD=4)),  # N = 1
+    (2, 6, 40, 3, "shared", 1, dict(T=16, BD=2, U=2)),  # 3 channel blocks per group + partials
 ]
 
 
@@ -98,20 +99,20 @@ def test_matches_oracle(tk, tuning, dev, b, d, L, N, layout, groups, tune):
 
 @pytest.mark.parametrize("use", [(), ("D",), ("z",), ("delta_bias",)])
 def test_optional_inputs_and_no_softplus(tk, tuning, dev, use):
-    tuning(T=16, BD=2, n_seg_fwd=2, n_seg_bwd=2, CPB_bwd=1)
+    tuning(T=16, BD=2)
     inp = make_inputs(2, 4, 41, 4, "grouped", seed=len(use), device=dev, positive=True)
     check_against_oracle(tk, inp, softplus=False, use=use)
 
 
 def test_without_last_state(tk, tuning, dev):
-    tuning(T=16, BD=2, n_seg_fwd=2, n_seg_bwd=2)
+    tuning(T=16, BD=2)
     check_against_oracle(tk, make_inputs(1, 4, 30, 4, "shared", seed=3, device=dev), with_last=False)
     check_against_oracle(tk, make_inputs(1, 4, 30, 4, "shared", seed=4, device=dev), grad_last=False)
 
 
 def test_mixed_layouts_and_strided_bc(tk, tuning, dev):
     """B time-varying and C constant (and the reverse); B/C given as transposed views (b, N, L) of (b, L, N)."""
-    tuning(T=16, BD=2, n_seg_fwd=2, n_seg_bwd=2, CPB_bwd=2)
+    tuning(T=16, BD=2)
     check_against_oracle(tk, make_inputs(2, 4, 35, 3, "shared", c_layout="const", seed=11, device=dev))
     check_against_oracle(tk, make_inputs(2, 4, 35, 3, "const", c_layout="grouped", groups=2, seed=12, device=dev))
     inp = make_inputs(2, 4, 35, 3, "shared", seed=13, device=dev)
@@ -127,14 +128,14 @@ def test_half_inputs_fp32_state(tk, tuning, dev, dtype):
 
     The oracle runs in float64 on the same (rounded) inputs; the output and the gradients are only rounded to the
     input dtype once at the end, so they land within a few half-precision ulps."""
-    tuning(T=16, BD=2, n_seg_fwd=2, n_seg_bwd=2, CPB_bwd=1)
+    tuning(T=16, BD=2)
     inp = make_inputs(2, 4, 40, 4, "grouped", dtype=dtype, seed=5, device=dev)
     check_against_oracle(tk, inp, tol=1e-2, gtol=1.5e-2)
 
 
 def test_large_steps_stay_finite(tk, tuning, dev):
     """delta*A of -hundreds per step over many chunks and segments: no overflow, no NaN (no exp(-cumsum) tricks)."""
-    tuning(T=16, BD=2, n_seg_fwd=4, n_seg_bwd=4)
+    tuning(T=16, BD=2)
     inp = make_inputs(1, 4, 150, 4, "shared", seed=9, device=dev)
     inp["delta"] = inp["delta"] * 0 + 30.0
     check_against_oracle(tk, inp)
@@ -142,7 +143,7 @@ def test_large_steps_stay_finite(tk, tuning, dev):
 
 def test_softplus_both_branches(tk, tuning, dev):
     """delta + bias spread over [-30, 30]: the x > 20 branch, the log1p branch and its far tail (tiny steps)."""
-    tuning(T=16, BD=2, n_seg_fwd=2, n_seg_bwd=2)
+    tuning(T=16, BD=2)
     inp = make_inputs(2, 4, 60, 4, "shared", seed=14, device=dev)
     g = torch.Generator().manual_seed(15)
     inp["delta"] = (torch.rand(2, 4, 60, generator=g) * 60 - 30).to(dev)
@@ -152,7 +153,7 @@ def test_softplus_both_branches(tk, tuning, dev):
 
 def test_positive_decay_matches_oracle(tk, tuning, dev):
     """A > 0 (growing state) is still the same recurrence (segment summaries use exp(A * sum dt))."""
-    tuning(T=16, BD=2, n_seg_fwd=3, n_seg_bwd=3)
+    tuning(T=16, BD=2)
     inp = make_inputs(1, 2, 48, 2, "shared", seed=10, device=dev)
     inp["A"] = inp["A"].abs() * 0.05
     check_against_oracle(tk, inp)
@@ -161,6 +162,28 @@ def test_positive_decay_matches_oracle(tk, tuning, dev):
 def test_default_plan_matches_oracle(tk, dev):
     """No overrides: the launch plan the package uses (interpreted: chunk >= 16, whatever the machine)."""
     check_against_oracle(tk, make_inputs(2, 4, 100, 4, "grouped", seed=21, device=dev))
+
+
+def test_channels_last_inputs(tk, tuning, dev):
+    """u, delta, z and B/C as channels-last views (the layout a Linear produces): same results, and the output and
+    input gradients keep that layout."""
+    tuning(T=16, BD=4, F=4)
+    inp = make_inputs(2, 8, 45, 4, "grouped", groups=2, seed=17, device=dev)
+    for k in ("u", "delta", "z"):
+        inp[k] = inp[k].transpose(1, 2).contiguous().transpose(1, 2)
+    for k in ("B", "C"):
+        inp[k] = inp[k].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    check_against_oracle(tk, inp)
+    x = leaves(inp)
+    y = call(tk.selective_scan_triton, x, True, False)
+    assert y.stride() == inp["u"].stride()
+    y.sum().backward()
+    assert x["u"].grad.stride() == inp["u"].stride() and x["delta"].grad.stride() == inp["delta"].stride()
+
+
+def test_unknown_tuning_key(tk):
+    with pytest.raises(ValueError, match="unknown keys"):
+        tk.set_tuning(n_seg_fwd=2)
 
 
 def test_rejects_bad_groups(tk, dev):

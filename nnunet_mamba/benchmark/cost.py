@@ -239,10 +239,14 @@ def run_cost(specs: Sequence[TrainerSpec], source: PlansSource, configuration: s
              compile_networks: bool = True, notes: Sequence[str] = (), plot: bool = True) -> dict:
     """Measure every spec; writes cost.{md,csv,json,png} (tables rewritten after each trainer); returns the JSON."""
     os.makedirs(out_dir, exist_ok=True)
+    if device.type == "cuda":  # as nnUNetv2_train and nnUNetv2_predict do: cuDNN picks its algorithms by timing
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.deterministic = False
     meta = {"benchmark": "cost", "plans_source": source.description, "dataset": source.dataset_name,
             "configuration": configuration, "batch_size_override": batch_size, "warmup": warmup,
             "repeats": repeats, "compile": "as the trainer does (nnUNet_compile honoured)" if compile_networks
-            else "off (nnUNet_compile=false)", "notes": list(notes), **environment_info(device)}
+            else "off (nnUNet_compile=false)", "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "notes": list(notes), **environment_info(device)}
     if not specs:
         raise ValueError("no trainers to benchmark")
     rows: list[dict] = []
