@@ -3,8 +3,8 @@
 ``kernels/bench_scan.py`` times both backends (forward + backward) on the anchor and network shapes and writes
 ``kernels/auto_table.json``. A call is matched to the nearest measured shape of the same kind (plain scan or fused
 cross-scan), precision class and input layout ((b, d, L)-contiguous or channels-last), by distance in
-(log2(batch * channels), log2(L)); the backend that was faster there is chosen. Without a table entry of that kind no preference is expressed (the registry then falls back to
-backend priority). Importing this module does not import triton.
+(log2(batch * channels), log2(L)); the backend that was faster there is chosen. Without a measured entry of that
+kind, precision class and layout no preference is expressed (the registry then falls back to backend priority). Importing this module does not import triton.
 """
 from __future__ import annotations
 
@@ -34,8 +34,7 @@ def nearest_entry(kind: str, batch_channels: int, L: int, half: bool, table: Opt
     table = load_table() if table is None else table
     rows = [e for e in table.get("entries", []) if e.get("kind") == kind
             and e.get("triton_ms") is not None and e.get("mamba_ssm_ms") is not None]
-    for match in (lambda e: (e.get("dtype") != "fp32") == half, lambda e: e.get("layout", "contiguous") == layout):
-        rows = [e for e in rows if match(e)] or rows
+    rows = [e for e in rows if (e.get("dtype") != "fp32") == half and e.get("layout", "contiguous") == layout]
     if not rows:
         return None
     _, x, y = _key(kind, batch_channels, L)
