@@ -12,11 +12,14 @@
 #
 # Steps, from the project root (a call carries at most 64 MiB: SimpleITK's wheel alone is 53 MB, so `stage` repacks it
 # with xz, ~28 MB, and fetches only the pure-import dependencies the GPU image lacks):
-#   CPU machine:  bash benchmarks/h100_cost.sh stage
+#   CPU machine:  bash benchmarks/h100_cost.sh stage      (with the project's venv first on PATH: the mamba-ssm
+#                                                         sdists are staged too, and their metadata needs torch)
 #                 -> .gpu-nnunet/ (nnU-Net + deps, ~20 MB) and .gpu-sitk/sitk.tar.xz (~28 MB); both git-ignored
 #   GPU call:     carry [".gpu-nnunet", ".gpu-sitk"]
 #                 command: bash benchmarks/h100_cost.sh install && bash benchmarks/h100_cost.sh check &&
 #                          bash benchmarks/h100_cost.sh run 3d && bash benchmarks/h100_cost.sh run 2d
+#                 (on the H100 with MAMBA_SSM=1: ~40 s install, ~150 s build, ~290 s 3d, ~105 s 2d: near a call's
+#                  10 minutes, so `run 2d` may go into a second call on the still-warm machine)
 #   (installed files live in /tmp/site and stay while the machine stays warm; results go to $OUT/3d, $OUT/2d:
 #    cost.md/.csv/.json/.png, rewritten after every trainer, so a call that times out keeps what it measured.)
 #   Optional mamba-ssm backend: also carry ".gpu" (bash ../shared/tools/gpu/stage.sh) and prefix a run with

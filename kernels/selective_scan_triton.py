@@ -72,6 +72,23 @@ def _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP: tl.constexpr, FLIP: tl.constexpr):
         return l
 
 
+@triton.jit
+def _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VAR: tl.constexpr):
+    """One step's u, dt (softplus(delta + bias); 0 on masked lanes, so a masked step leaves the state alone),
+    the raw delta + bias, and B (a (BN, 1) column, or the constant (BN, BD) tile Bc)."""
+    u = tl.load(u_base + o * s_ul, mask=mk, other=0.0).to(tl.float32)
+    raw = tl.load(dt_base + o * s_dl, mask=mk, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += bias
+    dt = tl.where(mk, _softplus(raw) if SOFTPLUS else raw, 0.0)
+    if B_VAR:
+        Bx = tl.load(B_base + rn * s_Bn + o * s_Bl, mask=nm & lm, other=0.0).to(tl.float32)[:, None]
+    else:
+        Bx = Bc
+    return u, dt, raw, Bx
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # kernels
 
@@ -102,12 +119,11 @@ def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, 
     nm = rn < N
     m2 = nm[:, None] & cm[None, :]
     A2 = tl.load(A_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0) * LOG2E
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + c, mask=cm, other=0.0)
+    bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
     if HAS_D:
         Dv = tl.load(D_ptr + c, mask=cm, other=0.0)
-    if not B_VAR:
-        Bc = tl.load(B_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32)
+    Bc = tl.load(B_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32) if not B_VAR else 0.0
+    B_base = B_ptr + b * s_Bb + g * s_Bg
     if not C_VAR:
         Cc = tl.load(C_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32)
     srow = ((b * d + c[None, :]) * n_chunks + j) * N + rn1[:, None]
@@ -125,16 +141,8 @@ def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, 
             o = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
             lm = l < L
             mk = cm & lm
-            u = tl.load(u_base + o * s_ul, mask=mk, other=0.0).to(tl.float32)
-            raw = tl.load(dt_base + o * s_dl, mask=mk, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                raw += bias
-            dt = tl.where(mk, _softplus(raw) if SOFTPLUS else raw, 0.0)
-            if B_VAR:
-                Bx = tl.load(B_ptr + b * s_Bb + g * s_Bg + rn * s_Bn + o * s_Bl, mask=nm & lm,
-                             other=0.0).to(tl.float32)[:, None]
-            else:
-                Bx = Bc
+            u, dt, raw, Bx = _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn,
+                                          s_Bl, HAS_BIAS, SOFTPLUS, B_VAR)
             h = tl.exp2(A2 * dt[None, :]) * h + Bx * (dt * u)[None, :]
             if OUT:
                 if C_VAR:
@@ -209,7 +217,8 @@ def _carry_kernel(A_ptr, hloc_ptr, sloc_ptr, hin_ptr, init_ptr, d, N, n_chunks,
 def _bsum_kernel(dt_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
                  L, d, dg, N, n_chunks, cbg, one,
                  s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_Cb, s_Cg, s_Cn, s_Cl, Q1, Q2, R0, R1, R2,
-                 HAS_MAP: tl.constexpr, FLIP: tl.constexpr, C_VAR: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                 HAS_MAP: tl.constexpr, FLIP: tl.constexpr, C_VAR: tl.constexpr, HAS_Z: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                  BD: tl.constexpr, BN: tl.constexpr, T, U: tl.constexpr):
     """Backward chunk summary: walking chunk j backwards from a zero carry, G_t = C_t dy_t + a_{t+1} G_{t+1};
     stores q[j] = a_{first} G_{first}, the carry the chunk passes to its left neighbour."""
@@ -263,8 +272,9 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
                 L, d, dg, N, n_chunks, cbg, one, hf_rs,
                 s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
                 s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_pc, s_pb, s_pg, s_pn, Q1, Q2, R0, R1, R2,
-                HAS_MAP: tl.constexpr, FLIP: tl.constexpr, GU_ACCUM: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                HAS_MAP: tl.constexpr, FLIP: tl.constexpr, GU_ACCUM: tl.constexpr, B_VAR: tl.constexpr,
+                C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr,
                 BD: tl.constexpr, BN: tl.constexpr, T, F: tl.constexpr):
     """Gradients of chunk j. (1) Walk the chunk forward from its entering state, writing the state entering every
     block of F steps to the scratch hf. (2) Walk the blocks backwards: recompute the block's F states into
@@ -282,12 +292,12 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
     nm = rn < N
     m2 = nm[:, None] & cm[None, :]
     A2 = tl.load(A_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0) * LOG2E
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + c, mask=cm, other=0.0)
+    bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
     if HAS_D:
         Dv = tl.load(D_ptr + c, mask=cm, other=0.0)
+    Bc = tl.load(B_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32) if not B_VAR else 0.0
+    B_base = B_ptr + b * s_Bb + g * s_Bg
     if not B_VAR:
-        Bc = tl.load(B_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32)
         gBc = tl.zeros((BN, BD), tl.float32)
     if not C_VAR:
         Cc = tl.load(C_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32)
@@ -303,17 +313,10 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
         for k in tl.static_range(F):
             l = j * T + f * F + k
             o = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-            mk = cm & (l < L)
-            u = tl.load(u_base + o * s_ul, mask=mk, other=0.0).to(tl.float32)
-            raw = tl.load(dt_base + o * s_dl, mask=mk, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                raw += bias
-            dt = tl.where(mk, _softplus(raw) if SOFTPLUS else raw, 0.0)
-            if B_VAR:
-                Bx = tl.load(B_ptr + b * s_Bb + g * s_Bg + rn * s_Bn + o * s_Bl, mask=nm & (l < L),
-                             other=0.0).to(tl.float32)[:, None]
-            else:
-                Bx = Bc
+            lm = l < L
+            mk = cm & lm
+            u, dt, raw, Bx = _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn,
+                                          s_Bl, HAS_BIAS, SOFTPLUS, B_VAR)
             h = tl.exp2(A2 * dt[None, :]) * h + Bx * (dt * u)[None, :]
     # (2) backward over the blocks
     R = tl.load(rin_ptr + ((b * d + c[None, :]) * n_chunks + j) * N + rn1[:, None], mask=m2, other=0.0)
@@ -330,17 +333,10 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
         for k in tl.static_range(F):
             l = j * T + f * F + k
             o = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-            mk = cm & (l < L)
-            u = tl.load(u_base + o * s_ul, mask=mk, other=0.0).to(tl.float32)
-            raw = tl.load(dt_base + o * s_dl, mask=mk, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                raw += bias
-            dt = tl.where(mk, _softplus(raw) if SOFTPLUS else raw, 0.0)
-            if B_VAR:
-                Bx = tl.load(B_ptr + b * s_Bb + g * s_Bg + rn * s_Bn + o * s_Bl, mask=nm & (l < L),
-                             other=0.0).to(tl.float32)[:, None]
-            else:
-                Bx = Bc
+            lm = l < L
+            mk = cm & lm
+            u, dt, raw, Bx = _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn,
+                                          s_Bl, HAS_BIAS, SOFTPLUS, B_VAR)
             hs = hs + (h,)  # the state before step k
             h = tl.exp2(A2 * dt[None, :]) * h + Bx * (dt * u)[None, :]
             dts = dts + (dt,)
@@ -355,8 +351,7 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
             dt = dts[k]
             u = us[k]
             if B_VAR:
-                Bx = tl.load(B_ptr + b * s_Bb + g * s_Bg + rn * s_Bn + o * s_Bl, mask=nm & lm,
-                             other=0.0).to(tl.float32)[:, None]
+                Bx = tl.load(B_base + rn * s_Bn + o * s_Bl, mask=nm & lm, other=0.0).to(tl.float32)[:, None]
             else:
                 Bx = Bc
             if C_VAR:
