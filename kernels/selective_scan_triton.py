@@ -73,6 +73,26 @@ def _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP: tl.constexpr, FLIP: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(A_ptr, dg, N, cbg, one, BD: tl.constexpr, BN: tl.constexpr):
+    """A program's chunk j, batch b, group g, channel block cbi, its channels c (mask cm), the state index rn (and
+    rn1 = rn * one: see _chunk_kernel), the (BN, BD) mask m2 and A * log2(e) as a (BN, BD) tile."""
+    j = tl.program_id(0)
+    cb = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    g = cb // cbg
+    cbi = cb % cbg
+    cl = cbi * BD + tl.arange(0, BD)
+    cm = cl < dg
+    c = g * dg + cl
+    rn = tl.arange(0, BN)
+    rn1 = rn * one
+    nm = rn < N
+    m2 = nm[:, None] & cm[None, :]
+    A2 = tl.load(A_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0) * LOG2E
+    return j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2
+
+
+@triton.jit
 def _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VAR: tl.constexpr):
     """One step's u, dt (softplus(delta + bias); 0 on masked lanes, so a masked step leaves the state alone),
@@ -107,18 +127,7 @@ def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, 
     # thread holds all BN states of one channel and the sums over n stay inside the thread. The state index is
     # multiplied by the runtime 1 `one` so that no load looks contiguous along n (which would make Triton spread
     # n over the lanes instead).
-    rn1 = tl.arange(0, BN) * one
-    j = tl.program_id(0)
-    cb = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    g = cb // cbg
-    cl = (cb % cbg) * BD + tl.arange(0, BD)
-    cm = cl < dg
-    c = g * dg + cl
-    rn = tl.arange(0, BN)
-    nm = rn < N
-    m2 = nm[:, None] & cm[None, :]
-    A2 = tl.load(A_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0) * LOG2E
+    j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, dg, N, cbg, one, BD, BN)
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
     if HAS_D:
         Dv = tl.load(D_ptr + c, mask=cm, other=0.0)
@@ -222,18 +231,7 @@ def _bsum_kernel(dt_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
                  BD: tl.constexpr, BN: tl.constexpr, T, U: tl.constexpr):
     """Backward chunk summary: walking chunk j backwards from a zero carry, G_t = C_t dy_t + a_{t+1} G_{t+1};
     stores q[j] = a_{first} G_{first}, the carry the chunk passes to its left neighbour."""
-    j = tl.program_id(0)
-    cb = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    g = cb // cbg
-    cl = (cb % cbg) * BD + tl.arange(0, BD)
-    cm = cl < dg
-    c = g * dg + cl
-    rn = tl.arange(0, BN)
-    rn1 = rn * one
-    nm = rn < N
-    m2 = nm[:, None] & cm[None, :]
-    A2 = tl.load(A_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0) * LOG2E
+    j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, dg, N, cbg, one, BD, BN)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + c, mask=cm, other=0.0)
     if not C_VAR:
@@ -279,19 +277,7 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
     """Gradients of chunk j. (1) Walk the chunk forward from its entering state, writing the state entering every
     block of F steps to the scratch hf. (2) Walk the blocks backwards: recompute the block's F states into
     registers, then walk them backwards with the carry R (R_t = a_t G_t; the chunk's last step gets rin[j])."""
-    j = tl.program_id(0)
-    cb = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    g = cb // cbg
-    cbi = cb % cbg
-    cl = cbi * BD + tl.arange(0, BD)
-    cm = cl < dg
-    c = g * dg + cl
-    rn = tl.arange(0, BN)
-    rn1 = rn * one
-    nm = rn < N
-    m2 = nm[:, None] & cm[None, :]
-    A2 = tl.load(A_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0) * LOG2E
+    j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, dg, N, cbg, one, BD, BN)
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
     if HAS_D:
         Dv = tl.load(D_ptr + c, mask=cm, other=0.0)
