@@ -11,7 +11,8 @@ with every input requiring grad. "copy %" is the minimum bytes (every input read
 over the time, as a fraction of the measured device-to-device copy bandwidth.
 
 Writes ``BENCHMARK.md`` (table, GPU, date) and ``auto_table.json`` (the measured winners "auto" uses) to --out
-(default: this folder). --sweep times launch-plan variants (selective_scan_triton.set_tuning keys) on key shapes instead.
+(default: this folder). --sweep instead times launch-plan variants (selective_scan_triton.set_tuning keys) on key
+shapes.
 """
 from __future__ import annotations
 
@@ -82,17 +83,11 @@ def scan_bytes(b, d, L, G, dtype):
     return fwd, fwd + bwd
 
 
-def channels_last(t):
-    """Same values, channel (or N) axis fastest in memory: the layout of a Linear's output viewed as (b, d, L)."""
-    if t.dim() < 3:
-        return t
-    return t.detach().movedim(-1, -2).contiguous().movedim(-1, -2).requires_grad_(t.requires_grad)
-
-
 def time_scan(fn, b, d, L, G, dtype, layout="contiguous"):
     """(fwd ms, fwd+bwd ms) of fn(u, delta, A, B, C, D, z, delta_bias, softplus); inputs and the output gradient
     (b, d, L)-contiguous or channels-last."""
-    conv = channels_last if layout == "channels-last" else (lambda t: t)
+    conv = (lambda t: sst.channels_last(t.detach()).requires_grad_(t.requires_grad)) if layout == "channels-last" \
+        else (lambda t: t)
     x = {k: conv(v) for k, v in scan_inputs(b, d, L, G, dtype, grad=False).items()}
 
     def fwd():
@@ -291,8 +286,8 @@ def render(rows, bw, gpu, date):
         "once) / time, as a fraction of the copy bandwidth. Cross-scan row: Triton = fused multi-direction form; "
         "mamba-ssm = reference path (K re-ordered copies + one grouped scan + merge).",
         "",
-        "| shape | (b, d, L) | dtype, input layout | Triton fwd ms | Triton fwd+bwd ms | mamba-ssm fwd ms | mamba-ssm fwd+bwd ms "
-        "| speed-up fwd | speed-up fwd+bwd | Triton copy % fwd | Triton copy % fwd+bwd |",
+        "| shape | (b, d, L) | dtype, input layout | Triton fwd ms | Triton fwd+bwd ms | mamba-ssm fwd ms "
+        "| mamba-ssm fwd+bwd ms | speed-up fwd | speed-up fwd+bwd | Triton copy % fwd | Triton copy % fwd+bwd |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, shape, dts, res, fb, fbb in rows:

@@ -93,20 +93,31 @@ def _program_tile(A_ptr, dg, N, cbg, one, BD: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
-                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VAR: tl.constexpr):
-    """One step's u, dt (softplus(delta + bias); 0 on masked lanes, so a masked step leaves the state alone),
-    the raw delta + bias, and B (a (BN, 1) column, or the constant (BN, BD) tile Bc)."""
-    u = tl.load(u_base + o * s_ul, mask=mk, other=0.0).to(tl.float32)
+def _step_dt(dt_base, o, mk, bias, s_dl, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """One step's dt = softplus(delta + bias) (0 on masked lanes, so a masked step leaves the state alone) and the
+    raw delta + bias."""
     raw = tl.load(dt_base + o * s_dl, mask=mk, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw += bias
-    dt = tl.where(mk, _softplus(raw) if SOFTPLUS else raw, 0.0)
-    if B_VAR:
-        Bx = tl.load(B_base + rn * s_Bn + o * s_Bl, mask=nm & lm, other=0.0).to(tl.float32)[:, None]
+    return tl.where(mk, _softplus(raw) if SOFTPLUS else raw, 0.0), raw
+
+
+@triton.jit
+def _bc_column(base, const, o, rn, nm, lm, s_n, s_l, VAR: tl.constexpr):
+    """B_t or C_t: the (BN, 1) column of a time-varying B/C at offset o, or the constant (BN, BD) tile."""
+    if VAR:
+        return tl.load(base + rn * s_n + o * s_l, mask=nm & lm, other=0.0).to(tl.float32)[:, None]
     else:
-        Bx = Bc
-    return u, dt, raw, Bx
+        return const
+
+
+@triton.jit
+def _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VAR: tl.constexpr):
+    """One step's u, dt, raw delta + bias (_step_dt) and B (_bc_column)."""
+    u = tl.load(u_base + o * s_ul, mask=mk, other=0.0).to(tl.float32)
+    dt, raw = _step_dt(dt_base, o, mk, bias, s_dl, HAS_BIAS, SOFTPLUS)
+    return u, dt, raw, _bc_column(B_base, Bc, o, rn, nm, lm, s_Bn, s_Bl, B_VAR)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -133,8 +144,8 @@ def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, 
         Dv = tl.load(D_ptr + c, mask=cm, other=0.0)
     Bc = tl.load(B_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32) if not B_VAR else 0.0
     B_base = B_ptr + b * s_Bb + g * s_Bg
-    if not C_VAR:
-        Cc = tl.load(C_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32)
+    Cc = tl.load(C_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32) if not C_VAR else 0.0
+    C_base = C_ptr + b * s_Cb + g * s_Cg
     srow = ((b * d + c[None, :]) * n_chunks + j) * N + rn1[:, None]
     if OUT:
         h = tl.load(hin_ptr + srow, mask=m2, other=0.0)
@@ -154,12 +165,7 @@ def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, 
                                           s_Bl, HAS_BIAS, SOFTPLUS, B_VAR)
             h = tl.exp2(A2 * dt[None, :]) * h + Bx * (dt * u)[None, :]
             if OUT:
-                if C_VAR:
-                    Cx = tl.load(C_ptr + b * s_Cb + g * s_Cg + rn * s_Cn + o * s_Cl, mask=nm & lm,
-                                 other=0.0).to(tl.float32)[:, None]
-                else:
-                    Cx = Cc
-                y = tl.sum(h * Cx, axis=0)
+                y = tl.sum(h * _bc_column(C_base, Cc, o, rn, nm, lm, s_Cn, s_Cl, C_VAR), axis=0)
                 if HAS_D:
                     y += Dv * u
                 if HAS_Z:
@@ -232,10 +238,10 @@ def _bsum_kernel(dt_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
     """Backward chunk summary: walking chunk j backwards from a zero carry, G_t = C_t dy_t + a_{t+1} G_{t+1};
     stores q[j] = a_{first} G_{first}, the carry the chunk passes to its left neighbour."""
     j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, dg, N, cbg, one, BD, BN)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + c, mask=cm, other=0.0)
-    if not C_VAR:
-        Cc = tl.load(C_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
+    Cc = tl.load(C_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32) if not C_VAR else 0.0
+    C_base = C_ptr + b * s_Cb + g * s_Cg
+    dt_base = dt_ptr + b * s_db + c * s_dd
     G = tl.zeros((BN, BD), tl.float32)
     an = tl.zeros((BN, BD), tl.float32)
     l1 = j * T + T - 1
@@ -245,20 +251,12 @@ def _bsum_kernel(dt_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
             o = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
             lm = l < L
             mk = cm & lm
-            raw = tl.load(dt_ptr + b * s_db + c * s_dd + o * s_dl, mask=mk, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                raw += bias
-            dt = tl.where(mk, _softplus(raw) if SOFTPLUS else raw, 0.0)
+            dt, raw = _step_dt(dt_base, o, mk, bias, s_dl, HAS_BIAS, SOFTPLUS)
             dy = tl.load(g_ptr + b * s_gb + c * s_gd + o * s_gl, mask=mk, other=0.0).to(tl.float32)
             if HAS_Z:
                 zz = tl.load(z_ptr + b * s_zb + c * s_zd + o * s_zl, mask=mk, other=0.0).to(tl.float32)
                 dy = dy * (zz * tl.sigmoid(zz))
-            if C_VAR:
-                Cx = tl.load(C_ptr + b * s_Cb + g * s_Cg + rn * s_Cn + o * s_Cl, mask=nm & lm,
-                             other=0.0).to(tl.float32)[:, None]
-            else:
-                Cx = Cc
-            G = an * G + Cx * dy[None, :]
+            G = an * G + _bc_column(C_base, Cc, o, rn, nm, lm, s_Cn, s_Cl, C_VAR) * dy[None, :]
             an = tl.exp2(A2 * dt[None, :])
     tl.store(q_ptr + ((b * d + c[None, :]) * n_chunks + j) * N + rn1[:, None], an * G, mask=m2)
 
@@ -269,7 +267,7 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
                 gu_ptr, gdt_ptr, gz_ptr, gBp_ptr, gCp_ptr, gAp_ptr, gDp_ptr, gbp_ptr,
                 L, d, dg, N, n_chunks, cbg, one, hf_rs,
                 s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
-                s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_pc, s_pb, s_pg, s_pn, Q1, Q2, R0, R1, R2,
+                s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_pc, s_pb, s_pg, Q1, Q2, R0, R1, R2,
                 HAS_MAP: tl.constexpr, FLIP: tl.constexpr, GU_ACCUM: tl.constexpr, B_VAR: tl.constexpr,
                 C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr,
@@ -285,8 +283,9 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
     B_base = B_ptr + b * s_Bb + g * s_Bg
     if not B_VAR:
         gBc = tl.zeros((BN, BD), tl.float32)
+    Cc = tl.load(C_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32) if not C_VAR else 0.0
+    C_base = C_ptr + b * s_Cb + g * s_Cg
     if not C_VAR:
-        Cc = tl.load(C_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32)
         gCc = tl.zeros((BN, BD), tl.float32)
     u_base = u_ptr + b * s_ub + c * s_ud
     dt_base = dt_ptr + b * s_db + c * s_dd
@@ -336,15 +335,8 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
             hp = hs[k]
             dt = dts[k]
             u = us[k]
-            if B_VAR:
-                Bx = tl.load(B_base + rn * s_Bn + o * s_Bl, mask=nm & lm, other=0.0).to(tl.float32)[:, None]
-            else:
-                Bx = Bc
-            if C_VAR:
-                Cx = tl.load(C_ptr + b * s_Cb + g * s_Cg + rn * s_Cn + o * s_Cl, mask=nm & lm,
-                             other=0.0).to(tl.float32)[:, None]
-            else:
-                Cx = Cc
+            Bx = _bc_column(B_base, Bc, o, rn, nm, lm, s_Bn, s_Bl, B_VAR)
+            Cx = _bc_column(C_base, Cc, o, rn, nm, lm, s_Cn, s_Cl, C_VAR)
             du = dt * u
             a = tl.exp2(A2 * dt[None, :])
             h = a * hp + Bx * du[None, :]
@@ -377,7 +369,7 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
             tl.store(guptr, gu, mask=mk)
             tl.store(gdt_ptr + b * s_db + c * s_dd + o * s_dl, gdt, mask=mk)
             gA += ghx * dt[None, :]
-            pofs = cbi * s_pc + b * s_pb + g * s_pg + o * N + rn * s_pn
+            pofs = cbi * s_pc + b * s_pb + g * s_pg + o * N + rn
             if B_VAR:
                 tl.store(gBp_ptr + pofs, tl.sum(Gt * du[None, :], axis=1), mask=nm & lm)
             else:
@@ -468,6 +460,9 @@ class _Plan:
             T = triton.next_power_of_2(triton.cdiv(L, want))
         self.T = max(T, self.U, F)
         self.F = F
+        if self.T % self.U or self.T % F:  # a chunk is walked in groups of U steps and blocks of F steps
+            raise ValueError(f"selective_scan (triton): chunk length T={self.T} must be a multiple of U={self.U} and "
+                             f"F={F} (set_tuning)")
         self.n_chunks = triton.cdiv(L, self.T)
         self.grid = (self.n_chunks, G * self.cbg, b)
         self.carry_BD = min(32, triton.next_power_of_2(d))
@@ -548,7 +543,7 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
     # time-varying B/C gradients per channel block as (b, G, positions, N): a step's N values are contiguous
     gBp = torch.empty(plan.cbg, b, G, npos, N, device=dev, dtype=f32) if B_VAR else torch.empty_like(gAp)
     gCp = torch.empty(plan.cbg, b, G, npos, N, device=dev, dtype=f32) if C_VAR else torch.empty_like(gAp)
-    s_p = (gBp if B_VAR else gCp).stride()[:3] + (1,) if (B_VAR or C_VAR) else (0, 0, 0, 0)
+    s_p = (gBp if B_VAR else gCp).stride()[:3] if (B_VAR or C_VAR) else (0, 0, 0)
     _bwd_kernel[plan.grid](
         u, dt, zt, gout, A, D if D is not None else A, bt, B, C, hin, rin, hf,
         gu, gdt, gz if gz is not None else gu, gBp, gCp, gAp, gDp, gbp,
@@ -608,7 +603,7 @@ class _ScanFn(torch.autograd.Function):
         return (gu, gdt, gA, gB.reshape(B.shape).to(B.dtype), gC.reshape(C.shape).to(C.dtype), gD, gz, gbias, None)
 
 
-def _channels_last(t):
+def channels_last(t):
     """The same (b, d, L) / (b, [G,] N, L) values with the channel (or N) axis fastest in memory; a copy only when it
     is not already so. The kernels' loads along the channels are then coalesced (module docstring)."""
     if t is None or t.dim() < 3 or t.stride(-2) == 1:
@@ -628,7 +623,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         raise NotImplementedError("selective_scan (triton): complex A is not supported; use backend='torch'")
     if delta.shape != u.shape or (z is not None and z.shape != u.shape):
         raise ValueError("selective_scan: u, delta (and z) must have the same (batch, dim, L) shape")
-    u, delta, z, B, C = (_channels_last(t) for t in (u, delta, z, B, C))
+    u, delta, z, B, C = (channels_last(t) for t in (u, delta, z, B, C))
     out, last = _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
     return (out, last) if return_last_state else out
 

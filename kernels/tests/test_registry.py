@@ -61,8 +61,8 @@ def test_auto_resolves_by_measurement(monkeypatch):
     assert scan_mod._resolve("auto", torch.empty(2, 64, 200000), None).name == "triton"
     assert scan_mod._resolve("auto", torch.empty(2, 640, 4096), None).name == "mamba_ssm"
     monkeypatch.setattr(scan_mod._BACKENDS["mamba_ssm"], "why_unavailable", lambda dev: "absent")
-    # without mamba-ssm, triton still only where measured faster; elsewhere the torch backend (triton has open
-    # compiled-mode GPU test failures, docs/kernels.md)
+    # without mamba-ssm, triton still only where measured faster; elsewhere the torch backend (no unmeasured
+    # fallback to triton)
     assert scan_mod._resolve("auto", torch.empty(2, 640, 4096), None).name == "torch"
     assert scan_mod._resolve("auto", torch.empty(2, 64, 200000), None).name == "triton"
 

@@ -134,7 +134,7 @@ def test_half_inputs_fp32_state(tk, tuning, dev, dtype):
 
 
 def test_large_steps_stay_finite(tk, tuning, dev):
-    """delta*A of -hundreds per step over many chunks and segments: no overflow, no NaN (no exp(-cumsum) tricks)."""
+    """delta*A of -hundreds per step over many chunks: no overflow, no NaN (no exp(-cumsum) tricks)."""
     tuning(T=16, BD=2)
     inp = make_inputs(1, 4, 150, 4, "shared", seed=9, device=dev)
     inp["delta"] = inp["delta"] * 0 + 30.0
@@ -152,7 +152,7 @@ def test_softplus_both_branches(tk, tuning, dev):
 
 
 def test_positive_decay_matches_oracle(tk, tuning, dev):
-    """A > 0 (growing state) is still the same recurrence (segment summaries use exp(A * sum dt))."""
+    """A > 0 (growing state) is still the same recurrence (the chunk carries use exp(A * sum dt))."""
     tuning(T=16, BD=2)
     inp = make_inputs(1, 2, 48, 2, "shared", seed=10, device=dev)
     inp["A"] = inp["A"].abs() * 0.05
@@ -184,6 +184,12 @@ def test_channels_last_inputs(tk, tuning, dev):
 def test_unknown_tuning_key(tk):
     with pytest.raises(ValueError, match="unknown keys"):
         tk.set_tuning(n_seg_fwd=2)
+
+
+def test_rejects_a_chunk_that_is_not_whole_steps_and_blocks(tk, tuning, dev):
+    tuning(T=12, F=8)  # a chunk is walked in blocks of F steps: T must be a multiple of F (and of U)
+    with pytest.raises(ValueError, match="multiple of"):
+        call(tk.selective_scan_triton, make_inputs(1, 4, 30, 4, "shared", device=dev), True, False)
 
 
 def test_rejects_bad_groups(tk, dev):
@@ -238,7 +244,7 @@ def test_full_size_matches_torch_backend(tk, b, d, L, N, layout, groups):
 @pytest.mark.parametrize("layout,groups,dtype", [("shared", 1, torch.float32), ("grouped", 4, torch.float32),
                                                  ("const", 1, torch.float32), ("grouped", 2, torch.bfloat16)])
 def test_gpu_matches_oracle(tk, layout, groups, dtype):
-    """Compiled kernels against the float64 oracle with the default launch plan (several chunks and segments)."""
+    """Compiled kernels against the float64 oracle with the default launch plan (several chunks)."""
     inp = make_inputs(2, 16, 3000, 16, layout, groups=groups, dtype=dtype, seed=4, device="cuda")
     tol, gtol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 1.5e-2)
     check_against_oracle(tk, inp, tol=tol, gtol=gtol)

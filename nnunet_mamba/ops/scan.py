@@ -280,8 +280,8 @@ def _triton_choose(u, B):
     return prefer_triton(u, B)
 
 
-# Priority below "torch": until the compiled-mode GPU failures recorded in docs/kernels.md (L = 1, very large
-# steps) are fixed, "auto" takes the Triton kernel only where its measured table says it beats mamba-ssm
-# (currently nowhere); NNUNET_MAMBA_SCAN_BACKEND=triton or backend="triton" selects it explicitly.
+# Priority below "torch": "auto" takes the Triton kernel only where its measured table (kernels/auto_table.json)
+# says it beats mamba-ssm for that shape, precision and input layout, never as an unmeasured fallback;
+# NNUNET_MAMBA_SCAN_BACKEND=triton or backend="triton" selects it explicitly.
 register_backend("triton", _selective_scan_triton, _triton_unavailable, priority=-5,
                  cross_fn=_cross_selective_scan_triton, choose=_triton_choose)
