@@ -98,7 +98,7 @@ def profile_step(step, name, top=12):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
 
 
-def measure(name, steps, warmup, profile=False):
+def measure(name, steps, warmup, profile=0):
     build, shape, batch, k, precision, opt_kind = CASES[name]
     torch.manual_seed(0)
     net = build().cuda()
@@ -135,7 +135,7 @@ def measure(name, steps, warmup, profile=False):
             times.append(t0.elapsed_time(t1))
     peak = torch.cuda.max_memory_allocated() / 2**30
     if profile:
-        profile_step(step, name)
+        profile_step(step, name, profile)
     net.eval()
     eval_times = []
     with torch.no_grad(), torch.autocast("cuda", enabled=precision == "amp"):
@@ -185,7 +185,8 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--nan-steps", type=int, default=0, help="AMP NaN check steps per Mamba case (0: skip)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
-    p.add_argument("--profile", action="store_true", help="print each case's top CUDA kernels (one extra step)")
+    p.add_argument("--profile", type=int, nargs="?", const=12, default=0, metavar="TOP",
+                   help="print each case's TOP (12) CUDA kernels by time (one extra step)")
     args = p.parse_args()
     from nnunet_mamba.ops import available_backends
 

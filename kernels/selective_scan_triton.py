@@ -267,6 +267,7 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
                 gu_ptr, gdt_ptr, gz_ptr, gBp_ptr, gCp_ptr, gAp_ptr, gDp_ptr, gbp_ptr,
                 L, d, dg, N, n_chunks, cbg, one, hf_rs,
                 s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
+                s_gub, s_gud, s_gul, s_gdb, s_gdd, s_gdl, s_gzb, s_gzd, s_gzl,
                 s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_pc, s_pb, s_pg, Q1, Q2, R0, R1, R2,
                 HAS_MAP: tl.constexpr, FLIP: tl.constexpr, GU_ACCUM: tl.constexpr, B_VAR: tl.constexpr,
                 C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -348,7 +349,8 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
                     y += Dv * u
                 sg = tl.sigmoid(zz)
                 dy = go * (zz * sg)
-                tl.store(gz_ptr + b * s_zb + c * s_zd + o * s_zl, go * y * sg * (1.0 + zz * (1.0 - sg)), mask=mk)
+                tl.store(gz_ptr + b * s_gzb + c * s_gzd + o * s_gzl, go * y * sg * (1.0 + zz * (1.0 - sg)),
+                         mask=mk)
             else:
                 dy = go
             Gt = R + Cx * dy[None, :]
@@ -363,11 +365,11 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
                 gdt = gdt * tl.where(raws[k] > 20.0, 1.0, tl.sigmoid(raws[k]))
             gdt = tl.where(mk, gdt, 0.0)
             gb += gdt
-            guptr = gu_ptr + b * s_ub + c * s_ud + o * s_ul
+            guptr = gu_ptr + b * s_gub + c * s_gud + o * s_gul
             if GU_ACCUM:
                 gu += tl.load(guptr, mask=mk, other=0.0).to(tl.float32)
             tl.store(guptr, gu, mask=mk)
-            tl.store(gdt_ptr + b * s_db + c * s_dd + o * s_dl, gdt, mask=mk)
+            tl.store(gdt_ptr + b * s_gdb + c * s_gdd + o * s_gdl, gdt, mask=mk)
             gA += ghx * dt[None, :]
             pofs = cbi * s_pc + b * s_pb + g * s_pg + o * N + rn
             if B_VAR:
@@ -548,7 +550,8 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
         u, dt, zt, gout, A, D if D is not None else A, bt, B, C, hin, rin, hf,
         gu, gdt, gz if gz is not None else gu, gBp, gCp, gAp, gDp, gbp,
         L, d, plan.dg, N, plan.n_chunks, plan.cbg, 1, b * d * N,
-        *u.stride(), *dt.stride(), *zt.stride(), *gout.stride(), *_bc(B), *_bc(C), *s_p, *pos,
+        *u.stride(), *dt.stride(), *zt.stride(), *gout.stride(),
+        *gu.stride(), *gdt.stride(), *(gz if gz is not None else gu).stride(), *_bc(B), *_bc(C), *s_p, *pos,
         HAS_MAP=order.has_map, FLIP=order.flip, GU_ACCUM=gu_accum, B_VAR=B_VAR, C_VAR=C_VAR, HAS_D=D is not None,
         HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
         BD=plan.BD, BN=plan.BN, T=plan.T, F=plan.F, num_warps=plan.num_warps)
@@ -583,7 +586,7 @@ class _ScanFn(torch.autograd.Function):
         Df = D.float().contiguous() if D is not None else None
         bf = delta_bias.float().contiguous() if delta_bias is not None else None
         plan = _Plan(b, d, G, L, A.shape[1], u.device)
-        out = torch.empty_like(u)  # u's strides: channels-last in, channels-last out
+        out = _empty_channels_last(u)
         hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True)
         ctx.save_for_backward(u, delta, Af, B, C, Df, z, bf, hin, sloc)
         ctx.cfg = (softplus, plan)
@@ -595,12 +598,19 @@ class _ScanFn(torch.autograd.Function):
         u, delta, Af, B, C, Df, z, bf, hin, sloc = ctx.saved_tensors
         softplus, plan = ctx.cfg
         gout = gout if gout is not None else torch.zeros_like(u)
-        gu, gdt = torch.empty_like(u), torch.empty_like(delta)  # gradients in the layout of their inputs
-        gz = torch.empty_like(z) if z is not None else None
+        gu, gdt = _empty_channels_last(u), _empty_channels_last(delta)
+        gz = _empty_channels_last(z) if z is not None else None
         gA, gB, gC, gD, gbias = _backward(u, delta, z, gout, Af, Df, _grouped_bc(B), _grouped_bc(C), bf, softplus,
                                           hin, sloc, glast.contiguous() if glast is not None else None, plan,
                                           _IDENTITY, gu, gdt, gz, False)
         return (gu, gdt, gA, gB.reshape(B.shape).to(B.dtype), gC.reshape(C.shape).to(C.dtype), gD, gz, gbias, None)
+
+
+def _empty_channels_last(t):
+    """A new dense (b, d, L) tensor like t with the channels fastest in memory. Not ``empty_like``: t may be a view
+    with gaps (z as the second half of the in_proj output), and the kernels write through the new tensor's strides."""
+    b, d, L = t.shape
+    return torch.empty(b, L, d, device=t.device, dtype=t.dtype).transpose(1, 2)
 
 
 def channels_last(t):

@@ -181,6 +181,21 @@ def test_channels_last_inputs(tk, tuning, dev):
     assert x["u"].grad.stride() == inp["u"].stride() and x["delta"].grad.stride() == inp["delta"].stride()
 
 
+def test_views_with_gaps_as_the_mamba_mixer_passes_them(tk, tuning, dev):
+    """u and z as the two halves of one (b, L, 2d) in_proj output, delta and B/C as column slices of wider (b, L, *)
+    tensors: views with gaps between rows. The kernels must read through their strides and write the output and the
+    gradients into new dense tensors (an empty_like of such a view is laid out differently)."""
+    tuning(T=16, BD=4, F=4)
+    b, d, L, N = 2, 8, 45, 4
+    inp = make_inputs(b, d, L, N, "shared", seed=23, device=dev)
+    xz = torch.cat([inp["u"], inp["z"]], 1).transpose(1, 2).contiguous().transpose(1, 2)  # (b, 2d, L), (b, L, 2d)
+    inp["u"], inp["z"] = xz[:, :d], xz[:, d:]
+    dbl = torch.cat([inp["delta"], inp["B"], inp["C"]], 1).transpose(1, 2).contiguous().transpose(1, 2)
+    inp["delta"], inp["B"], inp["C"] = dbl[:, :d], dbl[:, d:d + N], dbl[:, d + N:]
+    assert not inp["z"].is_contiguous() and inp["z"].stride() == (2 * d * L, 1, 2 * d)
+    check_against_oracle(tk, inp)
+
+
 def test_unknown_tuning_key(tk):
     with pytest.raises(ValueError, match="unknown keys"):
         tk.set_tuning(n_seg_fwd=2)
