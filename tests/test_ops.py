@@ -130,3 +130,43 @@ def test_time_constant_bc_never_reach_mamba_ssm():
     assert be.unsupported(make_inputs(1, 2, 8, 2, "shared")["B"]) is None
     with pytest.raises(BackendUnavailable, match="not supported"):
         scan._selective_scan_mamba_ssm(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# causal_conv1d_silu (the Mamba mixer's conv + SiLU on (b, L, C) tokens)
+
+def _causal_conv_loop(x, w, bias):
+    """float64 definition, position by position: y[l] = silu(bias + sum_k w[k] x[l - (K-1) + k])."""
+    b, L, C = x.shape
+    K = w.shape[-1]
+    w = w.reshape(C, K).double()
+    y = torch.zeros(b, L, C, dtype=torch.float64)
+    for pos in range(L):
+        acc = bias.double().expand(b, C).clone()
+        for k in range(K):
+            q = pos - (K - 1) + k
+            if q >= 0:
+                acc += w[:, k] * x[:, q].double()
+        y[:, pos] = acc * torch.sigmoid(acc)
+    return y
+
+
+def test_causal_conv1d_torch_backend_matches_definition():
+    g = torch.Generator().manual_seed(0)
+    xz = torch.randn(2, 13, 10, generator=g)
+    x = xz[..., :5]  # a view with gaps, as the mixer passes it
+    w, bias = torch.randn(5, 1, 4, generator=g), torch.randn(5, generator=g)
+    y = ops.causal_conv1d_silu(x, w, bias, backend="torch")
+    assert y.shape == (2, 13, 5)
+    torch.testing.assert_close(y.double(), _causal_conv_loop(x, w, bias), rtol=1e-5, atol=1e-6)
+
+
+def test_causal_conv1d_backend_errors(monkeypatch):
+    x, w = torch.randn(1, 4, 3), torch.randn(3, 1, 4)
+    with pytest.raises(BackendUnavailable, match="CUDA tensors only"):
+        ops.causal_conv1d_silu(x, w, backend="triton")
+    with pytest.raises(ValueError, match="known: auto, torch, triton"):
+        ops.causal_conv1d_silu(x, w, backend="cudnn")
+    monkeypatch.setenv("NNUNET_MAMBA_CONV_BACKEND", "triton")  # forcing reaches the same check
+    with pytest.raises(BackendUnavailable):
+        ops.causal_conv1d_silu(x, w)

@@ -14,7 +14,7 @@ import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-FILES = sorted(p.name for p in HERE.glob("test_scan_*.py"))
+FILES = sorted(p.name for pattern in ("test_scan_*.py", "test_kernel_*.py") for p in HERE.glob(pattern))
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",

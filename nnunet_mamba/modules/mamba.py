@@ -1,7 +1,8 @@
 """Mamba-1 mixer with mamba-ssm 2.x parameter names, shapes and initialisation (specs/mamba_block.md).
 
 State dicts move unchanged between this module and ``mamba_ssm.Mamba``. The scan goes through the op boundary
-``nnunet_mamba.ops.selective_scan``; ``mamba_ssm`` is never imported here.
+``nnunet_mamba.ops.selective_scan`` and the causal conv through ``nnunet_mamba.ops.causal_conv1d_silu``;
+``mamba_ssm`` is never imported here.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import selective_scan
+from ..ops import causal_conv1d_silu, selective_scan
 
 
 def dt_bias_init(n: int, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4) -> torch.Tensor:
@@ -66,14 +67,15 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        b, L, _ = hidden_states.shape
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2D, L)
-        x, z = xz.chunk(2, dim=1)
-        x = self.act(self.conv1d(x)[..., :L])
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, L, R + 2N)
+        # Token-major (b, L, channels) throughout: the projections' outputs are handed to the conv and the scan as
+        # channels-last views (the scan's (b, d, L) arguments are transposed views, no copies).
+        xz = self.in_proj(hidden_states)  # (b, L, 2D)
+        x, z = xz.chunk(2, dim=-1)
+        x = causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)  # (b, L, D)
+        x_dbl = self.x_proj(x)  # (b, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, D, L), bias goes to the scan
-        y = selective_scan(x, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
-                           D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                           backend=self.scan_backend)
+        dt = F.linear(dt, self.dt_proj.weight)  # (b, L, D); the bias goes to the scan
+        y = selective_scan(x.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
+                           C.transpose(1, 2), D=self.D.float(), z=z.transpose(1, 2),
+                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.scan_backend)
         return self.out_proj(y.transpose(1, 2))

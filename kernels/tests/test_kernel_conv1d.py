@@ -1,0 +1,102 @@
+"""The Triton causal depthwise conv + SiLU (token-major) against a float64 oracle: output and every gradient.
+
+The oracle is PyTorch's ``conv1d`` in float64 on the channels-first transpose, cut to the causal part. On CPU these
+run through Triton's interpreter (conftest.py), at small sizes; on a GPU compiled, plus full size.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+ON_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def conv():
+    from nnunet_mamba.kernels.causal_conv1d_triton import causal_conv1d_silu_triton
+    return causal_conv1d_silu_triton
+
+
+def oracle(x, w, bias):
+    C, K = x.shape[2], w.shape[-1]
+    y = F.conv1d(x.transpose(1, 2), w.reshape(C, 1, K), bias, padding=K - 1, groups=C)[..., :x.shape[1]]
+    return F.silu(y).transpose(1, 2)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check(conv, x, w, bias, tol=1e-5, gtol=1e-5, seed=0):
+    leaf = lambda t, dt=None: None if t is None else t.detach().to(dt or t.dtype).requires_grad_()
+    xs, ws, bs = leaf(x), leaf(w), leaf(bias)
+    x0, w0, b0 = leaf(x, torch.float64), leaf(w, torch.float64), leaf(bias, torch.float64)
+    y, y0 = conv(xs, ws, bs), oracle(x0, w0, b0)
+    assert y.shape == y0.shape and y.dtype == x.dtype and y.is_contiguous()
+    assert rel_err(y, y0) < tol, rel_err(y, y0)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.device)
+    (y.float() * gy).sum().backward()
+    (y0 * gy.double()).sum().backward()
+    for name, a, b in (("x", xs, x0), ("weight", ws, w0), ("bias", bs, b0)):
+        if a is None:
+            continue
+        assert a.grad.dtype == a.dtype and a.grad.shape == a.shape, name
+        assert rel_err(a.grad, b.grad) < gtol, (name, rel_err(a.grad, b.grad))
+
+
+def inputs(b, L, C, K, dev, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, L, C, generator=g).to(dev, dtype), 0.5 * torch.randn(C, 1, K, generator=g).to(dev),
+            0.3 * torch.randn(C, generator=g).to(dev))
+
+
+@pytest.mark.parametrize("b,L,C,K", [
+    (2, 1, 4, 4),  # L = 1: only the last tap sees data
+    (1, 3, 5, 4),  # L < K
+    (2, 70, 8, 4),  # several row tiles (BL = 64 at C = 8 ... 512 rows: one tile; see below)
+    (1, 600, 8, 4),  # rows over several tiles, L not a multiple of the tile
+    (1, 40, 100, 4),  # C over two channel tiles, not a multiple of the tile
+    (2, 33, 6, 2), (1, 33, 3, 1),  # other kernel sizes
+])
+def test_matches_oracle(conv, dev, b, L, C, K):
+    check(conv, *inputs(b, L, C, K, dev, seed=L + C))
+
+
+def test_no_bias_and_weight_shape_c_by_k(conv, dev):
+    x, w, _ = inputs(2, 50, 6, 4, dev, seed=3)
+    check(conv, x, w.reshape(6, 4), None)
+
+
+def test_strided_view_as_the_mixer_passes_it(conv, dev):
+    """x as the first half of a (b, L, 2C) in_proj output: rows with gaps; output and gradient dense."""
+    xz = torch.randn(2, 45, 16, generator=torch.Generator().manual_seed(5)).to(dev)
+    _, w, bias = inputs(1, 1, 8, 4, dev, seed=6)
+    check(conv, xz[..., :8], w, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_fp32_arithmetic(conv, dev, dtype):
+    check(conv, *inputs(2, 40, 8, 4, dev, seed=7, dtype=dtype), tol=1e-2, gtol=1e-2)
+
+
+def test_backward_is_bitwise_repeatable(conv, dev):
+    x, w, bias = inputs(1, 300, 8, 4, dev, seed=8)
+    grads = []
+    for _ in range(2):
+        ws = w.clone().requires_grad_()
+        conv(x, ws, bias).square().sum().backward()
+        grads.append(ws.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_rejects_wrong_shapes(conv, dev):
+    x, w, bias = inputs(1, 10, 8, 4, dev)
+    with pytest.raises(ValueError, match=r"\(b, L, C\)"):
+        conv(x.transpose(1, 2), w, bias)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_full_size_matches_torch(conv):
+    """LightM-UNet's full-resolution mixer shape (2 x 128^3 tokens, 64 channels) against PyTorch's conv in fp32."""
+    x, w, bias = inputs(2, 128 ** 3, 64, 4, "cuda", seed=9)
+    check(conv, x, w, bias, tol=1e-5, gtol=1e-4)
