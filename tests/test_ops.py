@@ -167,6 +167,6 @@ def test_causal_conv1d_backend_errors(monkeypatch):
         ops.causal_conv1d_silu(x, w, backend="triton")
     with pytest.raises(ValueError, match="known: auto, torch, triton"):
         ops.causal_conv1d_silu(x, w, backend="cudnn")
-    monkeypatch.setenv("NNUNET_MAMBA_CONV_BACKEND", "triton")  # forcing reaches the same check
+    monkeypatch.setenv("NNUNET_MAMBA_TOKEN_OPS_BACKEND", "triton")  # forcing reaches the same check
     with pytest.raises(BackendUnavailable):
         ops.causal_conv1d_silu(x, w)

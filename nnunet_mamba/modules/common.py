@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ops import layer_norm
+
 
 def conv_nd(nd: int) -> type[nn.Module]:
     return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
@@ -44,6 +46,14 @@ def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
 def unflatten_tokens(t: torch.Tensor, spatial) -> torch.Tensor:
     """(B, L, C) -> (B, C, *S)."""
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *spatial)
+
+
+class TokenLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm(C)`` over the last axis of (..., C) tokens (same parameters and state dict) through
+    ``ops.layer_norm``: the Triton kernel on CUDA. No autocast rule: use it inside an fp32 core (``fp32_core``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class LayerNormNd(nn.LayerNorm):

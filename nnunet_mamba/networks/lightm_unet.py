@@ -11,8 +11,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..modules.common import (conv_nd, flatten_tokens, fp32_core, interp_mode, max_pool_nd, recomputed,
-                              unflatten_tokens)
+from ..modules.common import (TokenLayerNorm, conv_nd, flatten_tokens, fp32_core, interp_mode, max_pool_nd,
+                              recomputed, unflatten_tokens)
 from ..modules.mamba import Mamba
 
 
@@ -40,7 +40,7 @@ class MambaLayer(nn.Module):
     def __init__(self, in_channels, out_channels, d_state=16, d_conv=4, expand=2, recompute=None):
         super().__init__()
         self.recompute = recompute
-        self.norm = nn.LayerNorm(in_channels)
+        self.norm = TokenLayerNorm(in_channels)
         self.mamba = Mamba(in_channels, d_state=d_state, d_conv=d_conv, expand=expand)
         self.proj = nn.Linear(in_channels, out_channels)
         self.skip_scale = nn.Parameter(torch.ones(1))

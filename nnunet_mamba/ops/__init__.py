@@ -9,10 +9,9 @@ return_last_state=False, backend="auto")`` has exactly the semantics and layouts
 * ``"triton"``   - the project's own chunk-parallel Triton kernel (``kernels/``); CUDA tensors.
 
 ``"auto"`` picks the best backend available for the tensors' device and says once which one it uses.
-``causal_conv1d_silu`` (the Mamba mixer's conv + SiLU on (b, L, C) tokens) has a PyTorch and a Triton backend
-(``ops/conv.py``). Nothing here imports mamba_ssm or triton at module import time.
+``causal_conv1d_silu`` and ``layer_norm`` (the Mamba layers' conv + SiLU and LayerNorm on (b, L, C) tokens) have a
+PyTorch and a Triton backend (``ops/token_ops.py``). Nothing here imports mamba_ssm or triton at module import time.
 """
-from .conv import causal_conv1d_silu
 from .scan import (
     BackendUnavailable,
     available_backends,
@@ -21,11 +20,13 @@ from .scan import (
     register_backend,
     selective_scan,
 )
+from .token_ops import causal_conv1d_silu, layer_norm
 
 __all__ = [
     "BackendUnavailable",
     "available_backends",
     "causal_conv1d_silu",
+    "layer_norm",
     "cross_scan_orders",
     "cross_selective_scan",
     "register_backend",
