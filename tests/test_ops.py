@@ -170,3 +170,17 @@ def test_causal_conv1d_backend_errors(monkeypatch):
     monkeypatch.setenv("NNUNET_MAMBA_TOKEN_OPS_BACKEND", "triton")  # forcing reaches the same check
     with pytest.raises(BackendUnavailable):
         ops.causal_conv1d_silu(x, w)
+
+
+def test_token_layer_norm_is_nn_layer_norm():
+    """Same parameters and state dict as nn.LayerNorm, same function (torch backend on CPU) on a strided token view."""
+    from nnunet_mamba.modules.common import TokenLayerNorm
+
+    ref, ours = torch.nn.LayerNorm(6), TokenLayerNorm(6)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-1, 1)
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == ["weight", "bias"]
+    x = torch.randn(2, 6, 5, 7).flatten(2).transpose(1, 2)  # (b, L, C) tokens of a channels-first map
+    torch.testing.assert_close(ours(x), ref(x))

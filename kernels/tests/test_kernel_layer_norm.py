@@ -3,20 +3,13 @@ dweight and dbias.
 
 On CPU these run through Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported, see
 conftest.py) at small sizes; some tests shrink the tile (``TILE_ELEMS``) so that the backward programs walk several
-tiles, the last one partial. Without CUDA and without the interpreter the module is skipped.
+tiles, the last one partial.
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (set before triton is imported)",
-                allow_module_level=True)
-
 
 @pytest.fixture(scope="module")
 def ln():
