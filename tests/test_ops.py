@@ -184,3 +184,15 @@ def test_token_layer_norm_is_nn_layer_norm():
     assert list(ours.state_dict()) == ["weight", "bias"]
     x = torch.randn(2, 6, 5, 7).flatten(2).transpose(1, 2)  # (b, L, C) tokens of a channels-first map
     torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_token_ops_auto_takes_triton_only_from_the_measured_size(monkeypatch):
+    from nnunet_mamba.ops import token_ops
+
+    monkeypatch.setattr(token_ops, "_triton_unavailable", lambda device: None)  # as on a CUDA machine
+    for op, n in token_ops.TRITON_FROM.items():
+        assert not token_ops._use_triton(op, torch.zeros(1).expand(n - 1), "auto")
+        assert token_ops._use_triton(op, torch.zeros(1).expand(n), "auto")
+        assert not token_ops._use_triton(op, torch.zeros(1).expand(n), "torch")
+    monkeypatch.setenv(token_ops.ENV_BACKEND, "torch")
+    assert not token_ops._use_triton("layer-norm", torch.zeros(1).expand(10 ** 9), "auto")

@@ -5,9 +5,10 @@
 * ``layer_norm`` - LayerNorm over C. Torch: ``F.layer_norm``; Triton (``kernels/layer_norm_triton.py``): many rows
   per program (PyTorch's kernel gives each short row its own block).
 
-``backend="auto"`` takes Triton for CUDA tensors when it is installed (measured faster at every LightM-UNet shape:
-kernels/BENCHMARK_mixer_ops.md), else PyTorch; ``NNUNET_MAMBA_TOKEN_OPS_BACKEND`` forces one (benchmarks,
-debugging). Both backends compute the same function in fp32 (Triton: dense outputs; torch: the conv's output is a
+``backend="auto"`` takes Triton for CUDA tensors (when installed) from the smallest size at which it measured faster
+than PyTorch on the H100 (kernels/BENCHMARK_mixer_ops.md: the conv from 2 x 32768 x 256 elements, LayerNorm from
+2 x 262144 x 64; below those, launch overhead makes PyTorch faster), else PyTorch. ``NNUNET_MAMBA_TOKEN_OPS_BACKEND``
+forces one (benchmarks, debugging). Both backends compute the same function in fp32 (Triton: dense outputs; torch: the conv's output is a
 transposed view). Nothing here imports triton at module import time.
 """
 from __future__ import annotations
@@ -22,9 +23,14 @@ from .scan import BackendUnavailable, _triton_unavailable
 ENV_BACKEND = "NNUNET_MAMBA_TOKEN_OPS_BACKEND"
 
 
+# smallest measured size (elements) at which the Triton kernel beat PyTorch, per op (kernels/BENCHMARK_mixer_ops.md)
+TRITON_FROM = {"causal-conv1d": 2 * 32768 * 256, "layer-norm": 2 * 262144 * 64}
+
+
 def _use_triton(op: str, x: torch.Tensor, backend: str) -> bool:
     if backend == "auto":
-        backend = os.environ.get(ENV_BACKEND) or ("triton" if _triton_unavailable(x.device) is None else "torch")
+        backend = os.environ.get(ENV_BACKEND) or (
+            "triton" if x.numel() >= TRITON_FROM[op] and _triton_unavailable(x.device) is None else "torch")
     if backend not in ("torch", "triton"):
         raise ValueError(f"unknown {op} backend {backend!r}; known: auto, torch, triton")
     if backend == "triton":
