@@ -3,7 +3,8 @@
 ``kernels/bench_scan.py`` times both backends (forward + backward) on the anchor and network shapes and writes
 ``kernels/auto_table.json``. A call is matched to the nearest measured shape of the same kind (plain scan or fused
 cross-scan), precision class and input layout ((b, d, L)-contiguous or channels-last), by distance in
-(log2(batch * channels), log2(L)); the backend that was faster there is chosen. Without a measured entry of that
+(log2(batch * channels), log2(L)); the backend that was faster there is chosen (forward + backward with gradients
+on, the forward alone under ``torch.no_grad``). Without a measured entry of that
 kind, precision class and layout no preference is expressed (the registry then falls back to backend priority).
 Importing this module does not import triton.
 """
@@ -44,11 +45,16 @@ def nearest_entry(kind: str, batch_channels: int, L: int, half: bool, table: Opt
 
 def prefer_triton(u, B, table: Optional[dict] = None) -> bool:
     """u: (b, d, L) for a plain scan, or the map (b, d, *S) of a cross-scan. True when Triton measured faster on the
-    nearest measured shape of the same kind, precision class and layout of u (channels-last: channel stride 1)."""
+    nearest measured shape of the same kind, precision class and layout of u (channels-last: channel stride 1):
+    forward + backward time when gradients are on (training), forward time alone when they are off (inference)."""
     import torch
 
     kind = "cross" if u.dim() > 3 else "scan"
     L = math.prod(u.shape[2:])
     layout = "channels-last" if kind == "scan" and u.stride(1) == 1 and u.shape[1] > 1 else "contiguous"
     e = nearest_entry(kind, u.shape[0] * u.shape[1], L, u.dtype != torch.float32, table, layout)
-    return e is not None and e["triton_ms"] <= e["mamba_ssm_ms"]
+    if e is None:
+        return False
+    if not torch.is_grad_enabled() and e.get("triton_fwd_ms") is not None and e.get("mamba_ssm_fwd_ms") is not None:
+        return e["triton_fwd_ms"] <= e["mamba_ssm_fwd_ms"]
+    return e["triton_ms"] <= e["mamba_ssm_ms"]

@@ -32,8 +32,9 @@ def test_conv3d_flops_match_the_closed_form():
     assert fc.scan == 0 and fc.scan_calls == []
 
 
-def test_scan_is_excluded_from_the_counted_flops_and_counted_analytically():
+def test_scan_is_excluded_from_the_counted_flops_and_counted_analytically(monkeypatch):
     from nnunet_mamba.modules.mamba import Mamba
+    from nnunet_mamba.ops import token_ops
 
     torch.manual_seed(0)
     m = Mamba(16, d_state=8)
@@ -45,6 +46,10 @@ def test_scan_is_excluded_from_the_counted_flops_and_counted_analytically():
     assert fc.conv_matmul == expected
     assert fc.scan == 9 * b * di * L * N + b * di * L + b * di * L  # with the D skip and the z gate
     assert fc.backends == ["torch"] and len(fc.scan_calls) == 1
+    # the conv is counted on its PyTorch backend even where another one is forced (Triton: invisible to the counter)
+    monkeypatch.setenv(token_ops.ENV_BACKEND, "triton")
+    assert count_flops(m, torch.randn(b, L, dm)).conv_matmul == expected
+    assert os.environ[token_ops.ENV_BACKEND] == "triton"
 
 
 @pytest.mark.parametrize("setting, plans, params, gflops", [

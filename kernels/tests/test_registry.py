@@ -53,6 +53,16 @@ def test_prefer_triton_matches_the_input_layout():
     assert autochoose.prefer_triton(u.transpose(1, 2).contiguous().transpose(1, 2), None, table)  # channels-last
 
 
+def test_prefer_triton_by_forward_time_without_gradients():
+    """Inference (no grad) goes by the measured forward time, training by forward + backward."""
+    table = {"entries": [dict(kind="scan", b=2, d=512, L=512, dtype="fp32", layout="contiguous", triton_ms=1.0,
+                              mamba_ssm_ms=1.5, triton_fwd_ms=0.13, mamba_ssm_fwd_ms=0.05)]}
+    u = torch.empty(2, 512, 512)
+    assert autochoose.prefer_triton(u, None, table)
+    with torch.no_grad():
+        assert not autochoose.prefer_triton(u, None, table)
+
+
 def test_auto_resolves_by_measurement(monkeypatch):
     """With both GPU backends usable, "auto" takes triton exactly where the table says it was faster."""
     monkeypatch.setattr(autochoose, "load_table", lambda *a: TABLE)

@@ -9,10 +9,14 @@
   ``D`` and b·d·L for the gate ``z`` - the convention of mamba-ssm's ``flops_selective_scan_ref`` used by VMamba
   (state-spaces/mamba issue 110). Forward only.
 
+* The Mamba layers' causal conv and LayerNorm (``nnunet_mamba.ops.token_ops``) run on their PyTorch backend while
+  counting, so the conv is counted as the convolution it is on every device (a Triton kernel would not be seen).
+
 The two numbers are reported side by side and never summed silently.
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -20,6 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..ops import scan as scan_ops
+from ..ops import token_ops
 
 
 def scan_flops(call: scan_ops.ScanCall) -> int:
@@ -68,10 +73,24 @@ def _scans_hidden_from(counter: FlopCounterMode, excluded: list):
             be.fn, be.cross_fn = fn, cross_fn
 
 
+@contextmanager
+def _token_ops_on_torch():
+    saved = os.environ.get(token_ops.ENV_BACKEND)
+    os.environ[token_ops.ENV_BACKEND] = "torch"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[token_ops.ENV_BACKEND]
+        else:
+            os.environ[token_ops.ENV_BACKEND] = saved
+
+
 def count_flops(module: torch.nn.Module, *inputs) -> FlopCount:
     """FLOPs of ``module(*inputs)`` (no gradients): conv/matmul counted, selective scans analytic and apart."""
     counter = FlopCounterMode(display=False)
     excluded: list[int] = []
-    with torch.no_grad(), scan_ops.record_scans() as calls, counter, _scans_hidden_from(counter, excluded):
+    with torch.no_grad(), _token_ops_on_torch(), scan_ops.record_scans() as calls, counter, \
+            _scans_hidden_from(counter, excluded):
         module(*inputs)
     return FlopCount(counter.get_total_flops() - sum(excluded), sum(scan_flops(c) for c in calls), list(calls))
