@@ -7,9 +7,10 @@
 
 ``backend="auto"`` takes Triton for CUDA tensors (when installed) from the smallest size at which it measured faster
 than PyTorch on the H100 (kernels/BENCHMARK_mixer_ops.md: the conv from 2 x 32768 x 256 elements, LayerNorm from
-2 x 262144 x 64; below those, launch overhead makes PyTorch faster), else PyTorch. ``NNUNET_MAMBA_TOKEN_OPS_BACKEND``
-forces one (benchmarks, debugging). Both backends compute the same function in fp32 (Triton: dense outputs; torch: the conv's output is a
-transposed view). Nothing here imports triton at module import time.
+2 x 262144 x 64; at the smaller measured sizes PyTorch was faster), else PyTorch.
+``NNUNET_MAMBA_TOKEN_OPS_BACKEND`` forces one (benchmarks, debugging). Both backends compute the same function
+(Triton: fp32 arithmetic, dense outputs; torch: the conv's output is a transposed view). Nothing here imports triton
+at module import time.
 """
 from __future__ import annotations
 
