@@ -4,8 +4,8 @@
 ``kernels/auto_table.json``. A call is matched to the nearest measured shape of the same kind (plain scan or fused
 cross-scan), precision class and input layout ((b, d, L)-contiguous or channels-last), by distance in
 (log2(batch * channels), log2(L)); the backend that was faster there is chosen (forward + backward with gradients
-on, the forward alone under ``torch.no_grad``). Without a measured entry of that
-kind, precision class and layout no preference is expressed (the registry then falls back to backend priority).
+on, the forward alone under ``torch.no_grad``). Without a measured entry of that kind, precision class and layout
+no preference is expressed (the registry then falls back to backend priority).
 Importing this module does not import triton.
 """
 from __future__ import annotations

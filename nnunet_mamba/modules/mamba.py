@@ -53,7 +53,7 @@ class Mamba(nn.Module):
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
                                 bias=conv_bias, **factory)
-        self.act = nn.SiLU()
+        self.act = nn.SiLU()  # mamba-ssm's module tree; applied inside causal_conv1d_silu
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
         dt_weight_init(self.dt_proj.weight, self.dt_rank, dt_init, dt_scale)
