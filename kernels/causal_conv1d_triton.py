@@ -18,7 +18,7 @@ import triton.language as tl
 
 @triton.jit
 def _tile(pid_l, pid_c, C, BL: tl.constexpr, BC: tl.constexpr):
-    rl = pid_l * BL + tl.arange(0, BL)
+    rl = (pid_l * BL + tl.arange(0, BL)).to(tl.int64)  # positions x row strides can pass 2**31 elements
     rc = pid_c * BC + tl.arange(0, BC)
     return rl, rc, rc < C
 
