@@ -51,10 +51,11 @@ def _fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, C, s_xb, s_xl, s_xc, s_yb, s_y
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, w_ptr, bias_ptr, gy_ptr, gx_ptr, gw_ptr, gb_ptr, L, C, n_l,
+def _bwd_kernel(x_ptr, w_ptr, bias_ptr, gy_ptr, gx_ptr, part_ptr, L, C, n_l,
                 s_xb, s_xl, s_xc, s_gb, s_gl, s_gc, s_hb, s_hl, s_hc,
                 K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
-    """gx[l] = sum_k w[k] ga[l + (K-1) - k], ga = gy * silu'(a); gw[k] = sum_l ga[l] x[l - (K-1) + k]; gb = sum ga."""
+    """gx[l] = sum_k w[k] ga[l + (K-1) - k], ga = gy * silu'(a); this tile's sums gw[k] = sum_l ga[l] x[l - (K-1) + k]
+    and gb = sum_l ga[l] go to rows 0..K-1 and K of its (K + 1, C) block of part."""
     pid_l = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
     rl, rc, cm = _tile(pid_l, tl.program_id(1), C, BL, BC)
@@ -73,8 +74,8 @@ def _bwd_kernel(x_ptr, w_ptr, bias_ptr, gy_ptr, gx_ptr, gw_ptr, gb_ptr, L, C, n_
                 q = rl - (K - 1) + k
                 mq = ((q >= 0) & (q < L))[:, None] & cm[None, :]
                 xv = tl.load(x_base + q[:, None] * s_xl + rc[None, :] * s_xc, mask=mq, other=0.0).to(tl.float32)
-                tl.store(gw_ptr + (prow + k) * C + rc, tl.sum(ga * xv, axis=0), mask=cm)
-            tl.store(gw_ptr + (prow + K) * C + rc, tl.sum(ga, axis=0), mask=cm)
+                tl.store(part_ptr + (prow + k) * C + rc, tl.sum(ga * xv, axis=0), mask=cm)
+            tl.store(part_ptr + (prow + K) * C + rc, tl.sum(ga, axis=0), mask=cm)
     tl.store(gx_ptr + b * s_hb + rl[:, None] * s_hl + rc[None, :] * s_hc, gx, mask=(rl < L)[:, None] & cm[None, :])
 
 
@@ -111,7 +112,7 @@ class _ConvSiluFn(torch.autograd.Function):
         gx = torch.empty(b, L, C, device=x.device, dtype=x.dtype)
         part = torch.empty(b * n_l, K + 1, C, device=x.device, dtype=torch.float32)  # K weight taps + bias
         _bwd_kernel[(n_l, triton.cdiv(C, BC), b)](
-            x, w, bf if bf is not None else w, gy, gx, part, part, L, C, n_l, *x.stride(), *gy.stride(),
+            x, w, bf if bf is not None else w, gy, gx, part, L, C, n_l, *x.stride(), *gy.stride(),
             *gx.stride(), K=K, HAS_BIAS=bf is not None, BL=BL, BC=BC, num_warps=4)
         sums = part.sum(0)
         gw = sums[:K].t().reshape(w_shape).to(w_dtype)
