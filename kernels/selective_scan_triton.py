@@ -103,6 +103,14 @@ def _step_dt(dt_base, o, mk, bias, s_dl, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.co
 
 
 @triton.jit
+def _bc_operand(X_ptr, b, g, s_b, s_g, c, N, rn1, m2, VAR: tl.constexpr):
+    """B or C for a program: the constant (BN, BD) tile of a (d, N) B/C (0.0 when time-varying) and the base pointer of
+    batch b, group g for a time-varying one."""
+    const = tl.load(X_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32) if not VAR else 0.0
+    return const, X_ptr + b * s_b + g * s_g
+
+
+@triton.jit
 def _bc_column(base, const, o, rn, nm, lm, s_n, s_l, VAR: tl.constexpr):
     """B_t or C_t: the (BN, 1) column of a time-varying B/C at offset o, or the constant (BN, BD) tile."""
     if VAR:
@@ -118,6 +126,42 @@ def _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_d
     u = tl.load(u_base + o * s_ul, mask=mk, other=0.0).to(tl.float32)
     dt, raw = _step_dt(dt_base, o, mk, bias, s_dl, HAS_BIAS, SOFTPLUS)
     return u, dt, raw, _bc_column(B_base, Bc, o, rn, nm, lm, s_Bn, s_Bl, B_VAR)
+
+
+@triton.jit
+def _step_at(l, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP: tl.constexpr, FLIP: tl.constexpr):
+    """Step l's element offset (_pos), whether it is inside the sequence, and the lane mask."""
+    o = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
+    lm = l < L
+    return o, lm, cm & lm
+
+
+@triton.jit
+def _advance(h, A2, dt, u, Bx):
+    """h_t = exp(dt A) h_{t-1} + dt B_t u_t (A2 = A * log2(e))."""
+    return tl.exp2(A2 * dt[None, :]) * h + Bx * (dt * u)[None, :]
+
+
+@triton.jit
+def _walk_block(h, l0, L, cm, u_base, dt_base, B_base, bias, Bc, A2, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
+                Q1, Q2, R0, R1, R2, HAS_MAP: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr, B_VAR: tl.constexpr, F: tl.constexpr):
+    """Advance h over the F steps l0 .. l0+F-1; also returns, per step, the state before it, dt, u and the raw
+    delta + bias (the backward's block recompute keeps them; its forward walk only needs h)."""
+    hs = ()
+    dts = ()
+    us = ()
+    raws = ()
+    for k in tl.static_range(F):
+        o, lm, mk = _step_at(l0 + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
+        u, dt, raw, Bx = _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
+                                      HAS_BIAS, SOFTPLUS, B_VAR)
+        hs = hs + (h,)
+        h = _advance(h, A2, dt, u, Bx)
+        dts = dts + (dt,)
+        us = us + (u,)
+        raws = raws + (raw,)
+    return h, hs, dts, us, raws
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -142,10 +186,8 @@ def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, 
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
     if HAS_D:
         Dv = tl.load(D_ptr + c, mask=cm, other=0.0)
-    Bc = tl.load(B_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32) if not B_VAR else 0.0
-    B_base = B_ptr + b * s_Bb + g * s_Bg
-    Cc = tl.load(C_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32) if not C_VAR else 0.0
-    C_base = C_ptr + b * s_Cb + g * s_Cg
+    Bc, B_base = _bc_operand(B_ptr, b, g, s_Bb, s_Bg, c, N, rn1, m2, B_VAR)
+    Cc, C_base = _bc_operand(C_ptr, b, g, s_Cb, s_Cg, c, N, rn1, m2, C_VAR)
     srow = ((b * d + c[None, :]) * n_chunks + j) * N + rn1[:, None]
     if OUT:
         h = tl.load(hin_ptr + srow, mask=m2, other=0.0)
@@ -157,13 +199,10 @@ def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, 
     dt_base = dt_ptr + b * s_db + c * s_dd
     for t0 in range(0, T, U):
         for k in tl.static_range(U):
-            l = l0 + t0 + k
-            o = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-            lm = l < L
-            mk = cm & lm
+            o, lm, mk = _step_at(l0 + t0 + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
             u, dt, raw, Bx = _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn,
                                           s_Bl, HAS_BIAS, SOFTPLUS, B_VAR)
-            h = tl.exp2(A2 * dt[None, :]) * h + Bx * (dt * u)[None, :]
+            h = _advance(h, A2, dt, u, Bx)
             if OUT:
                 y = tl.sum(h * _bc_column(C_base, Cc, o, rn, nm, lm, s_Cn, s_Cl, C_VAR), axis=0)
                 if HAS_D:
@@ -239,18 +278,14 @@ def _bsum_kernel(dt_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
     stores q[j] = a_{first} G_{first}, the carry the chunk passes to its left neighbour."""
     j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, dg, N, cbg, one, BD, BN)
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
-    Cc = tl.load(C_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32) if not C_VAR else 0.0
-    C_base = C_ptr + b * s_Cb + g * s_Cg
+    Cc, C_base = _bc_operand(C_ptr, b, g, s_Cb, s_Cg, c, N, rn1, m2, C_VAR)
     dt_base = dt_ptr + b * s_db + c * s_dd
     G = tl.zeros((BN, BD), tl.float32)
     an = tl.zeros((BN, BD), tl.float32)
     l1 = j * T + T - 1
     for t0 in range(0, T, U):
         for k in tl.static_range(U):
-            l = l1 - t0 - k
-            o = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-            lm = l < L
-            mk = cm & lm
+            o, lm, mk = _step_at(l1 - t0 - k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
             dt, raw = _step_dt(dt_base, o, mk, bias, s_dl, HAS_BIAS, SOFTPLUS)
             dy = tl.load(g_ptr + b * s_gb + c * s_gd + o * s_gl, mask=mk, other=0.0).to(tl.float32)
             if HAS_Z:
@@ -280,12 +315,10 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
     if HAS_D:
         Dv = tl.load(D_ptr + c, mask=cm, other=0.0)
-    Bc = tl.load(B_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32) if not B_VAR else 0.0
-    B_base = B_ptr + b * s_Bb + g * s_Bg
+    Bc, B_base = _bc_operand(B_ptr, b, g, s_Bb, s_Bg, c, N, rn1, m2, B_VAR)
     if not B_VAR:
         gBc = tl.zeros((BN, BD), tl.float32)
-    Cc = tl.load(C_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32) if not C_VAR else 0.0
-    C_base = C_ptr + b * s_Cb + g * s_Cg
+    Cc, C_base = _bc_operand(C_ptr, b, g, s_Cb, s_Cg, c, N, rn1, m2, C_VAR)
     if not C_VAR:
         gCc = tl.zeros((BN, BD), tl.float32)
     u_base = u_ptr + b * s_ub + c * s_ud
@@ -296,14 +329,8 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
     h = tl.load(hin_ptr + ((b * d + c[None, :]) * n_chunks + j) * N + rn1[:, None], mask=m2, other=0.0)
     for f in range(NF):
         tl.store(hf_b + f * hf_rs, h, mask=m2)
-        for k in tl.static_range(F):
-            l = j * T + f * F + k
-            o = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-            lm = l < L
-            mk = cm & lm
-            u, dt, raw, Bx = _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn,
-                                          s_Bl, HAS_BIAS, SOFTPLUS, B_VAR)
-            h = tl.exp2(A2 * dt[None, :]) * h + Bx * (dt * u)[None, :]
+        h, _, _, _, _ = _walk_block(h, j * T + f * F, L, cm, u_base, dt_base, B_base, bias, Bc, A2, rn, nm, s_ul,
+                                    s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, HAS_BIAS, SOFTPLUS, B_VAR, F)
     # (2) backward over the blocks
     R = tl.load(rin_ptr + ((b * d + c[None, :]) * n_chunks + j) * N + rn1[:, None], mask=m2, other=0.0)
     gA = tl.zeros((BN, BD), tl.float32)
@@ -311,28 +338,11 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
     gb = tl.zeros((BD,), tl.float32)
     for ff in range(NF):
         f = NF - 1 - ff
-        h = tl.load(hf_b + f * hf_rs, mask=m2, other=0.0)
-        hs = ()
-        dts = ()
-        us = ()
-        raws = ()
-        for k in tl.static_range(F):
-            l = j * T + f * F + k
-            o = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-            lm = l < L
-            mk = cm & lm
-            u, dt, raw, Bx = _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn,
-                                          s_Bl, HAS_BIAS, SOFTPLUS, B_VAR)
-            hs = hs + (h,)  # the state before step k
-            h = tl.exp2(A2 * dt[None, :]) * h + Bx * (dt * u)[None, :]
-            dts = dts + (dt,)
-            us = us + (u,)
-            raws = raws + (raw,)
+        _, hs, dts, us, raws = _walk_block(tl.load(hf_b + f * hf_rs, mask=m2, other=0.0), j * T + f * F, L, cm,
+                                           u_base, dt_base, B_base, bias, Bc, A2, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
+                                           Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, HAS_BIAS, SOFTPLUS, B_VAR, F)
         for k in tl.static_range(F - 1, -1, -1):
-            l = j * T + f * F + k
-            o = _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-            lm = l < L
-            mk = cm & lm
+            o, lm, mk = _step_at(j * T + f * F + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
             hp = hs[k]
             dt = dts[k]
             u = us[k]
