@@ -171,6 +171,26 @@ def copy_bandwidth():
     return 2 * src.numel() * 4 / (t * 1e-3)
 
 
+def time_backends(fns, timer):
+    """{name: (fwd ms, fwd+bwd ms)} of timer(fn) for each (name, fn); (None, None) where fn is None or fails (the
+    traceback is printed, the row stays in the table)."""
+    res = {}
+    for name, fn in fns:
+        res[name] = (None, None)
+        if fn is not None:
+            try:
+                res[name] = timer(fn)
+            except Exception:
+                traceback.print_exc()
+    return res
+
+
+def table_entry(res, **shape):
+    """One auto_table.json entry: the shape's fields and both backends' times."""
+    return dict(shape, triton_ms=res["triton"][1], mamba_ssm_ms=res["mamba_ssm"][1],
+                triton_fwd_ms=res["triton"][0], mamba_ssm_fwd_ms=res["mamba_ssm"][0])
+
+
 def sweep():
     """Launch-plan variants on the key shapes (fp32 fwd+bwd, channels-last): prints one line per variant."""
     variants = [dict(BD=32, F=4, per_sm=16), dict(BD=32, F=4, per_sm=8), dict(BD=64, F=4, per_sm=8),
@@ -209,40 +229,19 @@ def main():
     cases = [(s, dt, "contiguous") for s in SCAN_SHAPES for dt in (dtypes if s[-1] else [torch.float32])]
     cases += [(s, torch.float32, "channels-last") for s in SCAN_SHAPES]
     for (label, b, d, L, G, anchor), dt, layout in cases:
-        res = {}
-        for name, fn in (("triton", triton_scan), ("mamba_ssm", mfn)):
-            if fn is None:
-                res[name] = (None, None)
-                continue
-            try:
-                res[name] = time_scan(fn, b, d, L, G, dt, layout)
-            except Exception:
-                traceback.print_exc()
-                res[name] = (None, None)
-        fb, fbb = scan_bytes(b, d, L, G, dt)
+        res = time_backends((("triton", triton_scan), ("mamba_ssm", mfn)),
+                            lambda fn: time_scan(fn, b, d, L, G, dt, layout))
         dts = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dt]
-        rows.append((label, f"({b}, {d}, {L}, G={G})", f"{dts}, {layout}", res, fb, fbb))
-        entries.append(dict(kind="scan", label=label, b=b, d=d, L=L, G=G, N=N, dtype=dts, layout=layout,
-                            triton_ms=res["triton"][1], mamba_ssm_ms=res["mamba_ssm"][1],
-                            triton_fwd_ms=res["triton"][0], mamba_ssm_fwd_ms=res["mamba_ssm"][0]))
+        rows.append((label, f"({b}, {d}, {L}, G={G})", f"{dts}, {layout}", res, *scan_bytes(b, d, L, G, dt)))
+        entries.append(table_entry(res, kind="scan", label=label, b=b, d=d, L=L, G=G, N=N, dtype=dts, layout=layout))
         print_row(rows[-1], bw)
     for label, b, d, spatial, K in CROSS_SHAPES:
-        res = {}
-        for name, fn in (("triton", triton_cross), ("mamba_ssm", mamba_cross if mfn else None)):
-            if fn is None:
-                res[name] = (None, None)
-                continue
-            try:
-                res[name] = time_cross(fn, b, d, spatial, K)
-            except Exception:
-                traceback.print_exc()
-                res[name] = (None, None)
-        fb, fbb = cross_bytes(b, d, spatial, K)
+        res = time_backends((("triton", triton_cross), ("mamba_ssm", mamba_cross if mfn else None)),
+                            lambda fn: time_cross(fn, b, d, spatial, K))
         L = math.prod(spatial)
-        rows.append((label, f"({b}, {K}x{d}, {L}, K={K})", "fp32, contiguous", res, fb, fbb))
-        entries.append(dict(kind="cross", label=label, b=b, d=d, L=L, K=K, N=N, dtype="fp32", layout="contiguous",
-                            triton_ms=res["triton"][1], mamba_ssm_ms=res["mamba_ssm"][1],
-                            triton_fwd_ms=res["triton"][0], mamba_ssm_fwd_ms=res["mamba_ssm"][0]))
+        rows.append((label, f"({b}, {K}x{d}, {L}, K={K})", "fp32, contiguous", res, *cross_bytes(b, d, spatial, K)))
+        entries.append(table_entry(res, kind="cross", label=label, b=b, d=d, L=L, K=K, N=N, dtype="fp32",
+                                   layout="contiguous"))
         print_row(rows[-1], bw)
     table = render(rows, bw, gpu, date)
     print(table)
