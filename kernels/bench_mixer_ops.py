@@ -1,10 +1,12 @@
-"""Benchmark: the Mamba mixer's non-scan Triton kernels against PyTorch, in one process on one GPU.
+"""Benchmark: the Mamba layers' non-scan ops (project kernels) against PyTorch, in one process on one GPU.
 
     python kernels/bench_mixer_ops.py [--out DIR]
 
 * causal depthwise conv (K = 4) + SiLU on (b, L, C) tokens: ``kernels/causal_conv1d_triton.py`` against what the
   mixer ran before, PyTorch's ``conv1d`` on the (b, C, L) transpose + SiLU (``ops/token_ops.py``, backend "torch");
-* LayerNorm over C of (b, L, C) tokens: ``kernels/layer_norm_triton.py`` against ``F.layer_norm``.
+* LayerNorm over C of (b, L, C) tokens: ``kernels/layer_norm_triton.py`` against ``F.layer_norm``;
+* GroupNorm(8) of the (b, C, *S) maps around LightM-UNet's Mamba layers: ``modules.common.GroupNorm`` (statistics
+  from ``torch.var_mean``, no Triton) against ``F.group_norm``.
 
 Shapes: LightM-UNet 3D at 128^3 batch 2 (the Mamba layers' token counts and widths per stage). fp32, forward +
 backward with every input requiring grad, CUDA-event medians (``triton.testing.do_bench``). Writes
@@ -28,6 +30,7 @@ from triton.testing import do_bench  # noqa: E402
 
 from nnunet_mamba.kernels.causal_conv1d_triton import causal_conv1d_silu_triton  # noqa: E402
 from nnunet_mamba.kernels.layer_norm_triton import layer_norm_triton  # noqa: E402
+from nnunet_mamba.modules.common import _GroupNormFn  # noqa: E402
 from nnunet_mamba.ops.token_ops import _conv_torch  # noqa: E402
 
 # (label, tokens per batch element, conv channels d_inner, LayerNorm channels d_model); batch 2
@@ -50,20 +53,23 @@ def main():
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent))
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name()
-    lines = ["# Mixer ops: Triton vs PyTorch (fp32, forward + backward, batch 2)", "",
+    lines = ["# Mamba-layer ops: project kernels vs PyTorch (fp32, forward + backward, batch 2)", "",
              f"GPU: {gpu}; torch {torch.__version__}; {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC. Produced by "
              "`python kernels/bench_mixer_ops.py`.", "",
-             "| op | LightM-UNet shape | tokens x channels | PyTorch (ms) | Triton (ms) | speed-up |",
+             "| op | LightM-UNet shape | tensor | PyTorch (ms) | project (ms) | speed-up |",
              "|---|---|---|---|---|---|"]
     for label, L, d, c in SHAPES:
         w, bias = 0.5 * torch.randn(d, 1, 4), torch.randn(d)
         ln_w, ln_b = torch.randn(c), torch.randn(c)
         cases = [("conv1d(K=4) + SiLU", (2, L, d), _conv_torch, causal_conv1d_silu_triton, (w, bias)),
                  ("LayerNorm", (2, L, c), lambda x, g, b: F.layer_norm(x, (c,), g, b),
-                  lambda x, g, b: layer_norm_triton(x, g, b, 1e-5), (ln_w, ln_b))]
+                  lambda x, g, b: layer_norm_triton(x, g, b, 1e-5), (ln_w, ln_b)),
+                 ("GroupNorm(8)", (2, c, round(L ** (1 / 3)), round(L ** (1 / 3)), round(L ** (1 / 3))),
+                  lambda x, g, b: F.group_norm(x, 8, g, b), lambda x, g, b: _GroupNormFn.apply(x, g, b, 8, 1e-5),
+                  (ln_w, ln_b))]
         for op, shape, torch_fn, triton_fn, params in cases:
             t0, t1 = fwd_bwd_ms(torch_fn, shape, *params), fwd_bwd_ms(triton_fn, shape, *params)
-            row = f"| {op} | {label} | 2x{L} x {shape[-1]} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f}x |"
+            row = f"| {op} | {label} | {'x'.join(map(str, shape))} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f}x |"
             print(row, flush=True)
             lines.append(row)
     out = pathlib.Path(args.out) / "BENCHMARK_mixer_ops.md"

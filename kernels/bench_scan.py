@@ -1,6 +1,6 @@
 """Benchmark: the project's Triton selective scan against mamba-ssm's CUDA kernel, in one process on one GPU.
 
-    python kernels/bench_scan.py [--out DIR] [--sweep] [--quick]
+    python kernels/bench_scan.py [--out DIR] [--quick] [--sweep [JSON]] [--parts [JSON]]
 
 Shapes: the four anchor shapes of shared/notes/scan-kernels.md and the shapes the project's networks produce
 (LightM-UNet 3D at 128^3 batch 2, nnMamba), plus the 2D SS2D 4-direction cross-scan *including* the cross-scan and
@@ -11,8 +11,8 @@ with every input requiring grad. "copy %" is the minimum bytes (every input read
 over the time, as a fraction of the measured device-to-device copy bandwidth.
 
 Writes ``BENCHMARK.md`` (table, GPU, date) and ``auto_table.json`` (the measured winners "auto" uses) to --out
-(default: this folder). --sweep instead times launch-plan variants (selective_scan_triton.set_tuning keys) on key
-shapes.
+(default: this folder). --sweep instead times launch-plan variants (selective_scan_triton.set_tuning keys, a JSON
+list of dicts) on key shapes; --parts prints, per variant, how one forward+backward splits over the kernels.
 """
 from __future__ import annotations
 
@@ -191,10 +191,13 @@ def table_entry(res, **shape):
                 triton_fwd_ms=res["triton"][0], mamba_ssm_fwd_ms=res["mamba_ssm"][0])
 
 
-def sweep():
-    """Launch-plan variants on the key shapes (fp32 fwd+bwd, channels-last): prints one line per variant."""
-    variants = [dict(BD=32, F=4, per_sm=16), dict(BD=32, F=4, per_sm=8), dict(BD=64, F=4, per_sm=8),
-                dict(BD=32, F=8, per_sm=16), dict(BD=32, F=4, per_sm=16, U=8), dict(BD=16, F=4, per_sm=16)]
+SWEEP_VARIANTS = [{}, dict(per_sm=8), dict(F=2), dict(F=8), dict(bwd_warps=2), dict(warps=2, bwd_warps=2),
+                  dict(warps=2, bwd_warps=4), dict(warps=4, bwd_warps=4), dict(bwd_warps=2, F=8),
+                  dict(warps=2, bwd_warps=2, per_sm=8)]
+
+
+def sweep(variants=SWEEP_VARIANTS):
+    """Launch-plan variants (set_tuning keys) on the key shapes (fp32 fwd+bwd, channels-last): one line each."""
     shapes = [(2, 64, 64 ** 3, 1), (2, 128, 32 ** 3, 1), (32, 1536, 4096, 4)]
     for b, d, L, G in shapes:
         for v in variants:
@@ -207,18 +210,55 @@ def sweep():
     sst.set_tuning()
 
 
+def parts(variants):
+    """Where one fp32 forward+backward (channels-last) spends its GPU time, per kernel (torch.profiler), for the
+    full-resolution 3D shapes and each launch-plan variant (set_tuning keys): to see which kernel to work on."""
+    from torch.profiler import ProfilerActivity, profile
+    for b, d, L, G in [(2, 64, 64 ** 3, 1), (2, 64, 128 ** 3, 1)]:
+        for v in variants:
+            sst.set_tuning(**v)
+            time_scan(triton_scan, b, d, L, G, torch.float32, "channels-last")  # compile + warm up
+            xg = {k: sst.channels_last(t.detach()).requires_grad_(True)
+                  for k, t in scan_inputs(b, d, L, G, torch.float32, grad=True).items()}
+            gy = sst.channels_last(torch.randn(b, d, L, device="cuda"))
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    for t in xg.values():
+                        t.grad = None
+                    triton_scan(*(xg[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), True
+                                ).backward(gy)
+                torch.cuda.synchronize()
+            times = {}
+            for e in prof.key_averages():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    times[e.key] = times.get(e.key, 0.0) + e.self_device_time_total / 5e3
+            total = sum(times.values())
+            top = sorted(times.items(), key=lambda kv: -kv[1])[:8]
+            print(f"PARTS b={b} d={d} L={L} {v}: {total:.3f} ms | "
+                  + " | ".join(f"{k[:40]} {t:.3f}" for k, t in top), flush=True)
+            del xg, gy
+            torch.cuda.empty_cache()
+    sst.set_tuning()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent))
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", nargs="?", const="", default=None, metavar="JSON",
+                    help="time launch-plan variants instead (a JSON list of set_tuning dicts; default: SWEEP_VARIANTS)")
     ap.add_argument("--quick", action="store_true", help="fp32 only, no bf16 rows")
+    ap.add_argument("--parts", nargs="?", const="[{}]", default=None, metavar="JSON",
+                    help="per-kernel time of one forward+backward (profiler) for launch-plan variants (JSON list)")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(0)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    if args.sweep:
-        sweep()
+    if args.sweep is not None:
+        sweep(json.loads(args.sweep) if args.sweep else SWEEP_VARIANTS)
+        return
+    if args.parts is not None:
+        parts(json.loads(args.parts))
         return
     bw = copy_bandwidth()
     print(f"{gpu}: device-to-device copy {bw / 1e12:.2f} TB/s; torch {torch.__version__}, triton {triton.__version__}",

@@ -73,9 +73,9 @@ def _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP: tl.constexpr, FLIP: tl.constexpr):
 
 
 @triton.jit
-def _program_tile(A_ptr, dg, N, cbg, one, BD: tl.constexpr, BN: tl.constexpr):
+def _program_tile(A_ptr, d, dg, N, cbg, one, BD: tl.constexpr, BN: tl.constexpr):
     """A program's chunk j, batch b, group g, channel block cbi, its channels c (mask cm), the state index rn (and
-    rn1 = rn * one: see _chunk_kernel), the (BN, BD) mask m2 and A * log2(e) as a (BN, BD) tile."""
+    rn1 = rn * one: see _chunk_kernel), the (BN, BD) mask m2 and A * log2(e) as a (BN, BD) tile (A given as (N, d))."""
     j = tl.program_id(0)
     cb = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -88,8 +88,16 @@ def _program_tile(A_ptr, dg, N, cbg, one, BD: tl.constexpr, BN: tl.constexpr):
     rn1 = rn * one
     nm = rn < N
     m2 = nm[:, None] & cm[None, :]
-    A2 = tl.load(A_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0) * LOG2E
+    A2 = tl.load(A_ptr + rn1[:, None] * d + c[None, :], mask=m2, other=0.0) * LOG2E
     return j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2
+
+
+@triton.jit
+def _state_ofs(b, j, n_chunks, N, d, rn1, c):
+    """Offsets of a program's (BN, BD) state tile in a (b, chunks, N, d) buffer: channels fastest in memory, so that
+    every state tile the kernels load or store is coalesced along the lanes (and Triton lays the tiles out that
+    way: the layouts of these loads and stores anchor the layout of the whole loop)."""
+    return ((b * n_chunks + j) * N + rn1[:, None]) * d + c[None, :]
 
 
 @triton.jit
@@ -103,10 +111,10 @@ def _step_dt(dt_base, o, mk, bias, s_dl, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.co
 
 
 @triton.jit
-def _bc_operand(X_ptr, b, g, s_b, s_g, c, N, rn1, m2, VAR: tl.constexpr):
-    """B or C for a program: the constant (BN, BD) tile of a (d, N) B/C (0.0 when time-varying) and the base pointer of
-    batch b, group g for a time-varying one."""
-    const = tl.load(X_ptr + c[None, :] * N + rn1[:, None], mask=m2, other=0.0).to(tl.float32) if not VAR else 0.0
+def _bc_operand(X_ptr, b, g, s_b, s_g, c, d, rn1, m2, VAR: tl.constexpr):
+    """B or C for a program: the constant (BN, BD) tile of a constant B/C given as (N, d) (0.0 when time-varying) and
+    the base pointer of batch b, group g for a time-varying one."""
+    const = tl.load(X_ptr + rn1[:, None] * d + c[None, :], mask=m2, other=0.0).to(tl.float32) if not VAR else 0.0
     return const, X_ptr + b * s_b + g * s_g
 
 
@@ -182,13 +190,13 @@ def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, 
     # thread holds all BN states of one channel and the sums over n stay inside the thread. The state index is
     # multiplied by the runtime 1 `one` so that no load looks contiguous along n (which would make Triton spread
     # n over the lanes instead).
-    j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, dg, N, cbg, one, BD, BN)
+    j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, d, dg, N, cbg, one, BD, BN)
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
     if HAS_D:
         Dv = tl.load(D_ptr + c, mask=cm, other=0.0)
-    Bc, B_base = _bc_operand(B_ptr, b, g, s_Bb, s_Bg, c, N, rn1, m2, B_VAR)
-    Cc, C_base = _bc_operand(C_ptr, b, g, s_Cb, s_Cg, c, N, rn1, m2, C_VAR)
-    srow = ((b * d + c[None, :]) * n_chunks + j) * N + rn1[:, None]
+    Bc, B_base = _bc_operand(B_ptr, b, g, s_Bb, s_Bg, c, d, rn1, m2, B_VAR)
+    Cc, C_base = _bc_operand(C_ptr, b, g, s_Cb, s_Cg, c, d, rn1, m2, C_VAR)
+    srow = _state_ofs(b, j, n_chunks, N, d, rn1, c)
     if OUT:
         h = tl.load(hin_ptr + srow, mask=m2, other=0.0)
     else:
@@ -200,11 +208,11 @@ def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, 
     for t0 in range(0, T, U):
         for k in tl.static_range(U):
             o, lm, mk = _step_at(l0 + t0 + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-            u, dt, raw, Bx = _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn,
+            u, dt, raw, Bx = _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn1, nm, s_ul, s_dl, s_Bn,
                                           s_Bl, HAS_BIAS, SOFTPLUS, B_VAR)
             h = _advance(h, A2, dt, u, Bx)
             if OUT:
-                y = tl.sum(h * _bc_column(C_base, Cc, o, rn, nm, lm, s_Cn, s_Cl, C_VAR), axis=0)
+                y = tl.sum(h * _bc_column(C_base, Cc, o, rn1, nm, lm, s_Cn, s_Cl, C_VAR), axis=0)
                 if HAS_D:
                     y += Dv * u
                 if HAS_Z:
@@ -218,7 +226,7 @@ def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, 
                 ssum += dt
     if OUT:
         if SAVE_LAST:
-            tl.store(hloc_ptr + (b * d + c[None, :]) * N + rn1[:, None], h, mask=m2 & (j == n_chunks - 1))
+            tl.store(hloc_ptr + _state_ofs(b, 0, 1, N, d, rn1, c), h, mask=m2 & (j == n_chunks - 1))
     else:
         tl.store(hloc_ptr + srow, h, mask=m2)
         tl.store(sloc_ptr + (b * d + c) * n_chunks + j, ssum, mask=cm)
@@ -240,8 +248,7 @@ def _carry_kernel(A_ptr, hloc_ptr, sloc_ptr, hin_ptr, init_ptr, d, N, n_chunks,
     rn = tl.arange(0, BN)
     rk = tl.arange(0, KC)
     m2 = cm[:, None] & (rn < N)[None, :]
-    A2 = tl.load(A_ptr + c[:, None] * N + rn[None, :], mask=m2, other=0.0) * LOG2E
-    base = (b * d + c[:, None, None]) * n_chunks
+    A2 = tl.load(A_ptr + rn[None, :] * d + c[:, None], mask=m2, other=0.0) * LOG2E
     if HAS_INIT:
         H = tl.load(init_ptr + (b * d + c[:, None]) * N + rn[None, :], mask=m2, other=0.0)
     else:
@@ -253,7 +260,7 @@ def _carry_kernel(A_ptr, hloc_ptr, sloc_ptr, hin_ptr, init_ptr, d, N, n_chunks,
         else:
             jj = p0 + rk
         m3 = m2[:, :, None] & jm[None, None, :]
-        ptr3 = (base + jj[None, None, :]) * N + rn[None, :, None]
+        ptr3 = ((b * n_chunks + jj[None, None, :]) * N + rn[None, :, None]) * d + c[:, None, None]
         hl = tl.load(hloc_ptr + ptr3, mask=m3, other=0.0)
         sl = tl.load(sloc_ptr + (b * d + c[:, None]) * n_chunks + jj[None, :], mask=cm[:, None] & jm[None, :],
                      other=0.0)
@@ -276,9 +283,9 @@ def _bsum_kernel(dt_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
                  BD: tl.constexpr, BN: tl.constexpr, T, U: tl.constexpr):
     """Backward chunk summary: walking chunk j backwards from a zero carry, G_t = C_t dy_t + a_{t+1} G_{t+1};
     stores q[j] = a_{first} G_{first}, the carry the chunk passes to its left neighbour."""
-    j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, dg, N, cbg, one, BD, BN)
+    j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, d, dg, N, cbg, one, BD, BN)
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
-    Cc, C_base = _bc_operand(C_ptr, b, g, s_Cb, s_Cg, c, N, rn1, m2, C_VAR)
+    Cc, C_base = _bc_operand(C_ptr, b, g, s_Cb, s_Cg, c, d, rn1, m2, C_VAR)
     dt_base = dt_ptr + b * s_db + c * s_dd
     G = tl.zeros((BN, BD), tl.float32)
     an = tl.zeros((BN, BD), tl.float32)
@@ -291,9 +298,9 @@ def _bsum_kernel(dt_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
             if HAS_Z:
                 zz = tl.load(z_ptr + b * s_zb + c * s_zd + o * s_zl, mask=mk, other=0.0).to(tl.float32)
                 dy = dy * (zz * tl.sigmoid(zz))
-            G = an * G + _bc_column(C_base, Cc, o, rn, nm, lm, s_Cn, s_Cl, C_VAR) * dy[None, :]
+            G = an * G + _bc_column(C_base, Cc, o, rn1, nm, lm, s_Cn, s_Cl, C_VAR) * dy[None, :]
             an = tl.exp2(A2 * dt[None, :])
-    tl.store(q_ptr + ((b * d + c[None, :]) * n_chunks + j) * N + rn1[:, None], an * G, mask=m2)
+    tl.store(q_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), an * G, mask=m2)
 
 
 @triton.jit(do_not_specialize=["one", "T"])
@@ -311,43 +318,43 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
     """Gradients of chunk j. (1) Walk the chunk forward from its entering state, writing the state entering every
     block of F steps to the scratch hf. (2) Walk the blocks backwards: recompute the block's F states into
     registers, then walk them backwards with the carry R (R_t = a_t G_t; the chunk's last step gets rin[j])."""
-    j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, dg, N, cbg, one, BD, BN)
+    j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, d, dg, N, cbg, one, BD, BN)
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
     if HAS_D:
         Dv = tl.load(D_ptr + c, mask=cm, other=0.0)
-    Bc, B_base = _bc_operand(B_ptr, b, g, s_Bb, s_Bg, c, N, rn1, m2, B_VAR)
+    Bc, B_base = _bc_operand(B_ptr, b, g, s_Bb, s_Bg, c, d, rn1, m2, B_VAR)
     if not B_VAR:
         gBc = tl.zeros((BN, BD), tl.float32)
-    Cc, C_base = _bc_operand(C_ptr, b, g, s_Cb, s_Cg, c, N, rn1, m2, C_VAR)
+    Cc, C_base = _bc_operand(C_ptr, b, g, s_Cb, s_Cg, c, d, rn1, m2, C_VAR)
     if not C_VAR:
         gCc = tl.zeros((BN, BD), tl.float32)
     u_base = u_ptr + b * s_ub + c * s_ud
     dt_base = dt_ptr + b * s_db + c * s_dd
     NF = T // F
-    hf_b = hf_ptr + (b * d + c[None, :]) * N + rn1[:, None] + (j * NF).to(tl.int64) * hf_rs  # + f * hf_rs
+    hf_b = hf_ptr + _state_ofs(b, 0, 1, N, d, rn1, c) + (j * NF).to(tl.int64) * hf_rs  # + f * hf_rs
     # (1) forward walk: states entering each block
-    h = tl.load(hin_ptr + ((b * d + c[None, :]) * n_chunks + j) * N + rn1[:, None], mask=m2, other=0.0)
+    h = tl.load(hin_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), mask=m2, other=0.0)
     for f in range(NF):
         tl.store(hf_b + f * hf_rs, h, mask=m2)
-        h, _, _, _, _ = _walk_block(h, j * T + f * F, L, cm, u_base, dt_base, B_base, bias, Bc, A2, rn, nm, s_ul,
+        h, _, _, _, _ = _walk_block(h, j * T + f * F, L, cm, u_base, dt_base, B_base, bias, Bc, A2, rn1, nm, s_ul,
                                     s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, HAS_BIAS, SOFTPLUS, B_VAR, F)
     # (2) backward over the blocks
-    R = tl.load(rin_ptr + ((b * d + c[None, :]) * n_chunks + j) * N + rn1[:, None], mask=m2, other=0.0)
+    R = tl.load(rin_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), mask=m2, other=0.0)
     gA = tl.zeros((BN, BD), tl.float32)
     gD = tl.zeros((BD,), tl.float32)
     gb = tl.zeros((BD,), tl.float32)
     for ff in range(NF):
         f = NF - 1 - ff
         _, hs, dts, us, raws = _walk_block(tl.load(hf_b + f * hf_rs, mask=m2, other=0.0), j * T + f * F, L, cm,
-                                           u_base, dt_base, B_base, bias, Bc, A2, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
+                                           u_base, dt_base, B_base, bias, Bc, A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl,
                                            Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, HAS_BIAS, SOFTPLUS, B_VAR, F)
         for k in tl.static_range(F - 1, -1, -1):
             o, lm, mk = _step_at(j * T + f * F + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
             hp = hs[k]
             dt = dts[k]
             u = us[k]
-            Bx = _bc_column(B_base, Bc, o, rn, nm, lm, s_Bn, s_Bl, B_VAR)
-            Cx = _bc_column(C_base, Cc, o, rn, nm, lm, s_Cn, s_Cl, C_VAR)
+            Bx = _bc_column(B_base, Bc, o, rn1, nm, lm, s_Bn, s_Bl, B_VAR)
+            Cx = _bc_column(C_base, Cc, o, rn1, nm, lm, s_Cn, s_Cl, C_VAR)
             du = dt * u
             a = tl.exp2(A2 * dt[None, :])
             h = a * hp + Bx * du[None, :]
@@ -381,7 +388,7 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
             tl.store(guptr, gu, mask=mk)
             tl.store(gdt_ptr + b * s_gdb + c * s_gdd + o * s_gdl, gdt, mask=mk)
             gA += ghx * dt[None, :]
-            pofs = cbi * s_pc + b * s_pb + g * s_pg + o * N + rn
+            pofs = cbi * s_pc + b * s_pb + g * s_pg + o * N + rn1
             if B_VAR:
                 tl.store(gBp_ptr + pofs, tl.sum(Gt * du[None, :], axis=1), mask=nm & lm)
             else:
@@ -391,8 +398,8 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
             else:
                 gCc += h * dy[None, :]
             R = a * Gt
-    prow = b * n_chunks + j  # per-program partial sums, reduced on the host
-    pm = ((prow * d + c[None, :]) * N + rn1[:, None])
+    prow = b * n_chunks + j  # per-program partial sums (rows, N, d), reduced on the host
+    pm = _state_ofs(prow, 0, 1, N, d, rn1, c)
     tl.store(gAp_ptr + pm, gA, mask=m2)
     if HAS_D:
         tl.store(gDp_ptr + prow * d + c, gD, mask=cm)
@@ -436,13 +443,15 @@ def _order_for(spatial: Sequence[int], perm: Sequence[int], flip: bool) -> _Orde
 
 
 # Tuning overrides (benchmark sweeps, tests): T (chunk), BD (channels per program), F (backward block), U (unroll),
-# per_sm (programs per SM the chunk length aims at). Empty = the defaults of _Plan.
+# per_sm (programs per SM the chunk length aims at), warps / bwd_warps (warps per program of the forward and
+# _bsum kernels / of _bwd_kernel: beyond BD / 32 they split the states, which halves each thread's registers).
+# Empty = the defaults of _Plan.
 _OVERRIDE: dict = {}
-_TUNING_KEYS = ("T", "BD", "F", "U", "per_sm")
+_TUNING_KEYS = ("T", "BD", "F", "U", "per_sm", "warps", "bwd_warps")
 
 
 def set_tuning(**kw):
-    """Override launch-plan choices (keys: T, BD, F, U, per_sm); no arguments resets."""
+    """Override launch-plan choices (keys: see _TUNING_KEYS); no arguments resets."""
     bad = set(kw) - set(_TUNING_KEYS)
     if bad:
         raise ValueError(f"set_tuning: unknown keys {sorted(bad)}; known: {', '.join(_TUNING_KEYS)}")
@@ -462,7 +471,8 @@ class _Plan:
         self.BN = triton.next_power_of_2(N)
         self.BD = min(o.get("BD", 32), triton.next_power_of_2(self.dg))
         self.cbg = triton.cdiv(self.dg, self.BD)
-        self.num_warps = max(1, self.BD // 32)
+        self.num_warps = o.get("warps", max(1, self.BD // 32))
+        self.bwd_warps = o.get("bwd_warps", self.num_warps)
         self.U = o.get("U", 4)
         F = o.get("F", 4)
         T = o.get("T")
@@ -485,6 +495,11 @@ def _bc(X):
     return tuple(X.stride()) if X.dim() == 4 else (0, 0, 0, 0)
 
 
+def _t(X):
+    """A (d, N) parameter (A, constant B/C) as the (N, d) the kernels read (channels fastest)."""
+    return X.t().contiguous() if X.dim() == 2 else X
+
+
 def _carry(A, loc, sums, init, rev, plan, b, d, N):
     out = torch.empty_like(loc)
     _carry_kernel[(triton.cdiv(d, plan.carry_BD), b)](
@@ -494,14 +509,16 @@ def _carry(A, loc, sums, init, rev, plan, b, d, N):
 
 
 def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want_last):
-    """One forward pass into ``out``. u, dt, z, out: (b, d, L)-strided; B, C: (b, G, N, L) views or (d, N).
-    Returns the chunk-entering states (b, d, chunks, N), the chunks' dt sums (b, d, chunks) and the last state."""
+    """One forward pass into ``out``. u, dt, z, out: (b, d, L)-strided; A: (d, N); B, C: (b, G, N, L) views or (d, N).
+    Returns the chunk-entering states (b, chunks, N, d), the chunks' dt sums (b, d, chunks) and the last state
+    (b, d, N)."""
     b, d, L = u.shape
     N = A.shape[1]
+    A, B, C = _t(A), _t(B), _t(C)
     dev = u.device
     f32 = torch.float32
     sloc = torch.empty(b, d, plan.n_chunks, device=dev, dtype=f32)
-    last = torch.empty(b, d, N, device=dev, dtype=f32) if want_last else sloc
+    last = torch.empty(b, N, d, device=dev, dtype=f32) if want_last else sloc
     zt = z if z is not None else u
     common = (L, d, plan.dg, N, plan.n_chunks, plan.cbg, 1, *u.stride(), *dt.stride(), *zt.stride(), *out.stride(),
               *_bc(B), *_bc(C), order.Q1, order.Q2, order.R0, order.R1, order.R2)
@@ -511,16 +528,16 @@ def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want
     Dt = D if D is not None else A
     bt = bias if bias is not None else A
     if plan.n_chunks > 1:
-        hloc = torch.empty(b, d, plan.n_chunks, N, device=dev, dtype=f32)
+        hloc = torch.empty(b, plan.n_chunks, N, d, device=dev, dtype=f32)
         _chunk_kernel[plan.grid](u, dt, zt, out, A, Dt, bt, B, C, hloc, hloc, sloc, *common, OUT=False,
                                  SAVE_LAST=False, **flags)
         hin = _carry(A, hloc, sloc, None, False, plan, b, d, N)
         del hloc
     else:
-        hin = torch.zeros(b, d, 1, N, device=dev, dtype=f32)
+        hin = torch.zeros(b, 1, N, d, device=dev, dtype=f32)
     _chunk_kernel[plan.grid](u, dt, zt, out, A, Dt, bt, B, C, hin, last, sloc, *common, OUT=True, SAVE_LAST=want_last,
                              **flags)
-    return hin, sloc, (last if want_last else None)
+    return hin, sloc, (last.transpose(1, 2) if want_last else None)
 
 
 def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan, order, gu, gdt, gz, gu_accum):
@@ -529,6 +546,7 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
     b, d, L = u.shape
     N = A.shape[1]
     G = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
+    A, B, C = _t(A), _t(B), _t(C)
     dev = u.device
     f32 = torch.float32
     B_VAR, C_VAR = B.dim() == 4, C.dim() == 4
@@ -536,7 +554,7 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
     bt = bias if bias is not None else A
     pos = (order.Q1, order.Q2, order.R0, order.R1, order.R2)
     if plan.n_chunks > 1:  # the carry from the right entering every chunk
-        q = torch.empty(b, d, plan.n_chunks, N, device=dev, dtype=f32)
+        q = torch.empty(b, plan.n_chunks, N, d, device=dev, dtype=f32)
         _bsum_kernel[plan.grid](
             dt, zt, gout, A, bt, C, q, L, d, plan.dg, N, plan.n_chunks, plan.cbg, 1,
             *dt.stride(), *zt.stride(), *gout.stride(), *_bc(C), *pos,
@@ -545,10 +563,11 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
         rin = _carry(A, q, sloc, glast, True, plan, b, d, N)
         del q
     else:
-        rin = (glast if glast is not None else torch.zeros(b, d, N, device=dev, dtype=f32)).reshape(b, d, 1, N)
-    hf = torch.empty(plan.n_chunks * (plan.T // plan.F), b, d, N, device=dev, dtype=f32)  # block-entering states
+        rin = (glast.transpose(1, 2).reshape(b, 1, N, d).contiguous() if glast is not None
+               else torch.zeros(b, 1, N, d, device=dev, dtype=f32))
+    hf = torch.empty(plan.n_chunks * (plan.T // plan.F), b, N, d, device=dev, dtype=f32)  # block-entering states
     rows = b * plan.n_chunks
-    gAp = torch.empty(rows, d, N, device=dev, dtype=f32)
+    gAp = torch.empty(rows, N, d, device=dev, dtype=f32)
     gDp = torch.empty(rows, d, device=dev, dtype=f32) if D is not None else gAp
     gbp = torch.empty(rows, d, device=dev, dtype=f32) if bias is not None else gAp
     npos = B.shape[3] if B_VAR else (C.shape[3] if C_VAR else L)
@@ -564,10 +583,10 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
         *gu.stride(), *gdt.stride(), *(gz if gz is not None else gu).stride(), *_bc(B), *_bc(C), *s_p, *pos,
         HAS_MAP=order.has_map, FLIP=order.flip, GU_ACCUM=gu_accum, B_VAR=B_VAR, C_VAR=C_VAR, HAS_D=D is not None,
         HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-        BD=plan.BD, BN=plan.BN, T=plan.T, F=plan.F, num_warps=plan.num_warps)
-    gB = gBp.sum(0).transpose(-1, -2) if B_VAR else gBp.sum(0)
-    gC = gCp.sum(0).transpose(-1, -2) if C_VAR else gCp.sum(0)
-    return (gAp.sum(0), gB, gC, gDp.sum(0) if D is not None else None, gbp.sum(0) if bias is not None else None)
+        BD=plan.BD, BN=plan.BN, T=plan.T, F=plan.F, num_warps=plan.bwd_warps)
+    gB = gBp.sum(0).transpose(-1, -2)  # time-varying: (b, G, N, positions); constant: (d, N)
+    gC = gCp.sum(0).transpose(-1, -2)
+    return (gAp.sum(0).t(), gB, gC, gDp.sum(0) if D is not None else None, gbp.sum(0) if bias is not None else None)
 
 
 # ------------------------------------------------------------------------------------------------------------------

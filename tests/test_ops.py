@@ -186,6 +186,43 @@ def test_token_layer_norm_is_nn_layer_norm():
     torch.testing.assert_close(ours(x), ref(x))
 
 
+@pytest.mark.parametrize("shape, groups, affine", [((2, 8, 5, 6, 7), 4, True), ((3, 6, 9, 4), 3, False),
+                                                  ((1, 4, 11), 1, True)])
+def test_group_norm_is_nn_group_norm(shape, groups, affine):
+    """Same parameters and state dict as nn.GroupNorm; output and every gradient equal to it in float64."""
+    from nnunet_mamba.modules.common import GroupNorm
+
+    ref = torch.nn.GroupNorm(groups, shape[1], affine=affine).double()
+    ours = GroupNorm(groups, shape[1], affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-1, 1)
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = (torch.randn(*shape, dtype=torch.float64) * 3 + 2).requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    gy = torch.randn(*shape, dtype=torch.float64)
+    y_ref, y = ref(x), ours(x2)
+    torch.testing.assert_close(y, y_ref)
+    y_ref.backward(gy)
+    y.backward(gy)
+    torch.testing.assert_close(x2.grad, x.grad)
+    for p_ours, p_ref in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p_ours.grad, p_ref.grad)
+
+
+def test_group_norm_runs_in_fp32_under_autocast():
+    from nnunet_mamba.modules.common import GroupNorm
+
+    gn = GroupNorm(2, 4)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = gn(x.bfloat16())
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, torch.nn.functional.group_norm(x.bfloat16().float(), 2, gn.weight, gn.bias))
+
+
 def test_token_ops_auto_takes_triton_only_from_the_measured_size(monkeypatch):
     from nnunet_mamba.ops import token_ops
 

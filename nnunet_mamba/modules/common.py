@@ -56,6 +56,51 @@ class TokenLayerNorm(nn.LayerNorm):
         return layer_norm(x, self.weight, self.bias, self.eps)
 
 
+class _GroupNormFn(torch.autograd.Function):
+    """GroupNorm with the statistics from ``torch.var_mean`` and the backward from ATen's own group-norm backward.
+
+    PyTorch's CUDA group-norm forward computes the statistics with one thread block per (sample, group): 16 blocks
+    for LightM-UNet's (2, 32, 128^3) maps, ~1.9 ms per call on an H100 (the largest single non-scan cost of its
+    training step). ``var_mean`` splits such long rows over many blocks; the normalisation is one ``addcmul``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):
+        n, c = x.shape[:2]
+        x = x.contiguous()
+        var, mean = torch.var_mean(x.view(n, groups, -1), dim=-1, correction=0)
+        rstd = (var + eps).rsqrt()
+        scale = rstd.repeat_interleave(c // groups, dim=1)  # (n, c)
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean.repeat_interleave(c // groups, dim=1) * scale
+        if bias is not None:
+            shift = shift + bias
+        per_channel = (n, c) + (1,) * (x.dim() - 2)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.groups = groups
+        return torch.addcmul(shift.view(per_channel), x, scale.view(per_channel))
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        n, c = x.shape[:2]
+        need = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+            gy.contiguous(), x, mean, rstd, weight, n, c, x[0, 0].numel(), ctx.groups,
+            [need[0], weight is not None and need[1], need[2]])
+        return gx, gw, gb, None, None
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same arguments, parameters and state dict) with faster statistics for large maps
+    (``_GroupNormFn``). Under autocast it runs in fp32, as autocast runs ``group_norm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.float()
+        return _GroupNormFn.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+
+
 class LayerNormNd(nn.LayerNorm):
     """LayerNorm over the channel axis of a channels-first (B, C, *S) tensor (LN2d / LN3d); LN(c) parameters."""
 

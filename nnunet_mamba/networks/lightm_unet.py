@@ -11,8 +11,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..modules.common import (TokenLayerNorm, conv_nd, flatten_tokens, fp32_core, interp_mode, max_pool_nd,
-                              recomputed, unflatten_tokens)
+from ..modules.common import (GroupNorm, TokenLayerNorm, conv_nd, flatten_tokens, fp32_core, interp_mode,
+                              max_pool_nd, recomputed, unflatten_tokens)
 from ..modules.mamba import Mamba
 
 
@@ -58,8 +58,8 @@ class MambaLayer(nn.Module):
 class ResMambaBlock(nn.Module):
     def __init__(self, nd, channels, num_groups=8):
         super().__init__()
-        self.norm1 = nn.GroupNorm(num_groups, channels)
-        self.norm2 = nn.GroupNorm(num_groups, channels)
+        self.norm1 = GroupNorm(num_groups, channels)
+        self.norm2 = GroupNorm(num_groups, channels)
         self.act = nn.ReLU()
         self.conv1 = MambaLayer(channels, channels)
         self.conv2 = MambaLayer(channels, channels)
@@ -73,8 +73,8 @@ class ResMambaBlock(nn.Module):
 class ResUpBlock(nn.Module):
     def __init__(self, nd, channels, num_groups=8):
         super().__init__()
-        self.norm1 = nn.GroupNorm(num_groups, channels)
-        self.norm2 = nn.GroupNorm(num_groups, channels)
+        self.norm1 = GroupNorm(num_groups, channels)
+        self.norm2 = GroupNorm(num_groups, channels)
         self.act = nn.ReLU()
         self.conv = dw_conv(nd, channels, channels, 3, bias=False)
         self.skip_scale = nn.Parameter(torch.ones(1))
@@ -121,7 +121,7 @@ class LightMUNet(nn.Module):
                 nn.Upsample(scale_factor=tuple(float(f) for f in self.strides[n_levels - 2 - j]),
                             mode=interp_mode(nd), align_corners=False)))
             self.up_layers.append(nn.Sequential(*[ResUpBlock(nd, c // 2, num_groups) for _ in range(n_blocks)]))
-        self.conv_final = nn.Sequential(nn.GroupNorm(num_groups, init_filters), nn.ReLU(),
+        self.conv_final = nn.Sequential(GroupNorm(num_groups, init_filters), nn.ReLU(),
                                         dw_conv(nd, init_filters, out_channels, 1, bias=True))
 
     def forward(self, x):
