@@ -198,7 +198,7 @@ SWEEP_VARIANTS = [{}, dict(per_sm=8), dict(F=2), dict(F=8), dict(bwd_warps=2), d
 
 def sweep(variants=SWEEP_VARIANTS):
     """Launch-plan variants (set_tuning keys) on the key shapes (fp32 fwd+bwd, channels-last): one line each."""
-    shapes = [(2, 64, 64 ** 3, 1), (2, 128, 32 ** 3, 1), (32, 1536, 4096, 4)]
+    shapes = [(2, 64, 64 ** 3, 1), (2, 128, 32 ** 3, 1), (2, 128, 64 ** 3, 1), (32, 1536, 4096, 4)]
     for b, d, L, G in shapes:
         for v in variants:
             sst.set_tuning(**v)

@@ -185,7 +185,7 @@ def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, 
                   HAS_MAP: tl.constexpr, FLIP: tl.constexpr, ACCUM: tl.constexpr,
                   B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, OUT: tl.constexpr, SAVE_LAST: tl.constexpr,
-                  BD: tl.constexpr, BN: tl.constexpr, T, U: tl.constexpr):
+                  BD: tl.constexpr, BN: tl.constexpr, T, U: tl.constexpr, STAGES: tl.constexpr):
     # Tiles are (BN, BD): states x channels. Triton's default layout spreads the last axis over the lanes, so a
     # thread holds all BN states of one channel and the sums over n stay inside the thread. The state index is
     # multiplied by the runtime 1 `one` so that no load looks contiguous along n (which would make Triton spread
@@ -205,7 +205,7 @@ def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, 
     l0 = j * T
     u_base = u_ptr + b * s_ub + c * s_ud
     dt_base = dt_ptr + b * s_db + c * s_dd
-    for t0 in range(0, T, U):
+    for t0 in tl.range(0, T, U, num_stages=STAGES):
         for k in tl.static_range(U):
             o, lm, mk = _step_at(l0 + t0 + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
             u, dt, raw, Bx = _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn1, nm, s_ul, s_dl, s_Bn,
@@ -280,7 +280,7 @@ def _bsum_kernel(dt_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
                  s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_Cb, s_Cg, s_Cn, s_Cl, Q1, Q2, R0, R1, R2,
                  HAS_MAP: tl.constexpr, FLIP: tl.constexpr, C_VAR: tl.constexpr, HAS_Z: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                 BD: tl.constexpr, BN: tl.constexpr, T, U: tl.constexpr):
+                 BD: tl.constexpr, BN: tl.constexpr, T, U: tl.constexpr, STAGES: tl.constexpr):
     """Backward chunk summary: walking chunk j backwards from a zero carry, G_t = C_t dy_t + a_{t+1} G_{t+1};
     stores q[j] = a_{first} G_{first}, the carry the chunk passes to its left neighbour."""
     j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, d, dg, N, cbg, one, BD, BN)
@@ -290,7 +290,7 @@ def _bsum_kernel(dt_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
     G = tl.zeros((BN, BD), tl.float32)
     an = tl.zeros((BN, BD), tl.float32)
     l1 = j * T + T - 1
-    for t0 in range(0, T, U):
+    for t0 in tl.range(0, T, U, num_stages=STAGES):
         for k in tl.static_range(U):
             o, lm, mk = _step_at(l1 - t0 - k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
             dt, raw = _step_dt(dt_base, o, mk, bias, s_dl, HAS_BIAS, SOFTPLUS)
@@ -314,7 +314,7 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
                 HAS_MAP: tl.constexpr, FLIP: tl.constexpr, GU_ACCUM: tl.constexpr, B_VAR: tl.constexpr,
                 C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr,
-                BD: tl.constexpr, BN: tl.constexpr, T, F: tl.constexpr):
+                BD: tl.constexpr, BN: tl.constexpr, T, F: tl.constexpr, STAGES: tl.constexpr):
     """Gradients of chunk j. (1) Walk the chunk forward from its entering state, writing the state entering every
     block of F steps to the scratch hf. (2) Walk the blocks backwards: recompute the block's F states into
     registers, then walk them backwards with the carry R (R_t = a_t G_t; the chunk's last step gets rin[j])."""
@@ -331,11 +331,11 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
     u_base = u_ptr + b * s_ub + c * s_ud
     dt_base = dt_ptr + b * s_db + c * s_dd
     NF = T // F
-    hf_b = hf_ptr + _state_ofs(b, 0, 1, N, d, rn1, c) + (j * NF).to(tl.int64) * hf_rs  # + f * hf_rs
+    hf_b = hf_ptr + _state_ofs(b, 0, 1, N, d, rn1, c)  # + (j * NF + f) * hf_rs for block f, in int64
     # (1) forward walk: states entering each block
     h = tl.load(hin_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), mask=m2, other=0.0)
-    for f in range(NF):
-        tl.store(hf_b + f * hf_rs, h, mask=m2)
+    for f in tl.range(NF, num_stages=STAGES):
+        tl.store(hf_b + (j * NF + f).to(tl.int64) * hf_rs, h, mask=m2)
         h, _, _, _, _ = _walk_block(h, j * T + f * F, L, cm, u_base, dt_base, B_base, bias, Bc, A2, rn1, nm, s_ul,
                                     s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, HAS_BIAS, SOFTPLUS, B_VAR, F)
     # (2) backward over the blocks
@@ -343,9 +343,10 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
     gA = tl.zeros((BN, BD), tl.float32)
     gD = tl.zeros((BD,), tl.float32)
     gb = tl.zeros((BD,), tl.float32)
-    for ff in range(NF):
+    for ff in tl.range(NF, num_stages=STAGES):
         f = NF - 1 - ff
-        _, hs, dts, us, raws = _walk_block(tl.load(hf_b + f * hf_rs, mask=m2, other=0.0), j * T + f * F, L, cm,
+        _, hs, dts, us, raws = _walk_block(tl.load(hf_b + (j * NF + f).to(tl.int64) * hf_rs, mask=m2, other=0.0),
+                                           j * T + f * F, L, cm,
                                            u_base, dt_base, B_base, bias, Bc, A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl,
                                            Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, HAS_BIAS, SOFTPLUS, B_VAR, F)
         for k in tl.static_range(F - 1, -1, -1):
@@ -444,10 +445,11 @@ def _order_for(spatial: Sequence[int], perm: Sequence[int], flip: bool) -> _Orde
 
 # Tuning overrides (benchmark sweeps, tests): T (chunk), BD (channels per program), F (backward block), U (unroll),
 # per_sm (programs per SM the chunk length aims at), warps / bwd_warps (warps per program of the forward and
-# _bsum kernels / of _bwd_kernel: beyond BD / 32 they split the states, which halves each thread's registers).
+# _bsum kernels / of _bwd_kernel: beyond BD / 32 they split the states over the warps), stages / bwd_stages
+# (software pipelining of the step loops' loads through shared memory, Triton's num_stages; 1 = none).
 # Empty = the defaults of _Plan.
 _OVERRIDE: dict = {}
-_TUNING_KEYS = ("T", "BD", "F", "U", "per_sm", "warps", "bwd_warps")
+_TUNING_KEYS = ("T", "BD", "F", "U", "per_sm", "warps", "bwd_warps", "stages", "bwd_stages")
 
 
 def set_tuning(**kw):
@@ -462,8 +464,12 @@ def set_tuning(**kw):
 class _Plan:
     """Launch geometry shared by the forward and backward of one call.
 
-    Defaults = the best plan of the H100 measurements (kernels/BENCHMARK.md): 32 channels per program (one warp, a
-    channel per lane), chunks long enough for ~16 programs per SM, blocks of F = 4 steps in the backward."""
+    Defaults = the best plan of the H100 sweeps (kernels/BENCHMARK.md): 32 channels per program (one warp, a channel
+    per lane), chunks long enough for ~16 programs per SM, the step loops' loads pipelined 2 (forward, _bsum) and
+    3 (_bwd_kernel) stages deep, blocks of F = 2 steps in the backward, or F = 4 where the block-state scratch of F = 2
+    (L/2 states per channel) would pass HF_SCRATCH_BYTES (F = 4 halves it, ~10 % slower)."""
+
+    HF_SCRATCH_BYTES = 2 << 30
 
     def __init__(self, b, d, G, L, N, device):
         o = _OVERRIDE
@@ -473,13 +479,15 @@ class _Plan:
         self.cbg = triton.cdiv(self.dg, self.BD)
         self.num_warps = o.get("warps", max(1, self.BD // 32))
         self.bwd_warps = o.get("bwd_warps", self.num_warps)
+        self.stages = o.get("stages", 2)
+        self.bwd_stages = o.get("bwd_stages", 3)
         self.U = o.get("U", 4)
-        F = o.get("F", 4)
         T = o.get("T")
         if T is None:
             n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
             want = max(1, (o.get("per_sm", 16) * n_sm) // (b * G * self.cbg))
             T = triton.next_power_of_2(triton.cdiv(L, want))
+        F = o.get("F", 2 if triton.cdiv(L, T) * T // 2 * b * d * self.BN * 4 <= self.HF_SCRATCH_BYTES else 4)
         self.T = max(T, self.U, F)
         self.F = F
         if self.T % self.U or self.T % F:  # a chunk is walked in groups of U steps and blocks of F steps
@@ -524,7 +532,7 @@ def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want
               *_bc(B), *_bc(C), order.Q1, order.Q2, order.R0, order.R1, order.R2)
     flags = dict(HAS_MAP=order.has_map, FLIP=order.flip, ACCUM=accum, B_VAR=B.dim() == 4, C_VAR=C.dim() == 4,
                  HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-                 BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, num_warps=plan.num_warps)
+                 BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, STAGES=plan.stages, num_warps=plan.num_warps)
     Dt = D if D is not None else A
     bt = bias if bias is not None else A
     if plan.n_chunks > 1:
@@ -559,7 +567,8 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
             dt, zt, gout, A, bt, C, q, L, d, plan.dg, N, plan.n_chunks, plan.cbg, 1,
             *dt.stride(), *zt.stride(), *gout.stride(), *_bc(C), *pos,
             HAS_MAP=order.has_map, FLIP=order.flip, C_VAR=C_VAR, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-            SOFTPLUS=softplus, BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, num_warps=plan.num_warps)
+            SOFTPLUS=softplus, BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, STAGES=plan.stages,
+            num_warps=plan.num_warps)
         rin = _carry(A, q, sloc, glast, True, plan, b, d, N)
         del q
     else:
@@ -583,7 +592,7 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
         *gu.stride(), *gdt.stride(), *(gz if gz is not None else gu).stride(), *_bc(B), *_bc(C), *s_p, *pos,
         HAS_MAP=order.has_map, FLIP=order.flip, GU_ACCUM=gu_accum, B_VAR=B_VAR, C_VAR=C_VAR, HAS_D=D is not None,
         HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-        BD=plan.BD, BN=plan.BN, T=plan.T, F=plan.F, num_warps=plan.bwd_warps)
+        BD=plan.BD, BN=plan.BN, T=plan.T, F=plan.F, STAGES=plan.bwd_stages, num_warps=plan.bwd_warps)
     gB = gBp.sum(0).transpose(-1, -2)  # time-varying: (b, G, N, positions); constant: (d, N)
     gC = gCp.sum(0).transpose(-1, -2)
     return (gAp.sum(0).t(), gB, gC, gDp.sum(0) if D is not None else None, gbp.sum(0) if bias is not None else None)
