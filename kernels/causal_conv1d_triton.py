@@ -41,7 +41,7 @@ def _pre_activation(x_base, w_ptr, bias_ptr, rl, rc, cm, shift, L, s_xl, s_xc,
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, C, s_xb, s_xl, s_xc, s_yb, s_yl, s_yc,
+def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, C, s_xb, s_xl, s_xc, s_yb, s_yl, s_yc,
                 K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
     b = tl.program_id(2).to(tl.int64)
     rl, rc, cm = _tile(tl.program_id(0), tl.program_id(1), C, BL, BC)
@@ -51,7 +51,7 @@ def _fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, C, s_xb, s_xl, s_xc, s_yb, s_y
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, w_ptr, bias_ptr, gy_ptr, gx_ptr, part_ptr, L, C, n_l,
+def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, gy_ptr, gx_ptr, part_ptr, L, C, n_l,
                 s_xb, s_xl, s_xc, s_gb, s_gl, s_gc, s_hb, s_hl, s_hc,
                 K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
     """gx[l] = sum_k w[k] ga[l + (K-1) - k], ga = gy * silu'(a); this tile's sums gw[k] = sum_l ga[l] x[l - (K-1) + k]
@@ -95,8 +95,8 @@ class _ConvSiluFn(torch.autograd.Function):
         y = torch.empty(b, L, C, device=x.device, dtype=x.dtype)
         BL, BC = _plan(C)
         grid = (triton.cdiv(L, BL), triton.cdiv(C, BC), b)
-        _fwd_kernel[grid](x, w, bf if bf is not None else w, y, L, C, *x.stride(), *y.stride(),
-                          K=K, HAS_BIAS=bf is not None, BL=BL, BC=BC, num_warps=4)
+        _conv_fwd_kernel[grid](x, w, bf if bf is not None else w, y, L, C, *x.stride(), *y.stride(),
+                               K=K, HAS_BIAS=bf is not None, BL=BL, BC=BC, num_warps=4)
         ctx.save_for_backward(x, w, bf)
         ctx.shapes = (weight.shape, weight.dtype, bias.dtype if bias is not None else None)
         return y
@@ -111,7 +111,7 @@ class _ConvSiluFn(torch.autograd.Function):
         n_l = triton.cdiv(L, BL)
         gx = torch.empty(b, L, C, device=x.device, dtype=x.dtype)
         part = torch.empty(b * n_l, K + 1, C, device=x.device, dtype=torch.float32)  # K weight taps + bias
-        _bwd_kernel[(n_l, triton.cdiv(C, BC), b)](
+        _conv_bwd_kernel[(n_l, triton.cdiv(C, BC), b)](
             x, w, bf if bf is not None else w, gy, gx, part, L, C, n_l, *x.stride(), *gy.stride(),
             *gx.stride(), K=K, HAS_BIAS=bf is not None, BL=BL, BC=BC, num_warps=4)
         sums = part.sum(0)

@@ -47,7 +47,7 @@ def _tile(t, n_rows, C, R1, s0, s1, SPLIT: tl.constexpr, BLOCK_ROWS: tl.constexp
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, C, inv_C, R1, s0, s1, eps,
+def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, C, inv_C, R1, s0, s1, eps,
                 SPLIT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                 BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     rows, rm, cols, m, xo, yo = _tile(tl.program_id(0), n_rows, C, R1, s0, s1, SPLIT, BLOCK_ROWS, BLOCK_C)
@@ -66,7 +66,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, C, inv_C
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, n_rows, n_tiles, C, inv_C, R1,
+def _ln_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, n_rows, n_tiles, C, inv_C, R1,
                 s0, s1, t0, t1, SPLIT: tl.constexpr, HAS_W: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr,
                 BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
@@ -154,10 +154,10 @@ class _LayerNormFn(torch.autograd.Function):
         BLOCK_ROWS, BLOCK_C, n_tiles = _plan(C, n_rows)
         (R1, s0, s1), split = _args(lay, 0)
         if n_rows:
-            _fwd_kernel[(n_tiles,)](x, w if w is not None else x, b if b is not None else x, y, mean, rstd, n_rows, C,
-                                    1.0 / C, R1, s0, s1, eps, SPLIT=split, HAS_W=w is not None, HAS_B=b is not None,
-                                    BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C,
-                                    num_warps=max(1, min(4, BLOCK_ROWS * BLOCK_C // 1024)))
+            _ln_fwd_kernel[(n_tiles,)](x, w if w is not None else x, b if b is not None else x, y, mean, rstd, n_rows,
+                                       C, 1.0 / C, R1, s0, s1, eps, SPLIT=split, HAS_W=w is not None,
+                                       HAS_B=b is not None, BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C,
+                                       num_warps=max(1, min(4, BLOCK_ROWS * BLOCK_C // 1024)))
         ctx.save_for_backward(x, w, b, mean, rstd)
         return y
 
@@ -183,10 +183,10 @@ class _LayerNormFn(torch.autograd.Function):
         (R1, s0, s1), split = _args(lay, 0)
         (_, t0, t1), _ = _args(lay, 1)
         if n_rows:
-            _bwd_kernel[(P,)](x, dy, w if w is not None else x, mean, rstd, dx, dw, db, n_rows, n_tiles, C, 1.0 / C, R1,
-                              s0, s1, t0, t1, SPLIT=split, HAS_W=w is not None, DW=want_dw, DB=want_db,
-                              BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C,
-                              num_warps=max(1, min(8, BLOCK_ROWS * BLOCK_C // 512)))
+            _ln_bwd_kernel[(P,)](x, dy, w if w is not None else x, mean, rstd, dx, dw, db, n_rows, n_tiles, C, 1.0 / C,
+                                 R1, s0, s1, t0, t1, SPLIT=split, HAS_W=w is not None, DW=want_dw, DB=want_db,
+                                 BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C,
+                                 num_warps=max(1, min(8, BLOCK_ROWS * BLOCK_C // 512)))
         return (dx if ctx.needs_input_grad[0] else None, dw.sum(0).to(w.dtype) if want_dw else None,
                 db.sum(0).to(b.dtype) if want_db else None, None)
 

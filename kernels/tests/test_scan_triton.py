@@ -268,14 +268,16 @@ def test_gpu_matches_oracle(tk, layout, groups, dtype):
 @pytest.mark.cuda
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 def test_against_mamba_ssm():
-    """Where mamba-ssm's CUDA kernel is installed: same outputs and gradients on an anchor shape."""
+    """Where mamba-ssm's CUDA kernel is installed: same outputs and gradients on an anchor shape. mamba-ssm's
+    ``selective_scan_fn`` does not backpropagate a gradient of the last state (its backward takes ``dout`` only), so
+    none is given here; that path is checked against the float64 oracle (check_against_oracle, grad_last)."""
     pytest.importorskip("selective_scan_cuda", reason="mamba-ssm's CUDA extension is not installed")
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     from nnunet_mamba.kernels.selective_scan_triton import selective_scan_triton
     inp = make_inputs(2, 128, 32768, 16, "shared", seed=8, device="cuda")
     g = torch.Generator().manual_seed(2)
     gy = torch.randn(2, 128, 32768, generator=g).cuda()
-    gl = torch.randn(2, 128, 16, generator=g).cuda()
+    gl = torch.zeros(2, 128, 16).cuda()
     y, last, gr = _grads(lambda x: call(selective_scan_triton, x, True, True), inp, gy, gl)
     y0, last0, gr0 = _grads(lambda x: call(selective_scan_fn, x, True, True), inp, gy, gl)
     assert rel_err(y, y0) < 1e-5 and rel_err(last, last0) < 1e-5

@@ -92,10 +92,16 @@ class _GroupNormFn(torch.autograd.Function):
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same arguments, parameters and state dict) with faster statistics for large maps
-    (``_GroupNormFn``). Under autocast it runs in fp32, as autocast runs ``group_norm``."""
+    """``nn.GroupNorm`` (same arguments, parameters and state dict) that takes ``_GroupNormFn`` for maps of at least
+    ``fast_from`` elements, where it measured faster (kernels/BENCHMARK_mixer_ops.md, H100: 2.8x at 2 x 32 x 128^3
+    and 2 x 64 x 64^3; slower from 2 x 128 x 32^3 down), and ``F.group_norm`` below. Under autocast it runs in
+    fp32, as autocast runs ``group_norm``."""
+
+    fast_from = 1 << 24
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() < self.fast_from:
+            return super().forward(x)
         if torch.is_autocast_enabled(x.device.type):
             x = x.float()
         return _GroupNormFn.apply(x, self.weight, self.bias, self.num_groups, self.eps)
