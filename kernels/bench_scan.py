@@ -191,9 +191,9 @@ def table_entry(res, **shape):
                 triton_fwd_ms=res["triton"][0], mamba_ssm_fwd_ms=res["mamba_ssm"][0])
 
 
-SWEEP_VARIANTS = [{}, dict(per_sm=8), dict(F=2), dict(F=8), dict(bwd_warps=2), dict(warps=2, bwd_warps=2),
-                  dict(warps=2, bwd_warps=4), dict(warps=4, bwd_warps=4), dict(bwd_warps=2, F=8),
-                  dict(warps=2, bwd_warps=2, per_sm=8)]
+# around the default plan; the first non-default row is session 3's plan (no pipelining, F = 4)
+SWEEP_VARIANTS = [{}, dict(stages=1, bwd_stages=1, F=4), dict(F=4), dict(bwd_stages=2), dict(bwd_stages=4),
+                  dict(stages=3), dict(per_sm=8), dict(per_sm=32)]
 
 
 def sweep(variants=SWEEP_VARIANTS):

@@ -8,9 +8,10 @@ Math (mamba-ssm ``selective_scan_fn`` semantics, specs/mamba_block.md §4), per 
     y_t    = sum_n C_t[n] h_t[n] + D u_t ;   out_t = y_t * silu(z_t)
 
 Layout (docs/kernels.md): a program owns ``BD`` channels of one batch element and one **chunk** of ``T`` steps, and
-holds their ``(BN, BD)`` fp32 state (states x channels; Triton's default layout puts the channels across the lanes,
-so a thread holds the states of one channel and every sum over ``n`` stays in the thread). It advances the state one
-step per loop iteration: one exp2 and two FMAs per element and step, no cross-thread scan. Chunks run in parallel:
+holds their ``(BN, BD)`` fp32 state (states x channels, a channel per lane, so a thread holds the states of one
+channel and every sum over ``n`` stays in the thread; state tiles in memory are channels-fastest, which makes Triton
+choose that layout). It advances the state one step per loop iteration: one exp2 and two FMAs per element and step,
+no cross-thread scan; the step loops' loads are software-pipelined. Chunks run in parallel:
 
 * **Forward**: ``_chunk_kernel`` (no output) gives each chunk's end state from a zero entering state and its summed
   dt; ``_carry_kernel`` walks the chunk summaries in order, ``H_{j+1} = exp(A S_j) H_j + h_j`` (b*d*N values per
@@ -186,10 +187,10 @@ def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, 
                   B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, OUT: tl.constexpr, SAVE_LAST: tl.constexpr,
                   BD: tl.constexpr, BN: tl.constexpr, T, U: tl.constexpr, STAGES: tl.constexpr):
-    # Tiles are (BN, BD): states x channels. Triton's default layout spreads the last axis over the lanes, so a
-    # thread holds all BN states of one channel and the sums over n stay inside the thread. The state index is
-    # multiplied by the runtime 1 `one` so that no load looks contiguous along n (which would make Triton spread
-    # n over the lanes instead).
+    # Tiles are (BN, BD): states x channels, a channel per lane, so that a thread holds all BN states of its channel
+    # and the sums over n stay inside the thread. Triton derives that layout from the loads and stores: the state
+    # tiles are stored channels-fastest (_state_ofs) and the state index is multiplied by the runtime 1 `one`, so
+    # that no per-step B/C load looks contiguous along n (which would make Triton spread n over the lanes).
     j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, d, dg, N, cbg, one, BD, BN)
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
     if HAS_D:
@@ -345,10 +346,10 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
     gb = tl.zeros((BD,), tl.float32)
     for ff in tl.range(NF, num_stages=STAGES):
         f = NF - 1 - ff
-        _, hs, dts, us, raws = _walk_block(tl.load(hf_b + (j * NF + f).to(tl.int64) * hf_rs, mask=m2, other=0.0),
-                                           j * T + f * F, L, cm,
-                                           u_base, dt_base, B_base, bias, Bc, A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl,
-                                           Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, HAS_BIAS, SOFTPLUS, B_VAR, F)
+        hblock = tl.load(hf_b + (j * NF + f).to(tl.int64) * hf_rs, mask=m2, other=0.0)
+        _, hs, dts, us, raws = _walk_block(hblock, j * T + f * F, L, cm, u_base, dt_base, B_base, bias, Bc, A2, rn1,
+                                           nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, HAS_BIAS,
+                                           SOFTPLUS, B_VAR, F)
         for k in tl.static_range(F - 1, -1, -1):
             o, lm, mk = _step_at(j * T + f * F + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
             hp = hs[k]
