@@ -761,18 +761,20 @@ def cross_selective_scan_triton(x, delta, A, B, C, D=None, delta_bias=None, delt
                          f"got {tuple(delta.shape)}, {tuple(B.shape)}, {tuple(C.shape)}")
     if A.shape != (K * d, N):
         raise ValueError(f"cross_selective_scan: A must be (K*d, N) = {(K * d, N)}, got {tuple(A.shape)}")
-    # the spatial block of each tensor must be contiguous (batch/direction/channel strides are free)
-    x = x.contiguous()
-    delta = delta.contiguous()
-    B = B if _spatial_contig(B) else B.contiguous()
-    C = C if _spatial_contig(C) else C.contiguous()
+    # the spatial block of each tensor must be row-major with one element stride (dense, or channels-last with the
+    # channel count as stride: position p at p * stride); batch/direction/channel strides are free; else a copy
+    x = x if _spatial_rowmajor(x, 2) else x.contiguous()
+    delta, B, C = (t if _spatial_rowmajor(t, 3) else t.contiguous() for t in (delta, B, C))
     return _CrossFn.apply(x, delta, A, B, C, D, delta_bias, bool(delta_softplus), orders)
 
 
-def _spatial_contig(X):
-    """True when the trailing spatial block of a (b, K, N, *S) tensor is dense (row-major)."""
-    step = 1
-    for size, stride in zip(reversed(X.shape[3:]), reversed(X.stride()[3:])):
+def _spatial_rowmajor(X, first):
+    """True when the spatial dims X.shape[first:] are row-major with one element stride, so that they merge into one
+    position axis (a view) and position p sits at p * stride: dense, or channels-last."""
+    sizes, strides = X.shape[first:], X.stride()[first:]
+    inner = [st for sz, st in zip(sizes, strides) if sz != 1]
+    step = inner[-1] if inner else 1
+    for size, stride in zip(reversed(sizes), reversed(strides)):
         if size != 1 and stride != step:
             return False
         step *= size
