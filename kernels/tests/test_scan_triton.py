@@ -196,6 +196,19 @@ def test_views_with_gaps_as_the_mamba_mixer_passes_them(tk, tuning, dev):
     check_against_oracle(tk, inp)
 
 
+def test_default_plan_bounds_the_block_state_scratch(tk, dev):
+    """F = 2 (pipelined backward) where its block-state scratch fits HF_SCRATCH_BYTES, F = 4 (half of it) where it
+    would not, as for LightM-UNet's full-resolution layers (2, 64, 128^3, N = 16)."""
+    def scratch(p, b, d, N):
+        return p.n_chunks * (p.T // p.F) * b * d * N * 4
+
+    small = tk._Plan(2, 64, 1, 64 ** 3, 16, dev)
+    assert (small.F, small.stages, small.bwd_stages) == (2, 2, 3)
+    assert scratch(small, 2, 64, 16) <= tk._Plan.HF_SCRATCH_BYTES
+    big = tk._Plan(2, 64, 1, 128 ** 3, 16, dev)
+    assert big.F == 4 and 2 * scratch(big, 2, 64, 16) > tk._Plan.HF_SCRATCH_BYTES
+
+
 def test_unknown_tuning_key(tk):
     with pytest.raises(ValueError, match="unknown keys"):
         tk.set_tuning(n_seg_fwd=2)
