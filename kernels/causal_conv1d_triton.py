@@ -42,7 +42,7 @@ def _pre_activation(x_base, w_ptr, bias_ptr, rl, rc, cm, shift, L, s_xl, s_xc,
 
 @triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, C, s_xb, s_xl, s_xc, s_yb, s_yl, s_yc,
-                K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
     b = tl.program_id(2).to(tl.int64)
     rl, rc, cm = _tile(tl.program_id(0), tl.program_id(1), C, BL, BC)
     a, inside = _pre_activation(x_ptr + b * s_xb, w_ptr, bias_ptr, rl, rc, cm, 0, L, s_xl, s_xc, K, HAS_BIAS, BL, BC)
@@ -52,8 +52,8 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, C, s_xb, s_xl, s_xc, s_yb
 
 @triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, gy_ptr, gx_ptr, part_ptr, L, C, n_l,
-                s_xb, s_xl, s_xc, s_gb, s_gl, s_gc, s_hb, s_hl, s_hc,
-                K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
+                     s_xb, s_xl, s_xc, s_gb, s_gl, s_gc, s_hb, s_hl, s_hc,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
     """gx[l] = sum_k w[k] ga[l + (K-1) - k], ga = gy * silu'(a); this tile's sums gw[k] = sum_l ga[l] x[l - (K-1) + k]
     and gb = sum_l ga[l] go to rows 0..K-1 and K of its (K + 1, C) block of part."""
     pid_l = tl.program_id(0)

@@ -48,8 +48,8 @@ def _tile(t, n_rows, C, R1, s0, s1, SPLIT: tl.constexpr, BLOCK_ROWS: tl.constexp
 
 @triton.jit
 def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, C, inv_C, R1, s0, s1, eps,
-                SPLIT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                   SPLIT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     rows, rm, cols, m, xo, yo = _tile(tl.program_id(0), n_rows, C, R1, s0, s1, SPLIT, BLOCK_ROWS, BLOCK_C)
     x = tl.load(x_ptr + xo, mask=m, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) * inv_C  # inv_C = 1/C from the host: a multiply, exact for C = 1
@@ -67,8 +67,8 @@ def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, C, in
 
 @triton.jit
 def _ln_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, n_rows, n_tiles, C, inv_C, R1,
-                s0, s1, t0, t1, SPLIT: tl.constexpr, HAS_W: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr,
-                BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                   s0, s1, t0, t1, SPLIT: tl.constexpr, HAS_W: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr,
+                   BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     if HAS_W:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from unittest import mock
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -73,24 +74,12 @@ def _scans_hidden_from(counter: FlopCounterMode, excluded: list):
             be.fn, be.cross_fn = fn, cross_fn
 
 
-@contextmanager
-def _token_ops_on_torch():
-    saved = os.environ.get(token_ops.ENV_BACKEND)
-    os.environ[token_ops.ENV_BACKEND] = "torch"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[token_ops.ENV_BACKEND]
-        else:
-            os.environ[token_ops.ENV_BACKEND] = saved
-
-
 def count_flops(module: torch.nn.Module, *inputs) -> FlopCount:
     """FLOPs of ``module(*inputs)`` (no gradients): conv/matmul counted, selective scans analytic and apart."""
     counter = FlopCounterMode(display=False)
     excluded: list[int] = []
-    with torch.no_grad(), _token_ops_on_torch(), scan_ops.record_scans() as calls, counter, \
+    token_ops_on_torch = mock.patch.dict(os.environ, {token_ops.ENV_BACKEND: "torch"})
+    with torch.no_grad(), token_ops_on_torch, scan_ops.record_scans() as calls, counter, \
             _scans_hidden_from(counter, excluded):
         module(*inputs)
     return FlopCount(counter.get_total_flops() - sum(excluded), sum(scan_flops(c) for c in calls), list(calls))
