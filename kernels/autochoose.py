@@ -45,13 +45,14 @@ def nearest_entry(kind: str, batch_channels: int, L: int, half: bool, table: Opt
 
 def prefer_triton(u, B, table: Optional[dict] = None) -> bool:
     """u: (b, d, L) for a plain scan, or the map (b, d, *S) of a cross-scan. True when Triton measured faster on the
-    nearest measured shape of the same kind, precision class and layout of u (channels-last: channel stride 1):
+    nearest measured shape of the same kind, precision class and layout of u (channels-last: channel stride 1, as
+    a Linear's output or SS2D's map):
     forward + backward time when gradients are on (training), forward time alone when they are off (inference)."""
     import torch
 
     kind = "cross" if u.dim() > 3 else "scan"
     L = math.prod(u.shape[2:])
-    layout = "channels-last" if kind == "scan" and u.stride(1) == 1 and u.shape[1] > 1 else "contiguous"
+    layout = "channels-last" if u.stride(1) == 1 and u.shape[1] > 1 else "contiguous"
     e = nearest_entry(kind, u.shape[0] * u.shape[1], L, u.dtype != torch.float32, table, layout)
     if e is None:
         return False

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import pathlib
@@ -114,13 +115,20 @@ def triton_scan(u, delta, A, B, C, D, z, bias, sp):
     return sst.selective_scan_triton(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=sp)
 
 
-def cross_inputs(b, d, spatial, K, grad):
+def cross_inputs(b, d, spatial, K, grad, layout="contiguous"):
+    """Cross-scan inputs; layout "channels-last" lays them out as SS2D passes them: the map (b, *S, d) in memory,
+    delta (b, *S, K, d), B and C column slices of one (b, *S, K, 2N) tensor."""
     g = torch.Generator(device="cuda").manual_seed(0)
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)
-    t = dict(x=r(b, d, *spatial), delta=r(b, K, d, *spatial) * 0.5 - 1.0,
-             A=-torch.rand(K * d, N, device="cuda", generator=g) * 8 - 0.5, B=r(b, K, N, *spatial),
-             C=r(b, K, N, *spatial), D=r(K * d), bias=r(K * d) * 0.3)
-    return {k: v.requires_grad_(grad) for k, v in t.items()}
+    if layout == "channels-last":
+        bc = r(b, *spatial, K, 2 * N).movedim((-2, -1), (1, 2))
+        t = dict(x=r(b, *spatial, d).movedim(-1, 1), delta=(r(b, *spatial, K, d) * 0.5 - 1.0).movedim((-2, -1), (1, 2)),
+                 B=bc[:, :, :N], C=bc[:, :, N:])
+    else:
+        t = dict(x=r(b, d, *spatial), delta=r(b, K, d, *spatial) * 0.5 - 1.0, B=r(b, K, N, *spatial),
+                 C=r(b, K, N, *spatial))
+    t.update(A=-torch.rand(K * d, N, device="cuda", generator=g) * 8 - 0.5, D=r(K * d), bias=r(K * d) * 0.3)
+    return {k: v.detach().requires_grad_(grad) for k, v in t.items()}
 
 
 def cross_bytes(b, d, spatial, K):
@@ -131,17 +139,19 @@ def cross_bytes(b, d, spatial, K):
     return fwd, fwd + bwd
 
 
-def time_cross(fn, b, d, spatial, K):
+def time_cross(fn, b, d, spatial, K, layout="contiguous"):
     orders = cross_scan_orders(len(spatial), K)
-    x = cross_inputs(b, d, spatial, K, grad=False)
+    x = cross_inputs(b, d, spatial, K, grad=False, layout=layout)
 
     def fwd():
         fn(x["x"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["bias"], orders)
 
     with torch.no_grad():
         t_f = do_bench(fwd, warmup=25, rep=100, return_mode="median")
-    xg = cross_inputs(b, d, spatial, K, grad=True)
+    xg = cross_inputs(b, d, spatial, K, grad=True, layout=layout)
     gy = torch.randn(b, d, *spatial, device="cuda")
+    if layout == "channels-last":
+        gy = gy.movedim(1, -1).contiguous().movedim(-1, 1)
 
     def fwdbwd():
         for v in xg.values():
@@ -198,7 +208,7 @@ SWEEP_VARIANTS = [{}, dict(stages=1, bwd_stages=1, F=4), dict(F=4), dict(bwd_sta
 
 def sweep(variants=SWEEP_VARIANTS):
     """Launch-plan variants (set_tuning keys) on the key shapes (fp32 fwd+bwd, channels-last): one line each."""
-    shapes = [(2, 64, 64 ** 3, 1), (2, 128, 32 ** 3, 1), (2, 128, 64 ** 3, 1), (32, 1536, 4096, 4)]
+    shapes = [(2, 64, 64 ** 3, 1), (2, 128, 32 ** 3, 1), (2, 128, 64 ** 3, 1), (2, 64, 128 ** 3, 1), (32, 1536, 4096, 4)]
     for b, d, L, G in shapes:
         for v in variants:
             sst.set_tuning(**v)
@@ -275,13 +285,13 @@ def main():
         rows.append((label, f"({b}, {d}, {L}, G={G})", f"{dts}, {layout}", res, *scan_bytes(b, d, L, G, dt)))
         entries.append(table_entry(res, kind="scan", label=label, b=b, d=d, L=L, G=G, N=N, dtype=dts, layout=layout))
         print_row(rows[-1], bw)
-    for label, b, d, spatial, K in CROSS_SHAPES:
+    for (label, b, d, spatial, K), layout in itertools.product(CROSS_SHAPES, ("contiguous", "channels-last")):
         res = time_backends((("triton", triton_cross), ("mamba_ssm", mamba_cross if mfn else None)),
-                            lambda fn: time_cross(fn, b, d, spatial, K))
+                            lambda fn: time_cross(fn, b, d, spatial, K, layout))
         L = math.prod(spatial)
-        rows.append((label, f"({b}, {K}x{d}, {L}, K={K})", "fp32, contiguous", res, *cross_bytes(b, d, spatial, K)))
+        rows.append((label, f"({b}, {K}x{d}, {L}, K={K})", f"fp32, {layout}", res, *cross_bytes(b, d, spatial, K)))
         entries.append(table_entry(res, kind="cross", label=label, b=b, d=d, L=L, K=K, N=N, dtype="fp32",
-                                   layout="contiguous"))
+                                   layout=layout))
         print_row(rows[-1], bw)
     table = render(rows, bw, gpu, date)
     print(table)

@@ -315,10 +315,16 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
                 HAS_MAP: tl.constexpr, FLIP: tl.constexpr, GU_ACCUM: tl.constexpr, B_VAR: tl.constexpr,
                 C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr,
-                BD: tl.constexpr, BN: tl.constexpr, T, F: tl.constexpr, STAGES: tl.constexpr):
+                BD: tl.constexpr, BN: tl.constexpr, T, F: tl.constexpr, SF: tl.constexpr, STAGES: tl.constexpr,
+                OUTER_STAGES: tl.constexpr):
     """Gradients of chunk j. (1) Walk the chunk forward from its entering state, writing the state entering every
-    block of F steps to the scratch hf. (2) Walk the blocks backwards: recompute the block's F states into
-    registers, then walk them backwards with the carry R (R_t = a_t G_t; the chunk's last step gets rin[j])."""
+    segment of S = SF * F steps to the scratch hf. (2) Walk the segments backwards; in each, (2a) when SF > 1, walk it
+    forward from its entering state, writing the state entering each of its SF blocks of F steps to the program's
+    own small buffer hb (it stays in L2), and (2b) walk the blocks backwards: recompute a block's F states into
+    registers (a tuple), then walk them backwards with the carry R (R_t = a_t G_t; the chunk's last step gets
+    rin[j]). hf holds T / S states per chunk, hb SF per program: the segments bound the scratch memory. The loops
+    whose loads are software-pipelined are the innermost ones: over the blocks when SF = 1 (the segment loop, whose
+    inner loop is then a single block), else the walk (2a) and the block loop (2b)."""
     j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, d, dg, N, cbg, one, BD, BN)
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
     if HAS_D:
@@ -331,75 +337,94 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
         gCc = tl.zeros((BN, BD), tl.float32)
     u_base = u_ptr + b * s_ub + c * s_ud
     dt_base = dt_ptr + b * s_db + c * s_dd
+    S: tl.constexpr = SF * F
     NF = T // F
-    hf_b = hf_ptr + _state_ofs(b, 0, 1, N, d, rn1, c)  # + (j * NF + f) * hf_rs for block f, in int64
-    # (1) forward walk: states entering each block
+    NS = T // S
+    hf_b = hf_ptr + _state_ofs(b, 0, 1, N, d, rn1, c)  # + (j * NS + s) * hf_rs for segment s, in int64
+    if SF > 1:  # the program's SF block states after hf: (b, chunks, SF, N, d), its (b, j) row, its channels
+        hb_b = hf_ptr + (NS * n_chunks).to(tl.int64) * hf_rs + _state_ofs(b * n_chunks + j, 0, 1, SF * N, d, rn1, c)
+    # (1) forward walk: states entering each segment
     h = tl.load(hin_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), mask=m2, other=0.0)
     for f in tl.range(NF, num_stages=STAGES):
-        tl.store(hf_b + (j * NF + f).to(tl.int64) * hf_rs, h, mask=m2)
+        tl.store(hf_b + (j * NS + f // SF).to(tl.int64) * hf_rs, h, mask=m2 & (f % SF == 0))
         h, _, _, _, _ = _walk_block(h, j * T + f * F, L, cm, u_base, dt_base, B_base, bias, Bc, A2, rn1, nm, s_ul,
                                     s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, HAS_BIAS, SOFTPLUS, B_VAR, F)
-    # (2) backward over the blocks
+    # (2) backward over the segments and their blocks
     R = tl.load(rin_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), mask=m2, other=0.0)
     gA = tl.zeros((BN, BD), tl.float32)
     gD = tl.zeros((BD,), tl.float32)
     gb = tl.zeros((BD,), tl.float32)
-    for ff in tl.range(NF, num_stages=STAGES):
-        f = NF - 1 - ff
-        hblock = tl.load(hf_b + (j * NF + f).to(tl.int64) * hf_rs, mask=m2, other=0.0)
-        _, hs, dts, us, raws = _walk_block(hblock, j * T + f * F, L, cm, u_base, dt_base, B_base, bias, Bc, A2, rn1,
-                                           nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, HAS_BIAS,
-                                           SOFTPLUS, B_VAR, F)
-        for k in tl.static_range(F - 1, -1, -1):
-            o, lm, mk = _step_at(j * T + f * F + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-            hp = hs[k]
-            dt = dts[k]
-            u = us[k]
-            Bx = _bc_column(B_base, Bc, o, rn1, nm, lm, s_Bn, s_Bl, B_VAR)
-            Cx = _bc_column(C_base, Cc, o, rn1, nm, lm, s_Cn, s_Cl, C_VAR)
-            du = dt * u
-            a = tl.exp2(A2 * dt[None, :])
-            h = a * hp + Bx * du[None, :]
-            go = tl.load(g_ptr + b * s_gb + c * s_gd + o * s_gl, mask=mk, other=0.0).to(tl.float32)
-            if HAS_Z:
-                zz = tl.load(z_ptr + b * s_zb + c * s_zd + o * s_zl, mask=mk, other=0.0).to(tl.float32)
-                y = tl.sum(h * Cx, axis=0)
+    for ss in tl.range(NS, num_stages=OUTER_STAGES):  # pipelined when SF = 1 (the inner loop is one block then)
+        s = NS - 1 - ss
+        h = tl.load(hf_b + (j * NS + s).to(tl.int64) * hf_rs, mask=m2, other=0.0)
+        if SF > 1:  # (2a) the segment's block states into hb
+            tl.debug_barrier()  # every thread is done reading the previous segment's hb
+            for q in tl.range(SF - 1, num_stages=STAGES):
+                tl.store(hb_b + q * N * d, h, mask=m2)
+                h, _, _, _, _ = _walk_block(h, j * T + (s * SF + q) * F, L, cm, u_base, dt_base, B_base, bias, Bc,
+                                            A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP,
+                                            HAS_BIAS, SOFTPLUS, B_VAR, F)
+            tl.store(hb_b + (SF - 1) * N * d, h, mask=m2)
+            tl.debug_barrier()  # hb is visible to every thread
+        for fb in tl.range(SF, num_stages=STAGES):  # (2b) the segment's blocks, backwards
+            f = s * SF + SF - 1 - fb
+            if SF > 1:
+                hblock = tl.load(hb_b + (SF - 1 - fb) * N * d, mask=m2, other=0.0)
+            else:
+                hblock = h
+            _, hs, dts, us, raws = _walk_block(hblock, j * T + f * F, L, cm, u_base, dt_base, B_base, bias, Bc, A2,
+                                               rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP,
+                                               HAS_BIAS, SOFTPLUS, B_VAR, F)
+            for k in tl.static_range(F - 1, -1, -1):
+                o, lm, mk = _step_at(j * T + f * F + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
+                hp = hs[k]
+                dt = dts[k]
+                u = us[k]
+                Bx = _bc_column(B_base, Bc, o, rn1, nm, lm, s_Bn, s_Bl, B_VAR)
+                Cx = _bc_column(C_base, Cc, o, rn1, nm, lm, s_Cn, s_Cl, C_VAR)
+                du = dt * u
+                a = tl.exp2(A2 * dt[None, :])
+                ht = a * hp + Bx * du[None, :]  # h_t
+                go = tl.load(g_ptr + b * s_gb + c * s_gd + o * s_gl, mask=mk, other=0.0).to(tl.float32)
+                if HAS_Z:
+                    zz = tl.load(z_ptr + b * s_zb + c * s_zd + o * s_zl, mask=mk, other=0.0).to(tl.float32)
+                    y = tl.sum(ht * Cx, axis=0)
+                    if HAS_D:
+                        y += Dv * u
+                    sg = tl.sigmoid(zz)
+                    dy = go * (zz * sg)
+                    tl.store(gz_ptr + b * s_gzb + c * s_gzd + o * s_gzl, go * y * sg * (1.0 + zz * (1.0 - sg)),
+                             mask=mk)
+                else:
+                    dy = go
+                Gt = R + Cx * dy[None, :]
+                ghx = Gt * (a * hp)  # G_t a_t h_{t-1}
+                ghB = tl.sum(Gt * Bx, axis=0)
+                gdt = u * ghB + tl.sum(ghx * A2, axis=0) * 0.6931471805599453
+                gu = dt * ghB
                 if HAS_D:
-                    y += Dv * u
-                sg = tl.sigmoid(zz)
-                dy = go * (zz * sg)
-                tl.store(gz_ptr + b * s_gzb + c * s_gzd + o * s_gzl, go * y * sg * (1.0 + zz * (1.0 - sg)),
-                         mask=mk)
-            else:
-                dy = go
-            Gt = R + Cx * dy[None, :]
-            ghx = Gt * (a * hp)  # G_t a_t h_{t-1}
-            ghB = tl.sum(Gt * Bx, axis=0)
-            gdt = u * ghB + tl.sum(ghx * A2, axis=0) * 0.6931471805599453
-            gu = dt * ghB
-            if HAS_D:
-                gu += Dv * dy
-                gD += dy * u
-            if SOFTPLUS:
-                gdt = gdt * tl.where(raws[k] > 20.0, 1.0, tl.sigmoid(raws[k]))
-            gdt = tl.where(mk, gdt, 0.0)
-            gb += gdt
-            guptr = gu_ptr + b * s_gub + c * s_gud + o * s_gul
-            if GU_ACCUM:
-                gu += tl.load(guptr, mask=mk, other=0.0).to(tl.float32)
-            tl.store(guptr, gu, mask=mk)
-            tl.store(gdt_ptr + b * s_gdb + c * s_gdd + o * s_gdl, gdt, mask=mk)
-            gA += ghx * dt[None, :]
-            pofs = cbi * s_pc + b * s_pb + g * s_pg + o * N + rn1
-            if B_VAR:
-                tl.store(gBp_ptr + pofs, tl.sum(Gt * du[None, :], axis=1), mask=nm & lm)
-            else:
-                gBc += Gt * du[None, :]
-            if C_VAR:
-                tl.store(gCp_ptr + pofs, tl.sum(h * dy[None, :], axis=1), mask=nm & lm)
-            else:
-                gCc += h * dy[None, :]
-            R = a * Gt
+                    gu += Dv * dy
+                    gD += dy * u
+                if SOFTPLUS:
+                    gdt = gdt * tl.where(raws[k] > 20.0, 1.0, tl.sigmoid(raws[k]))
+                gdt = tl.where(mk, gdt, 0.0)
+                gb += gdt
+                guptr = gu_ptr + b * s_gub + c * s_gud + o * s_gul
+                if GU_ACCUM:
+                    gu += tl.load(guptr, mask=mk, other=0.0).to(tl.float32)
+                tl.store(guptr, gu, mask=mk)
+                tl.store(gdt_ptr + b * s_gdb + c * s_gdd + o * s_gdl, gdt, mask=mk)
+                gA += ghx * dt[None, :]
+                pofs = cbi * s_pc + b * s_pb + g * s_pg + o * N + rn1
+                if B_VAR:
+                    tl.store(gBp_ptr + pofs, tl.sum(Gt * du[None, :], axis=1), mask=nm & lm)
+                else:
+                    gBc += Gt * du[None, :]
+                if C_VAR:
+                    tl.store(gCp_ptr + pofs, tl.sum(ht * dy[None, :], axis=1), mask=nm & lm)
+                else:
+                    gCc += ht * dy[None, :]
+                R = a * Gt
     prow = b * n_chunks + j  # per-program partial sums (rows, N, d), reduced on the host
     pm = _state_ofs(prow, 0, 1, N, d, rn1, c)
     tl.store(gAp_ptr + pm, gA, mask=m2)
@@ -444,13 +469,14 @@ def _order_for(spatial: Sequence[int], perm: Sequence[int], flip: bool) -> _Orde
 # host side
 
 
-# Tuning overrides (benchmark sweeps, tests): T (chunk), BD (channels per program), F (backward block), U (unroll),
+# Tuning overrides (benchmark sweeps, tests): T (chunk), BD (channels per program), F (backward block), S (backward
+# segment: the scratch keeps one state per S steps; a multiple of F), U (unroll),
 # per_sm (programs per SM the chunk length aims at), warps / bwd_warps (warps per program of the forward and
 # _bsum kernels / of _bwd_kernel: beyond BD / 32 they split the states over the warps), stages / bwd_stages
 # (software pipelining of the step loops' loads through shared memory, Triton's num_stages; 1 = none).
 # Empty = the defaults of _Plan.
 _OVERRIDE: dict = {}
-_TUNING_KEYS = ("T", "BD", "F", "U", "per_sm", "warps", "bwd_warps", "stages", "bwd_stages")
+_TUNING_KEYS = ("T", "BD", "F", "S", "U", "per_sm", "warps", "bwd_warps", "stages", "bwd_stages")
 
 
 def set_tuning(**kw):
@@ -467,8 +493,10 @@ class _Plan:
 
     Defaults = the best plan of the H100 sweeps (kernels/BENCHMARK.md): 32 channels per program (one warp, a channel
     per lane), chunks long enough for ~16 programs per SM, the step loops' loads pipelined 2 (forward, _bsum) and
-    3 (_bwd_kernel) stages deep, blocks of F = 2 steps in the backward, or F = 4 where the block-state scratch of F = 2
-    (L/2 states per channel) would pass HF_SCRATCH_BYTES (F = 4 halves it, ~10 % slower)."""
+    3 (_bwd_kernel) stages deep, blocks of F = 2 steps in the backward, and segments of S = F steps (one stored state
+    per block), or, where that scratch would pass HF_SCRATCH_BYTES, segments of 16 steps (or the next longer one that
+    fits): they cost a second forward walk (anchor: 3.30 -> 3.81 ms) but cut the scratch 8-fold, and 16 measured
+    faster than 4 or 8 steps at LightM-UNet's full resolution and on the grouped 2D anchor."""
 
     HF_SCRATCH_BYTES = 2 << 30
 
@@ -488,15 +516,26 @@ class _Plan:
             n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
             want = max(1, (o.get("per_sm", 16) * n_sm) // (b * G * self.cbg))
             T = triton.next_power_of_2(triton.cdiv(L, want))
-        F = o.get("F", 2 if triton.cdiv(L, T) * T // 2 * b * d * self.BN * 4 <= self.HF_SCRATCH_BYTES else 4)
-        self.T = max(T, self.U, F)
-        self.F = F
-        if self.T % self.U or self.T % F:  # a chunk is walked in groups of U steps and blocks of F steps
+        self.F = F = o.get("F", 2)
+        S = o.get("S")
+        if S is None:  # S = F if its scratch fits HF_SCRATCH_BYTES, else 16, 32, ... (at most the chunk) until one fits
+            T = max(T, self.U, F)
+            S = F
+            while S < T and self.scratch_states(b, d, L, T, S) * self.BN * 4 > self.HF_SCRATCH_BYTES:
+                S = max(2 * S, 16)
+        self.S = S
+        self.T = max(T, self.U, S)
+        if self.T % self.U or self.T % S or S % F:  # a chunk is walked in groups of U steps, segments of S steps
             raise ValueError(f"selective_scan (triton): chunk length T={self.T} must be a multiple of U={self.U} and "
-                             f"F={F} (set_tuning)")
+                             f"of the segment S={S}, and S a multiple of the block F={F} (set_tuning)")
         self.n_chunks = triton.cdiv(L, self.T)
         self.grid = (self.n_chunks, G * self.cbg, b)
         self.carry_BD = min(32, triton.next_power_of_2(d))
+
+    def scratch_states(self, b, d, L, T, S):
+        """Size of the backward's state scratch, in states of one channel: T/S segment states per chunk and, when
+        S > F, S/F block states per program."""
+        return triton.cdiv(L, T) * (T // S + (S // self.F if S > self.F else 0)) * b * d
 
 
 def _bc(X):
@@ -575,7 +614,8 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
     else:
         rin = (glast.transpose(1, 2).reshape(b, 1, N, d).contiguous() if glast is not None
                else torch.zeros(b, 1, N, d, device=dev, dtype=f32))
-    hf = torch.empty(plan.n_chunks * (plan.T // plan.F), b, N, d, device=dev, dtype=f32)  # block-entering states
+    # segment-entering states (chunks * T/S, b, N, d), then the programs' block-state buffers (b, chunks, S/F, N, d)
+    hf = torch.empty(plan.scratch_states(b, d, L, plan.T, plan.S) * N, device=dev, dtype=f32)
     rows = b * plan.n_chunks
     gAp = torch.empty(rows, N, d, device=dev, dtype=f32)
     gDp = torch.empty(rows, d, device=dev, dtype=f32) if D is not None else gAp
@@ -593,7 +633,8 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
         *gu.stride(), *gdt.stride(), *(gz if gz is not None else gu).stride(), *_bc(B), *_bc(C), *s_p, *pos,
         HAS_MAP=order.has_map, FLIP=order.flip, GU_ACCUM=gu_accum, B_VAR=B_VAR, C_VAR=C_VAR, HAS_D=D is not None,
         HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-        BD=plan.BD, BN=plan.BN, T=plan.T, F=plan.F, STAGES=plan.bwd_stages, num_warps=plan.bwd_warps)
+        BD=plan.BD, BN=plan.BN, T=plan.T, F=plan.F, SF=plan.S // plan.F, STAGES=plan.bwd_stages,
+        OUTER_STAGES=plan.bwd_stages if plan.S == plan.F else 1, num_warps=plan.bwd_warps)
     gB = gBp.sum(0).transpose(-1, -2)  # time-varying: (b, G, N, positions); constant: (d, N)
     gC = gCp.sum(0).transpose(-1, -2)
     return (gAp.sum(0).t(), gB, gC, gDp.sum(0) if D is not None else None, gbp.sum(0) if bias is not None else None)
@@ -625,7 +666,7 @@ class _ScanFn(torch.autograd.Function):
         Df = D.float().contiguous() if D is not None else None
         bf = delta_bias.float().contiguous() if delta_bias is not None else None
         plan = _Plan(b, d, G, L, A.shape[1], u.device)
-        out = _empty_channels_last(u)
+        out = _empty_in_order(u)
         hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True)
         ctx.save_for_backward(u, delta, Af, B, C, Df, z, bf, hin, sloc)
         ctx.cfg = (softplus, plan)
@@ -637,19 +678,21 @@ class _ScanFn(torch.autograd.Function):
         u, delta, Af, B, C, Df, z, bf, hin, sloc = ctx.saved_tensors
         softplus, plan = ctx.cfg
         gout = gout if gout is not None else torch.zeros_like(u)
-        gu, gdt = _empty_channels_last(u), _empty_channels_last(delta)
-        gz = _empty_channels_last(z) if z is not None else None
+        gu, gdt = _empty_in_order(u), _empty_in_order(delta)
+        gz = _empty_in_order(z) if z is not None else None
         gA, gB, gC, gD, gbias = _backward(u, delta, z, gout, Af, Df, _grouped_bc(B), _grouped_bc(C), bf, softplus,
                                           hin, sloc, glast.contiguous() if glast is not None else None, plan,
                                           _IDENTITY, gu, gdt, gz, False)
         return (gu, gdt, gA, gB.reshape(B.shape).to(B.dtype), gC.reshape(C.shape).to(C.dtype), gD, gz, gbias, None)
 
 
-def _empty_channels_last(t):
-    """A new dense (b, d, L) tensor like t with the channels fastest in memory. Not ``empty_like``: t may be a view
-    with gaps (z as the second half of the in_proj output), and the kernels write through the new tensor's strides."""
-    b, d, L = t.shape
-    return torch.empty(b, L, d, device=t.device, dtype=t.dtype).transpose(1, 2)
+def _empty_in_order(t, dtype=None):
+    """A new dense tensor shaped like t with its dims laid out in t's stride order (channels-last stays channels-last).
+    Not ``empty_like``: t may be a view with gaps (z as the second half of the in_proj output; B as columns of the
+    x_proj output), which ``empty_like`` lays out differently; the kernels write through the new tensor's strides."""
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
+    e = torch.empty([t.shape[i] for i in order], device=t.device, dtype=dtype or t.dtype)
+    return e.permute([order.index(i) for i in range(t.dim())])
 
 
 def channels_last(t):
@@ -695,7 +738,7 @@ class _CrossFn(torch.autograd.Function):
         Af = A.float().contiguous()
         Df = D.float().contiguous() if D is not None else None
         bf = delta_bias.float().contiguous() if delta_bias is not None else None
-        out = torch.empty(b, d, L, device=x.device, dtype=torch.float32)
+        out = _empty_in_order(x, torch.float32).view(b, d, L)  # in the map's layout (channels-last stays so)
         plan = _Plan(b, d, 1, L, N, x.device)
         saved = []
         for k, (perm, flip) in enumerate(orders):
@@ -721,11 +764,12 @@ class _CrossFn(torch.autograd.Function):
         xs, ds = x.reshape(b, d, L), delta.reshape(b, K, d, L)
         Bs, Cs = B.reshape(b, K, N, L), C.reshape(b, K, N, L)
         go = gout.reshape(b, d, L)
-        gx = torch.empty(b, d, L, device=x.device, dtype=f32)
-        gdelta = torch.empty(b, K, d, L, device=x.device, dtype=f32)
+        # gradients in their inputs' layouts (so that channels-last inputs get coalesced stores)
+        gx = _empty_in_order(x, f32).view(b, d, L)
+        gdelta = _empty_in_order(delta, f32).view(b, K, d, L)
         gA = torch.empty_like(Af)
-        gB = torch.empty(b, K, N, L, device=x.device, dtype=f32)
-        gC = torch.empty(b, K, N, L, device=x.device, dtype=f32)
+        gB = _empty_in_order(B, f32).view(b, K, N, L)
+        gC = _empty_in_order(C, f32).view(b, K, N, L)
         gD = torch.empty_like(Df) if Df is not None else None
         gbias = torch.empty_like(bf) if bf is not None else None
         for k, (perm, flip) in enumerate(orders):

@@ -51,6 +51,14 @@ def test_prefer_triton_matches_the_input_layout():
     u = torch.empty(2, 64, 1000)
     assert not autochoose.prefer_triton(u, None, table)  # (b, d, L)-contiguous: mamba-ssm measured faster
     assert autochoose.prefer_triton(u.transpose(1, 2).contiguous().transpose(1, 2), None, table)  # channels-last
+    table = {"entries": [  # cross-scan maps: channels-first, or channels-last in memory as SS2D passes them
+        dict(kind="cross", b=32, d=384, L=4096, dtype="fp32", layout="contiguous", triton_ms=90.0, mamba_ssm_ms=39.0),
+        dict(kind="cross", b=32, d=384, L=4096, dtype="fp32", layout="channels-last", triton_ms=20.0,
+             mamba_ssm_ms=39.0),
+    ]}
+    x = torch.empty(32, 384, 64, 64)
+    assert not autochoose.prefer_triton(x, None, table)
+    assert autochoose.prefer_triton(x.contiguous(memory_format=torch.channels_last), None, table)
 
 
 def test_prefer_triton_by_forward_time_without_gradients():

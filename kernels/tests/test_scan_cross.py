@@ -80,13 +80,17 @@ def test_cross_matches_oracle(tk, tuning, dev, spatial, K, tune):
 
 @pytest.mark.parametrize("spatial,K", [((5, 7), 4), ((3, 4, 5), 6)])
 def test_cross_reads_channels_last_maps_in_place(tk, tuning, dev, spatial, K):
-    """Maps stored channels-last ((b, *S, d), (b, K, *S, N), ...: one element stride per position) are read in
-    place, without a copy, and give the oracle's result."""
+    """Maps stored channels-last, as SS2D passes them: x (b, *S, d) in memory, delta a (b, *S, K, d) tensor, B/C
+    column slices of one (b, *S, K, 2N) tensor (views with gaps). They are read in place, without a copy, give the
+    oracle's result, and the output and the gradients of x and delta come back in the same layouts."""
     tuning(T=16, BD=2)
     orders = cross_scan_orders(len(spatial), K)
     inp = make(2, 3, spatial, 4, K, seed=7, device=dev)
+    token_major = lambda t: t.movedim((1, 2), (-2, -1)).contiguous().movedim((-2, -1), (1, 2))
+    cl = dict(inp, x=inp["x"].movedim(1, -1).contiguous().movedim(-1, 1), delta=token_major(inp["delta"]))
+    bc = token_major(torch.cat([inp["B"], inp["C"]], 2))  # (b, K, 2N, *S) view of (b, *S, K, 2N)
+    cl["B"], cl["C"] = bc[:, :, :4], bc[:, :, 4:]
     ch = dict(x=1, delta=2, B=2, C=2)
-    cl = {k: (v.movedim(ch[k], -1).contiguous().movedim(-1, ch[k]) if k in ch else v) for k, v in inp.items()}
     assert all(tk._spatial_rowmajor(cl[k], ch[k] + 1) for k in ch) and not cl["x"].is_contiguous()
     gy = torch.randn(2, 3, *spatial, generator=torch.Generator().manual_seed(1)).to(dev)
     y, gr = run_and_grad(lambda t: tk.cross_selective_scan_triton(
@@ -96,6 +100,12 @@ def test_cross_reads_channels_last_maps_in_place(tk, tuning, dev, spatial, K):
     assert rel_err(y, y0) < 2e-5, rel_err(y, y0)
     for k in gr:
         assert rel_err(gr[k], gr0[k]) < 1e-4, (k, rel_err(gr[k], gr0[k]))
+    # layouts: the output like x; the raw gradients (autograd.grad: no re-striding by AccumulateGrad) like x, delta
+    x = {k: v.detach().requires_grad_() for k, v in cl.items()}
+    y = tk.cross_selective_scan_triton(x["x"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], delta_bias=x["bias"],
+                                       orders=orders)
+    gx, gd = torch.autograd.grad((y * gy).sum(), [x["x"], x["delta"]])
+    assert y.stride() == gx.stride() == cl["x"].stride() and gd.stride() == cl["delta"].stride()
 
 
 def test_cross_matches_reference_path(tk, tuning, dev):

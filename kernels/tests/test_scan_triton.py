@@ -1,7 +1,7 @@
 """The Triton selective scan against the float64 oracle: outputs, last state and every gradient.
 
 On CPU these run through Triton's interpreter (see conftest.py) at small sizes with small tiles (chunk T = 8 or 16,
-backward blocks F = 2..8) so that every code path is exercised: several chunks (the forward and backward carries),
+backward blocks F = 2..8, segments of several blocks) so that every code path is exercised: several chunks (the forward and backward carries),
 L not a multiple of T, L = 1, several blocks per chunk, several channel blocks per group (B/C gradient partial sums),
 channel tiles that do not divide the group, channels-last inputs, every B/C layout and dtype. Full sizes run on the
 GPU (``-m cuda``).
@@ -87,6 +87,8 @@ CASES = [
     (1, 8, 64, 16, "grouped", 4, dict(T=16, BD=1)),  # 4 groups, exact L
     (1, 4, 33, 1, "shared", 1, dict(T=16, BD=4)),  # N = 1
     (2, 6, 40, 3, "shared", 1, dict(T=16, BD=2, U=2)),  # 3 channel blocks per group + partials
+    (2, 4, 70, 4, "grouped", 2, dict(T=16, BD=2, F=2, S=8)),  # 5 chunks of 2 segments of 4 blocks, L % T != 0
+    (1, 4, 45, 3, "const", 1, dict(T=32, BD=4, F=4, S=16)),  # constant B/C, segments of 4 blocks, a partial one
 ]
 
 
@@ -197,16 +199,18 @@ def test_views_with_gaps_as_the_mamba_mixer_passes_them(tk, tuning, dev):
 
 
 def test_default_plan_bounds_the_block_state_scratch(tk, dev):
-    """F = 2 (pipelined backward) where its block-state scratch fits HF_SCRATCH_BYTES, F = 4 (half of it) where it
-    would not, as for LightM-UNet's full-resolution layers (2, 64, 128^3, N = 16)."""
-    def scratch(p, b, d, N):
-        return p.n_chunks * (p.T // p.F) * b * d * N * 4
+    """Blocks of F = 2 steps; the backward's scratch keeps one state per segment of S = F steps where that fits
+    HF_SCRATCH_BYTES, else per the shortest longer segment that does, as for LightM-UNet's full-resolution layers
+    (2, 64, 128^3, N = 16)."""
+    def nbytes(p, L, S):
+        return p.scratch_states(2, 64, L, p.T, S) * 16 * 4
 
     small = tk._Plan(2, 64, 1, 64 ** 3, 16, dev)
-    assert (small.F, small.stages, small.bwd_stages) == (2, 2, 3)
-    assert scratch(small, 2, 64, 16) <= tk._Plan.HF_SCRATCH_BYTES
+    assert (small.F, small.S, small.stages, small.bwd_stages) == (2, 2, 2, 3)
+    assert nbytes(small, 64 ** 3, small.S) <= tk._Plan.HF_SCRATCH_BYTES
     big = tk._Plan(2, 64, 1, 128 ** 3, 16, dev)
-    assert big.F == 4 and 2 * scratch(big, 2, 64, 16) > tk._Plan.HF_SCRATCH_BYTES
+    assert big.F == 2 and big.S > 2 and big.T % big.S == 0
+    assert nbytes(big, 128 ** 3, big.S) <= tk._Plan.HF_SCRATCH_BYTES < nbytes(big, 128 ** 3, big.S // 2)
 
 
 def test_unknown_tuning_key(tk):
@@ -216,6 +220,9 @@ def test_unknown_tuning_key(tk):
 
 def test_rejects_a_chunk_that_is_not_whole_steps_and_blocks(tk, tuning, dev):
     tuning(T=12, F=8)  # a chunk is walked in blocks of F steps: T must be a multiple of F (and of U)
+    with pytest.raises(ValueError, match="multiple of"):
+        call(tk.selective_scan_triton, make_inputs(1, 4, 30, 4, "shared", device=dev), True, False)
+    tuning(T=16, F=4, S=6)  # segments are whole blocks
     with pytest.raises(ValueError, match="multiple of"):
         call(tk.selective_scan_triton, make_inputs(1, 4, 30, 4, "shared", device=dev), True, False)
 

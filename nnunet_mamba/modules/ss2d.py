@@ -11,7 +11,8 @@ The spatial dimensionality is a parameter: 2D uses ``conv2d`` and K = 4 scan dir
 and K = 6 (or 12) directions (project extension, specs/ss2d.md §5). The scan directions are data
 (``nnunet_mamba.ops.cross_scan_orders``) and all K directions go through ``cross_selective_scan`` in one call:
 the per-direction projections are pointwise, so they are computed once per direction on the map in its own layout
-and the op reads the map in every order (no re-ordered copies are made here).
+(channels-last in memory after the depthwise conv) and the op reads the map in every order (no re-ordered copies
+are made here).
 
 Parameter names are VMamba's (``in_proj``, ``conv2d``, ``x_proj_weight``, ``dt_projs_weight``, ``dt_projs_bias``,
 ``A_logs``, ``Ds``, ``out_norm``, ``out_proj``), so ImageNet VMamba state dicts load without renaming.
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from ..ops import cross_scan_orders, cross_selective_scan
 from .common import LayerNormNd, conv_nd
 from .mamba import a_log_init, dt_bias_init, dt_weight_init
+
+_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 # d_state, ssm_ratio (d_inner / d), conv bias, gate, channels-first of each flavour (specs/ss2d.md table)
 FLAVOURS = {
@@ -137,25 +140,30 @@ class SS2D(nn.Module):
             x = x.movedim(-1, 1)
         else:
             x = self.in_proj(x)  # channels-first
-        x = self.act(self.conv(x))
-        y = self.scan(x)  # (B, D, *S) fp32
+        # channels-last memory from here on: the depthwise conv keeps it, the projections below are then plain
+        # matmuls and the fused scan reads the map and writes y in place, coalesced along the channels
+        x = self.act(self.conv(x.contiguous(memory_format=_CHANNELS_LAST[self.spatial_dims])))
+        y = self.scan(x)  # (B, D, *S) fp32, channels-last memory
         if self.channel_first:
             return self.out_proj(self.out_norm(y).to(in_dtype))
         y = self.out_norm(y.movedim(1, -1))
         return self.out_proj(y * F.silu(z))
 
     def scan(self, x: torch.Tensor) -> torch.Tensor:
-        """The K-direction selective scan of a channels-first map (B, D, *S); returns the merged sum, fp32."""
+        """The K-direction selective scan of a map (B, D, *S), merged (fp32). The per-direction projections are
+        per position, so they are computed token-major, (B, *S, K, .), which is a plain matmul when x is
+        channels-last in memory; the scan inputs are (B, K, ., *S) views of them (no re-ordered copies)."""
         spatial = x.shape[2:]
-        R, N = self.dt_rank, self.d_state
-        xf = x.flatten(2)  # (b, D, L)
-        x_dbl = torch.einsum("bdl,kcd->bkcl", xf, self.x_proj_weight.to(xf.dtype))  # (b, K, R+2N, L)
-        dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
-        delta = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight.to(dts.dtype))  # (b, K, D, L)
+        K, R, N = self.K, self.dt_rank, self.d_state
+        xt = x.movedim(1, -1)  # (b, *S, D)
+        x_dbl = F.linear(xt, self.x_proj_weight.flatten(0, 1).to(xt.dtype)).unflatten(-1, (K, R + 2 * N))
+        dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)  # (b, *S, K, .)
+        delta = torch.einsum("...kr,kdr->...kd", dts, self.dt_projs_weight.to(dts.dtype))  # (b, *S, K, D)
+        per_direction = lambda t: t.movedim((-2, -1), (1, 2))  # (b, *S, K, c) -> (b, K, c, *S)
         return cross_selective_scan(
-            x, delta.unflatten(-1, spatial), -torch.exp(self.A_logs.float()), Bs.unflatten(-1, spatial),
-            Cs.unflatten(-1, spatial), D=self.Ds.float(), delta_bias=self.dt_projs_bias.float().flatten(),
-            delta_softplus=True, orders=self.orders, backend=self.scan_backend)
+            x, per_direction(delta), -torch.exp(self.A_logs.float()), per_direction(Bs), per_direction(Cs),
+            D=self.Ds.float(), delta_bias=self.dt_projs_bias.float().flatten(), delta_softplus=True,
+            orders=self.orders, backend=self.scan_backend)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, forward_type={self.forward_type!r}, spatial_dims={self.spatial_dims}, "
