@@ -10,7 +10,8 @@ grouped scan and merges). N = 16, softplus and z gate on (cross: no z, as in SS2
 with every input requiring grad. "copy %" is the minimum bytes (every input read once, every output written once)
 over the time, as a fraction of the measured device-to-device copy bandwidth.
 
-Writes ``BENCHMARK.md`` (table, GPU, date) and ``auto_table.json`` (the measured winners "auto" uses) to --out
+Writes ``BENCHMARK.md`` (table, GPU, date; notes under ``## `` headings below the table are kept) and
+``auto_table.json`` (the measured winners "auto" uses) to --out
 (default: this folder). --sweep instead times launch-plan variants (selective_scan_triton.set_tuning keys, a JSON
 list of dicts) on key shapes; --parts prints, per variant, how one forward+backward splits over the kernels.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import json
 import math
 import pathlib
@@ -52,8 +52,12 @@ SCAN_SHAPES = [
     ("nnMamba (16^3)", 2, 256, 16 ** 3, 1, False),
     ("nnMamba (8^3)", 2, 512, 8 ** 3, 1, False),
 ]
-# (label, b, d per direction, spatial, K)
-CROSS_SHAPES = [("2D SS2D 4-dir cross-scan + merge (64^2)", 32, 384, (64, 64), 4)]
+# (label, b, d per direction, spatial, K, layouts); channels-last is what SS2D passes, batch 1 what nnU-Net's sliding
+# window inference runs
+CROSS_SHAPES = [("2D SS2D 4-dir cross-scan + merge (64^2)", 32, 384, (64, 64), 4, ("contiguous", "channels-last")),
+                ("VM-UNet stage 3 (16^2), batch 32", 32, 768, (16, 16), 4, ("channels-last",)),
+                ("VM-UNet stage 1 (64^2), batch 1", 1, 192, (64, 64), 4, ("channels-last",)),
+                ("VM-UNet stage 3 (16^2), batch 1", 1, 768, (16, 16), 4, ("channels-last",))]
 
 
 def mamba_fn():
@@ -208,7 +212,8 @@ SWEEP_VARIANTS = [{}, dict(stages=1, bwd_stages=1, F=4), dict(F=4), dict(bwd_sta
 
 def sweep(variants=SWEEP_VARIANTS):
     """Launch-plan variants (set_tuning keys) on the key shapes (fp32 fwd+bwd, channels-last): one line each."""
-    shapes = [(2, 64, 64 ** 3, 1), (2, 128, 32 ** 3, 1), (2, 128, 64 ** 3, 1), (2, 64, 128 ** 3, 1), (32, 1536, 4096, 4)]
+    shapes = [(2, 64, 64 ** 3, 1), (2, 128, 32 ** 3, 1), (2, 128, 64 ** 3, 1), (2, 64, 128 ** 3, 1),
+              (32, 1536, 4096, 4)]
     for b, d, L, G in shapes:
         for v in variants:
             sst.set_tuning(**v)
@@ -285,17 +290,20 @@ def main():
         rows.append((label, f"({b}, {d}, {L}, G={G})", f"{dts}, {layout}", res, *scan_bytes(b, d, L, G, dt)))
         entries.append(table_entry(res, kind="scan", label=label, b=b, d=d, L=L, G=G, N=N, dtype=dts, layout=layout))
         print_row(rows[-1], bw)
-    for (label, b, d, spatial, K), layout in itertools.product(CROSS_SHAPES, ("contiguous", "channels-last")):
-        res = time_backends((("triton", triton_cross), ("mamba_ssm", mamba_cross if mfn else None)),
-                            lambda fn: time_cross(fn, b, d, spatial, K, layout))
-        L = math.prod(spatial)
-        rows.append((label, f"({b}, {K}x{d}, {L}, K={K})", f"fp32, {layout}", res, *cross_bytes(b, d, spatial, K)))
-        entries.append(table_entry(res, kind="cross", label=label, b=b, d=d, L=L, K=K, N=N, dtype="fp32",
-                                   layout=layout))
-        print_row(rows[-1], bw)
+    for label, b, d, spatial, K, layouts in CROSS_SHAPES:
+        for layout in layouts:
+            res = time_backends((("triton", triton_cross), ("mamba_ssm", mamba_cross if mfn else None)),
+                                lambda fn: time_cross(fn, b, d, spatial, K, layout))
+            L = math.prod(spatial)
+            rows.append((label, f"({b}, {K}x{d}, {L}, K={K})", f"fp32, {layout}", res, *cross_bytes(b, d, spatial, K)))
+            entries.append(table_entry(res, kind="cross", label=label, b=b, d=d, L=L, K=K, N=N, dtype="fp32",
+                                       layout=layout))
+            print_row(rows[-1], bw)
     table = render(rows, bw, gpu, date)
     print(table)
-    (out / "BENCHMARK.md").write_text(table)
+    md = out / "BENCHMARK.md"  # the table replaces the old one; the notes below it (from the first "## ") are kept
+    old = md.read_text() if md.exists() else ""
+    md.write_text(table + (old[old.index("\n## "):] if "\n## " in old else ""))
     (out / "auto_table.json").write_text(json.dumps(dict(gpu=gpu, date=date, copy_TBps=round(bw / 1e12, 3),
                                                          entries=entries), indent=1) + "\n")
 

@@ -1,8 +1,9 @@
 """The Triton selective scan against the float64 oracle: outputs, last state and every gradient.
 
-On CPU these run through Triton's interpreter (see conftest.py) at small sizes with small tiles (chunk T = 8 or 16,
-backward blocks F = 2..8, segments of several blocks) so that every code path is exercised: several chunks (the forward and backward carries),
-L not a multiple of T, L = 1, several blocks per chunk, several channel blocks per group (B/C gradient partial sums),
+On CPU these run through Triton's interpreter (see conftest.py) at small sizes with small tiles (chunk T = 8 to 32,
+backward blocks F = 2..8, segments of several blocks) so that every code path is exercised: several chunks (the
+forward and backward carries), L not a multiple of T, L = 1, several blocks per chunk, segments of several blocks,
+several channel blocks per group (B/C gradient partial sums),
 channel tiles that do not divide the group, channels-last inputs, every B/C layout and dtype. Full sizes run on the
 GPU (``-m cuda``).
 """
