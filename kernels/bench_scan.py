@@ -1,6 +1,6 @@
 """Benchmark: the project's Triton selective scan against mamba-ssm's CUDA kernel, in one process on one GPU.
 
-    python kernels/bench_scan.py [--out DIR] [--quick] [--sweep [JSON]] [--parts [JSON]]
+    python kernels/bench_scan.py [--out DIR] [--quick] [--sweep [JSON] [--shapes JSON]] [--parts [JSON]]
 
 Shapes: the four anchor shapes of shared/notes/scan-kernels.md and the shapes the project's networks produce
 (LightM-UNet 3D at 128^3 batch 2, nnMamba), plus the 2D SS2D 4-direction cross-scan *including* the cross-scan and
@@ -210,10 +210,12 @@ SWEEP_VARIANTS = [{}, dict(stages=1, bwd_stages=1, F=4), dict(F=4), dict(bwd_sta
                   dict(stages=3), dict(per_sm=8), dict(per_sm=32)]
 
 
-def sweep(variants=SWEEP_VARIANTS):
-    """Launch-plan variants (set_tuning keys) on the key shapes (fp32 fwd+bwd, channels-last): one line each."""
-    shapes = [(2, 64, 64 ** 3, 1), (2, 128, 32 ** 3, 1), (2, 128, 64 ** 3, 1), (2, 64, 128 ** 3, 1),
-              (32, 1536, 4096, 4)]
+SWEEP_SHAPES = [(2, 64, 64 ** 3, 1), (2, 128, 32 ** 3, 1), (2, 128, 64 ** 3, 1), (2, 64, 128 ** 3, 1),
+                (32, 1536, 4096, 4)]
+
+
+def sweep(variants=SWEEP_VARIANTS, shapes=SWEEP_SHAPES):
+    """Launch-plan variants (set_tuning keys) on (b, d, L, G) shapes (fp32 fwd+bwd, channels-last): one line each."""
     for b, d, L, G in shapes:
         for v in variants:
             sst.set_tuning(**v)
@@ -261,6 +263,8 @@ def main():
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent))
     ap.add_argument("--sweep", nargs="?", const="", default=None, metavar="JSON",
                     help="time launch-plan variants instead (a JSON list of set_tuning dicts; default: SWEEP_VARIANTS)")
+    ap.add_argument("--shapes", default=None, metavar="JSON",
+                    help="with --sweep: a JSON list of [b, d, L, groups] shapes (default: SWEEP_SHAPES)")
     ap.add_argument("--quick", action="store_true", help="fp32 only, no bf16 rows")
     ap.add_argument("--parts", nargs="?", const="[{}]", default=None, metavar="JSON",
                     help="per-kernel time of one forward+backward (profiler) for launch-plan variants (JSON list)")
@@ -270,7 +274,8 @@ def main():
     gpu = torch.cuda.get_device_name(0)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if args.sweep is not None:
-        sweep(json.loads(args.sweep) if args.sweep else SWEEP_VARIANTS)
+        sweep(json.loads(args.sweep) if args.sweep else SWEEP_VARIANTS,
+              [tuple(s) for s in json.loads(args.shapes)] if args.shapes else SWEEP_SHAPES)
         return
     if args.parts is not None:
         parts(json.loads(args.parts))
