@@ -491,12 +491,12 @@ def set_tuning(**kw):
 class _Plan:
     """Launch geometry shared by the forward and backward of one call.
 
-    Defaults = the best plan of the H100 sweeps (kernels/BENCHMARK.md): 32 channels per program (one warp, a channel
-    per lane), chunks long enough for ~16 programs per SM, the step loops' loads pipelined 2 (forward, _bsum) and
-    3 (_bwd_kernel) stages deep, blocks of F = 2 steps in the backward, and segments of S = F steps (one stored state
-    per block), or, where that scratch would pass HF_SCRATCH_BYTES, segments of 16 steps (or the next longer one that
-    fits): they cost a second forward walk (anchor: 3.30 -> 3.81 ms) but cut the scratch 8-fold, and 16 measured
-    faster than 4 or 8 steps at LightM-UNet's full resolution and on the grouped 2D anchor."""
+    Defaults = the best plan of the sweeps (kernels/BENCHMARK.md; H100, the segments on an H200): 32 channels per
+    program (one warp, a channel per lane), chunks long enough for ~16 programs per SM, the step loops' loads pipelined
+    2 (forward, _bsum) and 3 (_bwd_kernel) stages deep, blocks of F = 2 steps in the backward, and segments of S = F
+    steps (one stored state per block), or, where that scratch would pass HF_SCRATCH_BYTES, segments of 16 steps (or
+    the next longer one that fits): they cost a second forward walk (anchor: 3.30 -> 3.81 ms) but cut the scratch
+    8-fold, and 16 measured faster than 4 or 8 steps at LightM-UNet's full resolution and on the grouped 2D anchor."""
 
     HF_SCRATCH_BYTES = 2 << 30
 
