@@ -635,6 +635,7 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
         HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
         BD=plan.BD, BN=plan.BN, T=plan.T, F=plan.F, SF=plan.S // plan.F, STAGES=plan.bwd_stages,
         OUTER_STAGES=plan.bwd_stages if plan.S == plan.F else 1, num_warps=plan.bwd_warps)
+    del hf  # back to the caching allocator now (stream-ordered after the kernel): the sums below may reuse it
     gB = gBp.sum(0).transpose(-1, -2)  # time-varying: (b, G, N, positions); constant: (d, N)
     gC = gCp.sum(0).transpose(-1, -2)
     return (gAp.sum(0).t(), gB, gC, gDp.sum(0) if D is not None else None, gbp.sum(0) if bias is not None else None)
