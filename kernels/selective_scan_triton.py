@@ -20,9 +20,10 @@ no cross-thread scan; the step loops' loads are software-pipelined. Chunks run i
 * **Backward**: ``_bsum_kernel`` walks each chunk backwards from a zero carry, ``G_t = C_t dy_t + a_{t+1} G_{t+1}``,
   and ``_carry_kernel`` (reversed) gives the carry entering every chunk from the right (the last chunk gets the
   gradient of the last state). ``_bwd_kernel`` then walks its chunk forward once, writing the state entering every
-  block of ``F`` steps to a scratch buffer, and walks the blocks backwards: it recomputes a block's ``F`` states into
-  registers (a tuple) and runs the reverse recurrence over them, writing du, d(delta), dz and the per-step B/C
-  gradients (summed over the program's channels) and accumulating dA, dD, d(bias). ``G_t a_t h_{t-1}`` is formed
+  segment of ``S`` steps to a scratch buffer, and walks the segments backwards, re-walking each into a per-program
+  buffer of its blocks' entering states when ``S > F``, and its blocks backwards: it recomputes a block's ``F``
+  states into registers (a tuple) and runs the reverse recurrence over them, writing du, d(delta), dz and the
+  per-step B/C gradients (summed over the program's channels) and accumulating dA, dD, d(bias). ``G_t a_t h_{t-1}`` is formed
   from the stored ``h_{t-1}``, so there is no cancellation. No atomics: results are bitwise repeatable.
 * **Cross (multi-direction) form**: the same kernels with a position map ``l -> spatial offset`` (axis permutation +
   reversal) per scan order; outputs and the gradient of the map are accumulated into one spatial fp32 tensor in
