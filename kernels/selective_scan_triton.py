@@ -23,8 +23,9 @@ no cross-thread scan; the step loops' loads are software-pipelined. Chunks run i
   segment of ``S`` steps to a scratch buffer, and walks the segments backwards, re-walking each into a per-program
   buffer of its blocks' entering states when ``S > F``, and its blocks backwards: it recomputes a block's ``F``
   states into registers (a tuple) and runs the reverse recurrence over them, writing du, d(delta), dz and the
-  per-step B/C gradients (summed over the program's channels) and accumulating dA, dD, d(bias). ``G_t a_t h_{t-1}`` is formed
-  from the stored ``h_{t-1}``, so there is no cancellation. No atomics: results are bitwise repeatable.
+  per-step B/C gradients (summed over the program's channels) and accumulating dA, dD, d(bias).
+  ``G_t a_t h_{t-1}`` is formed from the stored ``h_{t-1}``, so there is no cancellation. No atomics: results are
+  bitwise repeatable.
 * **Cross (multi-direction) form**: the same kernels with a position map ``l -> spatial offset`` (axis permutation +
   reversal) per scan order; outputs and the gradient of the map are accumulated into one spatial fp32 tensor in
   direction order, so no transposed/flipped copy is made and the sum is deterministic.
