@@ -153,7 +153,6 @@ class SS2D(nn.Module):
         """The K-direction selective scan of a map (B, D, *S), merged (fp32). The per-direction projections are
         per position, so they are computed token-major, (B, *S, K, .), which is a plain matmul when x is
         channels-last in memory; the scan inputs are (B, K, ., *S) views of them (no re-ordered copies)."""
-        spatial = x.shape[2:]
         K, R, N = self.K, self.dt_rank, self.d_state
         xt = x.movedim(1, -1)  # (b, *S, D)
         x_dbl = F.linear(xt, self.x_proj_weight.flatten(0, 1).to(xt.dtype)).unflatten(-1, (K, R + 2 * N))
