@@ -201,8 +201,8 @@ def test_views_with_gaps_as_the_mamba_mixer_passes_them(tk, tuning, dev):
 
 def test_default_plan_bounds_the_block_state_scratch(tk, dev):
     """Blocks of F = 2 steps; the backward's scratch keeps one state per segment of S = F steps where that fits
-    HF_SCRATCH_BYTES, else per the shortest longer segment that does, as for LightM-UNet's full-resolution layers
-    (2, 64, 128^3, N = 16)."""
+    HF_SCRATCH_BYTES, else per segment of 16 steps (or longer, until it fits), as for LightM-UNet's full-resolution
+    layers (2, 64, 128^3, N = 16)."""
     def nbytes(p, L, S):
         return p.scratch_states(2, 64, L, p.T, S) * 16 * 4
 
