@@ -104,10 +104,28 @@ def _state_ofs(b, j, n_chunks, N, d, rn1, c):
 
 
 @triton.jit
-def _step_dt(dt_base, o, mk, bias, s_dl, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _dt_operand(dt_ptr, W_ptr, b, c, cm, d, R, one, s_db, s_dd, DT_LOW: tl.constexpr, BR: tl.constexpr):
+    """delta for a program: the base pointers of its channels in a full (b, d, L) delta; or, low-rank (delta = W @ v,
+    the Mamba mixer's dt_proj inside the scan), the pointers of the R rows of v (b, R, L) and the (BR, BD) tile of
+    W given as (R, d). Also the row mask."""
+    if DT_LOW:
+        rr1 = tl.arange(0, BR) * one  # not contiguous along r to Triton: see _chunk_kernel
+        rm = rr1 < R
+        Wt = tl.load(W_ptr + rr1[:, None] * d + c[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+        return dt_ptr + b * s_db + rr1 * s_dd, Wt, rm
+    else:
+        return dt_ptr + b * s_db + c * s_dd, 0.0, cm
+
+
+@triton.jit
+def _step_dt(dt_base, Wt, rm, o, mk, lm, bias, s_dl, DT_LOW: tl.constexpr, HAS_BIAS: tl.constexpr,
+             SOFTPLUS: tl.constexpr):
     """One step's dt = softplus(delta + bias) (0 on masked lanes, so a masked step leaves the state alone) and the
-    raw delta + bias."""
-    raw = tl.load(dt_base + o * s_dl, mask=mk, other=0.0).to(tl.float32)
+    raw delta + bias; delta read, or formed from the step's R low-rank values (_dt_operand)."""
+    if DT_LOW:
+        raw = tl.sum(Wt * tl.load(dt_base + o * s_dl, mask=rm & lm, other=0.0).to(tl.float32)[:, None], axis=0)
+    else:
+        raw = tl.load(dt_base + o * s_dl, mask=mk, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw += bias
     return tl.where(mk, _softplus(raw) if SOFTPLUS else raw, 0.0), raw
@@ -131,11 +149,11 @@ def _bc_column(base, const, o, rn, nm, lm, s_n, s_l, VAR: tl.constexpr):
 
 
 @triton.jit
-def _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
-                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VAR: tl.constexpr):
+def _step_inputs(u_base, dt_base, Wt, rm, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
+                 DT_LOW: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VAR: tl.constexpr):
     """One step's u, dt, raw delta + bias (_step_dt) and B (_bc_column)."""
     u = tl.load(u_base + o * s_ul, mask=mk, other=0.0).to(tl.float32)
-    dt, raw = _step_dt(dt_base, o, mk, bias, s_dl, HAS_BIAS, SOFTPLUS)
+    dt, raw = _step_dt(dt_base, Wt, rm, o, mk, lm, bias, s_dl, DT_LOW, HAS_BIAS, SOFTPLUS)
     return u, dt, raw, _bc_column(B_base, Bc, o, rn, nm, lm, s_Bn, s_Bl, B_VAR)
 
 
@@ -154,9 +172,9 @@ def _advance(h, A2, dt, u, Bx):
 
 
 @triton.jit
-def _walk_block(h, l0, L, cm, u_base, dt_base, B_base, bias, Bc, A2, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
-                Q1, Q2, R0, R1, R2, HAS_MAP: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                SOFTPLUS: tl.constexpr, B_VAR: tl.constexpr, F: tl.constexpr):
+def _walk_block(h, l0, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
+                Q1, Q2, R0, R1, R2, HAS_MAP: tl.constexpr, FLIP: tl.constexpr, DT_LOW: tl.constexpr,
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VAR: tl.constexpr, F: tl.constexpr):
     """Advance h over the F steps l0 .. l0+F-1; also returns, per step, the state before it, dt, u and the raw
     delta + bias (the backward's block recompute keeps them; its forward walk only needs h)."""
     hs = ()
@@ -165,8 +183,8 @@ def _walk_block(h, l0, L, cm, u_base, dt_base, B_base, bias, Bc, A2, rn, nm, s_u
     raws = ()
     for k in tl.static_range(F):
         o, lm, mk = _step_at(l0 + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-        u, dt, raw, Bx = _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
-                                      HAS_BIAS, SOFTPLUS, B_VAR)
+        u, dt, raw, Bx = _step_inputs(u_base, dt_base, Wt, rm, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl,
+                                      s_Bn, s_Bl, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR)
         hs = hs + (h,)
         h = _advance(h, A2, dt, u, Bx)
         dts = dts + (dt,)
@@ -180,15 +198,16 @@ def _walk_block(h, l0, L, cm, u_base, dt_base, B_base, bias, Bc, A2, rn, nm, s_u
 
 
 @triton.jit(do_not_specialize=["one", "T"])
-def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr,
+def _chunk_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr,
                   hin_ptr, hloc_ptr, sloc_ptr,
-                  L, d, dg, N, n_chunks, cbg, one,
+                  L, d, dg, N, RK, n_chunks, cbg, one,
                   s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
                   s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, Q1, Q2, R0, R1, R2,
                   HAS_MAP: tl.constexpr, FLIP: tl.constexpr, ACCUM: tl.constexpr,
                   B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, OUT: tl.constexpr, SAVE_LAST: tl.constexpr,
-                  BD: tl.constexpr, BN: tl.constexpr, T, U: tl.constexpr, STAGES: tl.constexpr):
+                  DT_LOW: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, T, U: tl.constexpr,
+                  STAGES: tl.constexpr):
     # Tiles are (BN, BD): states x channels, a channel per lane, so that a thread holds all BN states of its channel
     # and the sums over n stay inside the thread. Triton derives that layout from the loads and stores: the state
     # tiles are stored channels-fastest (_state_ofs) and the state index is multiplied by the runtime 1 `one`, so
@@ -207,12 +226,12 @@ def _chunk_kernel(u_ptr, dt_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, 
         ssum = tl.zeros((BD,), tl.float32)
     l0 = j * T
     u_base = u_ptr + b * s_ub + c * s_ud
-    dt_base = dt_ptr + b * s_db + c * s_dd
+    dt_base, Wt, rm = _dt_operand(dt_ptr, W_ptr, b, c, cm, d, RK, one, s_db, s_dd, DT_LOW, BR)
     for t0 in tl.range(0, T, U, num_stages=STAGES):
         for k in tl.static_range(U):
             o, lm, mk = _step_at(l0 + t0 + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-            u, dt, raw, Bx = _step_inputs(u_base, dt_base, B_base, bias, Bc, o, mk, lm, rn1, nm, s_ul, s_dl, s_Bn,
-                                          s_Bl, HAS_BIAS, SOFTPLUS, B_VAR)
+            u, dt, raw, Bx = _step_inputs(u_base, dt_base, Wt, rm, B_base, bias, Bc, o, mk, lm, rn1, nm, s_ul, s_dl,
+                                          s_Bn, s_Bl, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR)
             h = _advance(h, A2, dt, u, Bx)
             if OUT:
                 y = tl.sum(h * _bc_column(C_base, Cc, o, rn1, nm, lm, s_Cn, s_Cl, C_VAR), axis=0)
@@ -278,25 +297,25 @@ def _carry_kernel(A_ptr, hloc_ptr, sloc_ptr, hin_ptr, init_ptr, d, N, n_chunks,
 
 
 @triton.jit(do_not_specialize=["one", "T"])
-def _bsum_kernel(dt_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
-                 L, d, dg, N, n_chunks, cbg, one,
+def _bsum_kernel(dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
+                 L, d, dg, N, RK, n_chunks, cbg, one,
                  s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_Cb, s_Cg, s_Cn, s_Cl, Q1, Q2, R0, R1, R2,
                  HAS_MAP: tl.constexpr, FLIP: tl.constexpr, C_VAR: tl.constexpr, HAS_Z: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                 BD: tl.constexpr, BN: tl.constexpr, T, U: tl.constexpr, STAGES: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DT_LOW: tl.constexpr,
+                 BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, T, U: tl.constexpr, STAGES: tl.constexpr):
     """Backward chunk summary: walking chunk j backwards from a zero carry, G_t = C_t dy_t + a_{t+1} G_{t+1};
     stores q[j] = a_{first} G_{first}, the carry the chunk passes to its left neighbour."""
     j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, d, dg, N, cbg, one, BD, BN)
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
     Cc, C_base = _bc_operand(C_ptr, b, g, s_Cb, s_Cg, c, d, rn1, m2, C_VAR)
-    dt_base = dt_ptr + b * s_db + c * s_dd
+    dt_base, Wt, rm = _dt_operand(dt_ptr, W_ptr, b, c, cm, d, RK, one, s_db, s_dd, DT_LOW, BR)
     G = tl.zeros((BN, BD), tl.float32)
     an = tl.zeros((BN, BD), tl.float32)
     l1 = j * T + T - 1
     for t0 in tl.range(0, T, U, num_stages=STAGES):
         for k in tl.static_range(U):
             o, lm, mk = _step_at(l1 - t0 - k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-            dt, raw = _step_dt(dt_base, o, mk, bias, s_dl, HAS_BIAS, SOFTPLUS)
+            dt, raw = _step_dt(dt_base, Wt, rm, o, mk, lm, bias, s_dl, DT_LOW, HAS_BIAS, SOFTPLUS)
             dy = tl.load(g_ptr + b * s_gb + c * s_gd + o * s_gl, mask=mk, other=0.0).to(tl.float32)
             if HAS_Z:
                 zz = tl.load(z_ptr + b * s_zb + c * s_zd + o * s_zl, mask=mk, other=0.0).to(tl.float32)
@@ -307,18 +326,18 @@ def _bsum_kernel(dt_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
 
 
 @triton.jit(do_not_specialize=["one", "T"])
-def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr,
+def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr,
                 hin_ptr, rin_ptr, hf_ptr,
-                gu_ptr, gdt_ptr, gz_ptr, gBp_ptr, gCp_ptr, gAp_ptr, gDp_ptr, gbp_ptr,
-                L, d, dg, N, n_chunks, cbg, one, hf_rs,
+                gu_ptr, gdt_ptr, gz_ptr, gBp_ptr, gCp_ptr, gAp_ptr, gDp_ptr, gbp_ptr, gWp_ptr,
+                L, d, dg, N, RK, n_chunks, cbg, one, hf_rs,
                 s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
                 s_gub, s_gud, s_gul, s_gdb, s_gdd, s_gdl, s_gzb, s_gzd, s_gzl,
                 s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_pc, s_pb, s_pg, Q1, Q2, R0, R1, R2,
                 HAS_MAP: tl.constexpr, FLIP: tl.constexpr, GU_ACCUM: tl.constexpr, B_VAR: tl.constexpr,
                 C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                SOFTPLUS: tl.constexpr,
-                BD: tl.constexpr, BN: tl.constexpr, T, F: tl.constexpr, SF: tl.constexpr, STAGES: tl.constexpr,
-                OUTER_STAGES: tl.constexpr):
+                SOFTPLUS: tl.constexpr, DT_LOW: tl.constexpr,
+                BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, T, F: tl.constexpr, SF: tl.constexpr,
+                STAGES: tl.constexpr, OUTER_STAGES: tl.constexpr):
     """Gradients of chunk j. (1) Walk the chunk forward from its entering state, writing the state entering every
     segment of S = SF * F steps to the scratch hf. (2) Walk the segments backwards; in each, (2a) when SF > 1, walk it
     forward from its entering state, writing the state entering each of its SF blocks of F steps to the program's
@@ -338,7 +357,9 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
     if not C_VAR:
         gCc = tl.zeros((BN, BD), tl.float32)
     u_base = u_ptr + b * s_ub + c * s_ud
-    dt_base = dt_ptr + b * s_db + c * s_dd
+    dt_base, Wt, rm = _dt_operand(dt_ptr, W_ptr, b, c, cm, d, RK, one, s_db, s_dd, DT_LOW, BR)
+    if DT_LOW:
+        gW = tl.zeros((BR, BD), tl.float32)
     S: tl.constexpr = SF * F
     NF = T // F
     NS = T // S
@@ -349,8 +370,9 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
     h = tl.load(hin_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), mask=m2, other=0.0)
     for f in tl.range(NF, num_stages=STAGES):
         tl.store(hf_b + (j * NS + f // SF).to(tl.int64) * hf_rs, h, mask=m2 & (f % SF == 0))
-        h, _, _, _, _ = _walk_block(h, j * T + f * F, L, cm, u_base, dt_base, B_base, bias, Bc, A2, rn1, nm, s_ul,
-                                    s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, HAS_BIAS, SOFTPLUS, B_VAR, F)
+        h, _, _, _, _ = _walk_block(h, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn1,
+                                    nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, DT_LOW, HAS_BIAS,
+                                    SOFTPLUS, B_VAR, F)
     # (2) backward over the segments and their blocks
     R = tl.load(rin_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), mask=m2, other=0.0)
     gA = tl.zeros((BN, BD), tl.float32)
@@ -363,9 +385,9 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
             tl.debug_barrier()  # every thread is done reading the previous segment's hb
             for q in tl.range(SF - 1, num_stages=STAGES):
                 tl.store(hb_b + q * N * d, h, mask=m2)
-                h, _, _, _, _ = _walk_block(h, j * T + (s * SF + q) * F, L, cm, u_base, dt_base, B_base, bias, Bc,
-                                            A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP,
-                                            HAS_BIAS, SOFTPLUS, B_VAR, F)
+                h, _, _, _, _ = _walk_block(h, j * T + (s * SF + q) * F, L, cm, u_base, dt_base, Wt, rm, B_base,
+                                            bias, Bc, A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2,
+                                            HAS_MAP, FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR, F)
             tl.store(hb_b + (SF - 1) * N * d, h, mask=m2)
             tl.debug_barrier()  # hb is visible to every thread
         for fb in tl.range(SF, num_stages=STAGES):  # (2b) the segment's blocks, backwards
@@ -374,9 +396,9 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
                 hblock = tl.load(hb_b + (SF - 1 - fb) * N * d, mask=m2, other=0.0)
             else:
                 hblock = h
-            _, hs, dts, us, raws = _walk_block(hblock, j * T + f * F, L, cm, u_base, dt_base, B_base, bias, Bc, A2,
-                                               rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP,
-                                               HAS_BIAS, SOFTPLUS, B_VAR, F)
+            _, hs, dts, us, raws = _walk_block(hblock, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias,
+                                               Bc, A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP,
+                                               FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR, F)
             for k in tl.static_range(F - 1, -1, -1):
                 o, lm, mk = _step_at(j * T + f * F + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
                 hp = hs[k]
@@ -415,7 +437,13 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
                 if GU_ACCUM:
                     gu += tl.load(guptr, mask=mk, other=0.0).to(tl.float32)
                 tl.store(guptr, gu, mask=mk)
-                tl.store(gdt_ptr + b * s_gdb + c * s_gdd + o * s_gdl, gdt, mask=mk)
+                if DT_LOW:  # the step's R low-rank values get sum_c W[c, r] gdt_c (a partial over this program's
+                    # channels, like B/C, at gdt[channel block, b, position, r]); W gets sum_t v_t gdt_t
+                    tl.store(gdt_ptr + (g * cbg + cbi) * s_gdd + b * s_gdb + o * s_gdl + tl.arange(0, BR),
+                             tl.sum(Wt * gdt[None, :], axis=1), mask=rm & lm)
+                    gW += tl.load(dt_base + o * s_dl, mask=rm & lm, other=0.0).to(tl.float32)[:, None] * gdt[None, :]
+                else:
+                    tl.store(gdt_ptr + b * s_gdb + c * s_gdd + o * s_gdl, gdt, mask=mk)
                 gA += ghx * dt[None, :]
                 pofs = cbi * s_pc + b * s_pb + g * s_pg + o * N + rn1
                 if B_VAR:
@@ -434,6 +462,9 @@ def _bwd_kernel(u_ptr, dt_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_pt
         tl.store(gDp_ptr + prow * d + c, gD, mask=cm)
     if HAS_BIAS:
         tl.store(gbp_ptr + prow * d + c, gb, mask=cm)
+    if DT_LOW:
+        tl.store(gWp_ptr + (prow * RK + tl.arange(0, BR)[:, None]) * d + c[None, :], gW,
+                 mask=rm[:, None] & cm[None, :])
     if not B_VAR:
         tl.store(gBp_ptr + pm, gBc, mask=m2)
     if not C_VAR:
@@ -558,10 +589,17 @@ def _carry(A, loc, sums, init, rev, plan, b, d, N):
     return out
 
 
-def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want_last):
-    """One forward pass into ``out``. u, dt, z, out: (b, d, L)-strided; A: (d, N); B, C: (b, G, N, L) views or (d, N).
-    Returns the chunk-entering states (b, chunks, N, d), the chunks' dt sums (b, d, chunks) and the last state
-    (b, d, N)."""
+def _dt_low(W):
+    """Kernel arguments of the delta operand: W (R, d) fp32 (delta = W^T v from v (b, R, L)) or None (full delta)."""
+    if W is None:
+        return dict(R=1, DT_LOW=False, BR=1)
+    return dict(R=W.shape[0], DT_LOW=True, BR=max(2, triton.next_power_of_2(W.shape[0])))
+
+
+def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want_last, W=None):
+    """One forward pass into ``out``. u, z, out: (b, d, L)-strided; dt: (b, d, L), or (b, R, L) with W (R, d) fp32
+    (delta = W^T dt); A: (d, N); B, C: (b, G, N, L) views or (d, N). Returns the chunk-entering states
+    (b, chunks, N, d), the chunks' dt sums (b, d, chunks) and the last state (b, d, N)."""
     b, d, L = u.shape
     N = A.shape[1]
     A, B, C = _t(A), _t(B), _t(C)
@@ -570,29 +608,33 @@ def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want
     sloc = torch.empty(b, d, plan.n_chunks, device=dev, dtype=f32)
     last = torch.empty(b, N, d, device=dev, dtype=f32) if want_last else sloc
     zt = z if z is not None else u
-    common = (L, d, plan.dg, N, plan.n_chunks, plan.cbg, 1, *u.stride(), *dt.stride(), *zt.stride(), *out.stride(),
-              *_bc(B), *_bc(C), order.Q1, order.Q2, order.R0, order.R1, order.R2)
+    low = _dt_low(W)
+    common = (L, d, plan.dg, N, low.pop("R"), plan.n_chunks, plan.cbg, 1, *u.stride(), *dt.stride(), *zt.stride(),
+              *out.stride(), *_bc(B), *_bc(C), order.Q1, order.Q2, order.R0, order.R1, order.R2)
     flags = dict(HAS_MAP=order.has_map, FLIP=order.flip, ACCUM=accum, B_VAR=B.dim() == 4, C_VAR=C.dim() == 4,
-                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, **low,
                  BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, STAGES=plan.stages, num_warps=plan.num_warps)
+    Wk = W if W is not None else A
     Dt = D if D is not None else A
     bt = bias if bias is not None else A
     if plan.n_chunks > 1:
         hloc = torch.empty(b, plan.n_chunks, N, d, device=dev, dtype=f32)
-        _chunk_kernel[plan.grid](u, dt, zt, out, A, Dt, bt, B, C, hloc, hloc, sloc, *common, OUT=False,
+        _chunk_kernel[plan.grid](u, dt, Wk, zt, out, A, Dt, bt, B, C, hloc, hloc, sloc, *common, OUT=False,
                                  SAVE_LAST=False, **flags)
         hin = _carry(A, hloc, sloc, None, False, plan, b, d, N)
         del hloc
     else:
         hin = torch.zeros(b, 1, N, d, device=dev, dtype=f32)
-    _chunk_kernel[plan.grid](u, dt, zt, out, A, Dt, bt, B, C, hin, last, sloc, *common, OUT=True, SAVE_LAST=want_last,
-                             **flags)
+    _chunk_kernel[plan.grid](u, dt, Wk, zt, out, A, Dt, bt, B, C, hin, last, sloc, *common, OUT=True,
+                             SAVE_LAST=want_last, **flags)
     return hin, sloc, (last.transpose(1, 2) if want_last else None)
 
 
-def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan, order, gu, gdt, gz, gu_accum):
-    """One backward pass: writes gu (accumulating if gu_accum), gdt, gz; returns fp32 (gA, gB, gC, gD, gbias), gB/gC
-    time-varying as (b, G, N, L-positions) in the position layout of ``order``."""
+def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan, order, gu, gdt, gz, gu_accum,
+              W=None):
+    """One backward pass: writes gu (accumulating if gu_accum), gdt, gz; returns fp32 (gA, gB, gC, gD, gbias, gW),
+    gB/gC time-varying as (b, G, N, L-positions) in the position layout of ``order``. With a low-rank delta (W, see
+    _forward) gdt must be None and the gradient of dt (b, R, L-positions) comes back instead, with gW (d, R)."""
     b, d, L = u.shape
     N = A.shape[1]
     G = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
@@ -603,13 +645,16 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
     zt = z if z is not None else u
     bt = bias if bias is not None else A
     pos = (order.Q1, order.Q2, order.R0, order.R1, order.R2)
+    low = _dt_low(W)
+    R = low.pop("R")
+    Wk = W if W is not None else A
     if plan.n_chunks > 1:  # the carry from the right entering every chunk
         q = torch.empty(b, plan.n_chunks, N, d, device=dev, dtype=f32)
         _bsum_kernel[plan.grid](
-            dt, zt, gout, A, bt, C, q, L, d, plan.dg, N, plan.n_chunks, plan.cbg, 1,
+            dt, Wk, zt, gout, A, bt, C, q, L, d, plan.dg, N, R, plan.n_chunks, plan.cbg, 1,
             *dt.stride(), *zt.stride(), *gout.stride(), *_bc(C), *pos,
             HAS_MAP=order.has_map, FLIP=order.flip, C_VAR=C_VAR, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-            SOFTPLUS=softplus, BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, STAGES=plan.stages,
+            SOFTPLUS=softplus, **low, BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, STAGES=plan.stages,
             num_warps=plan.num_warps)
         rin = _carry(A, q, sloc, glast, True, plan, b, d, N)
         del q
@@ -627,20 +672,28 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
     gBp = torch.empty(plan.cbg, b, G, npos, N, device=dev, dtype=f32) if B_VAR else torch.empty_like(gAp)
     gCp = torch.empty(plan.cbg, b, G, npos, N, device=dev, dtype=f32) if C_VAR else torch.empty_like(gAp)
     s_p = (gBp if B_VAR else gCp).stride()[:3] if (B_VAR or C_VAR) else (0, 0, 0)
+    if W is not None:  # the low-rank dt's gradient per channel block as (blocks, b, positions, R), and gW per program
+        gdt = torch.empty(plan.grid[1], b, L, R, device=dev, dtype=f32)
+        s_gdt = (gdt.stride(1), gdt.stride(0), gdt.stride(2))  # (batch, channel block, position) as the kernel reads
+        gWp = torch.empty(rows, R, d, device=dev, dtype=f32)
+    else:
+        s_gdt, gWp = gdt.stride(), gAp
     _bwd_kernel[plan.grid](
-        u, dt, zt, gout, A, D if D is not None else A, bt, B, C, hin, rin, hf,
-        gu, gdt, gz if gz is not None else gu, gBp, gCp, gAp, gDp, gbp,
-        L, d, plan.dg, N, plan.n_chunks, plan.cbg, 1, b * d * N,
+        u, dt, Wk, zt, gout, A, D if D is not None else A, bt, B, C, hin, rin, hf,
+        gu, gdt, gz if gz is not None else gu, gBp, gCp, gAp, gDp, gbp, gWp,
+        L, d, plan.dg, N, R, plan.n_chunks, plan.cbg, 1, b * d * N,
         *u.stride(), *dt.stride(), *zt.stride(), *gout.stride(),
-        *gu.stride(), *gdt.stride(), *(gz if gz is not None else gu).stride(), *_bc(B), *_bc(C), *s_p, *pos,
+        *gu.stride(), *s_gdt, *(gz if gz is not None else gu).stride(), *_bc(B), *_bc(C), *s_p, *pos,
         HAS_MAP=order.has_map, FLIP=order.flip, GU_ACCUM=gu_accum, B_VAR=B_VAR, C_VAR=C_VAR, HAS_D=D is not None,
-        HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, **low,
         BD=plan.BD, BN=plan.BN, T=plan.T, F=plan.F, SF=plan.S // plan.F, STAGES=plan.bwd_stages,
         OUTER_STAGES=plan.bwd_stages if plan.S == plan.F else 1, num_warps=plan.bwd_warps)
     del hf  # back to the caching allocator now (stream-ordered after the kernel): the sums below may reuse it
     gB = gBp.sum(0).transpose(-1, -2)  # time-varying: (b, G, N, positions); constant: (d, N)
     gC = gCp.sum(0).transpose(-1, -2)
-    return (gAp.sum(0).t(), gB, gC, gDp.sum(0) if D is not None else None, gbp.sum(0) if bias is not None else None)
+    low_grads = (gdt.sum(0).transpose(1, 2), gWp.sum(0).t()) if W is not None else (None, None)
+    return (gAp.sum(0).t(), gB, gC, gDp.sum(0) if D is not None else None, gbp.sum(0) if bias is not None else None,
+            *low_grads)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -657,7 +710,7 @@ def _grouped_bc(X):
 class _ScanFn(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, W):
         b, d, L = u.shape
         Bg, Cg = _grouped_bc(B), _grouped_bc(C)
         G = Bg.shape[1] if Bg.dim() == 4 else (Cg.shape[1] if Cg.dim() == 4 else 1)
@@ -670,23 +723,28 @@ class _ScanFn(torch.autograd.Function):
         bf = delta_bias.float().contiguous() if delta_bias is not None else None
         plan = _Plan(b, d, G, L, A.shape[1], u.device)
         out = _empty_in_order(u)
-        hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True)
-        ctx.save_for_backward(u, delta, Af, B, C, Df, z, bf, hin, sloc)
+        Wt = W.float().t().contiguous() if W is not None else None
+        hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True, Wt)
+        ctx.save_for_backward(u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt)
         ctx.cfg = (softplus, plan)
         ctx.set_materialize_grads(False)
         return out, last
 
     @staticmethod
     def backward(ctx, gout, glast):
-        u, delta, Af, B, C, Df, z, bf, hin, sloc = ctx.saved_tensors
+        u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt = ctx.saved_tensors
         softplus, plan = ctx.cfg
         gout = gout if gout is not None else torch.zeros_like(u)
-        gu, gdt = _empty_in_order(u), _empty_in_order(delta)
+        gu = _empty_in_order(u)
+        gdt = _empty_in_order(delta) if W is None else None
         gz = _empty_in_order(z) if z is not None else None
-        gA, gB, gC, gD, gbias = _backward(u, delta, z, gout, Af, Df, _grouped_bc(B), _grouped_bc(C), bf, softplus,
-                                          hin, sloc, glast.contiguous() if glast is not None else None, plan,
-                                          _IDENTITY, gu, gdt, gz, False)
-        return (gu, gdt, gA, gB.reshape(B.shape).to(B.dtype), gC.reshape(C.shape).to(C.dtype), gD, gz, gbias, None)
+        gA, gB, gC, gD, gbias, glow, gW = _backward(
+            u, delta, z, gout, Af, Df, _grouped_bc(B), _grouped_bc(C), bf, softplus, hin, sloc,
+            glast.contiguous() if glast is not None else None, plan, _IDENTITY, gu, gdt, gz, False, Wt)
+        if W is not None:
+            gdt, gW = glow.to(delta.dtype), gW.to(W.dtype)
+        return (gu, gdt, gA, gB.reshape(B.shape).to(B.dtype), gC.reshape(C.shape).to(C.dtype), gD, gz, gbias, None,
+                gW)
 
 
 def _empty_in_order(t, dtype=None):
@@ -707,19 +765,27 @@ def channels_last(t):
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False):
+                          return_last_state=False, delta_proj_weight=None):
     """mamba-ssm ``selective_scan_fn`` semantics on the Triton kernels (see module docstring).
 
+    ``delta_proj_weight`` W (d, R): delta is then (b, R, L) and the scan uses W @ delta (the Mamba mixer's dt_proj
+    without bias), formed per step inside the kernels; the (b, d, L) delta and its gradient are never stored.
     u, delta, z and time-varying B/C are used channels-last (copied to that layout where they are not; a Linear's
     output viewed as (b, d, L) already is); the output and the input gradients come back in that layout."""
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be (batch, dim, L), got {tuple(u.shape)}")
     if A.is_complex():
         raise NotImplementedError("selective_scan (triton): complex A is not supported; use backend='torch'")
-    if delta.shape != u.shape or (z is not None and z.shape != u.shape):
-        raise ValueError("selective_scan: u, delta (and z) must have the same (batch, dim, L) shape")
+    W = delta_proj_weight
+    if W is not None and (W.dim() != 2 or W.shape[0] != u.shape[1]):
+        raise ValueError(f"selective_scan: delta_proj_weight must be (dim, R) with dim = {u.shape[1]}, "
+                         f"got {tuple(W.shape)}")
+    dshape = u.shape if W is None else (u.shape[0], W.shape[1], u.shape[2])
+    if delta.shape != dshape or (z is not None and z.shape != u.shape):
+        raise ValueError(f"selective_scan: delta must be {tuple(dshape)} and z {tuple(u.shape)} (u's shape), got "
+                         f"{tuple(delta.shape)} and {None if z is None else tuple(z.shape)}")
     u, delta, z, B, C = (channels_last(t) for t in (u, delta, z, B, C))
-    out, last = _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    out, last = _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), W)
     return (out, last) if return_last_state else out
 
 
@@ -730,13 +796,14 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 class _CrossFn(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, delta, A, B, C, D, delta_bias, softplus, orders):
+    def forward(ctx, x, delta, A, B, C, D, delta_bias, softplus, orders, W):
         b, d = x.shape[:2]
         spatial = tuple(x.shape[2:])
         L = math.prod(spatial)
         K = len(orders)
         N = A.shape[1]
-        xs, ds = x.reshape(b, d, L), delta.reshape(b, K, d, L)
+        xs, ds = x.reshape(b, d, L), delta.reshape(b, K, delta.shape[2], L)
+        Wt = W.float().transpose(1, 2).contiguous() if W is not None else None  # (K, R, d)
         Bs, Cs = B.reshape(b, K, N, L), C.reshape(b, K, N, L)
         Af = A.float().contiguous()
         Df = D.float().contiguous() if D is not None else None
@@ -748,15 +815,16 @@ class _CrossFn(torch.autograd.Function):
             rows = slice(k * d, (k + 1) * d)
             hin, sloc, _ = _forward(xs, ds[:, k], Af[rows], Bs[:, k:k + 1], Cs[:, k:k + 1],
                                     Df[rows] if Df is not None else None, None, bf[rows] if bf is not None else None,
-                                    softplus, out, plan, _order_for(spatial, perm, flip), k > 0, False)
+                                    softplus, out, plan, _order_for(spatial, perm, flip), k > 0, False,
+                                    Wt[k] if Wt is not None else None)
             saved += [hin, sloc]
-        ctx.save_for_backward(x, delta, Af, B, C, Df, bf, *saved)
+        ctx.save_for_backward(x, delta, Af, B, C, Df, bf, W, Wt, *saved)
         ctx.cfg = (softplus, list(orders), plan)
         return out.view(b, d, *spatial)
 
     @staticmethod
     def backward(ctx, gout):
-        x, delta, Af, B, C, Df, bf, *saved = ctx.saved_tensors
+        x, delta, Af, B, C, Df, bf, W, Wt, *saved = ctx.saved_tensors
         softplus, orders, plan = ctx.cfg
         b, d = x.shape[:2]
         spatial = tuple(x.shape[2:])
@@ -764,12 +832,13 @@ class _CrossFn(torch.autograd.Function):
         K = len(orders)
         N = Af.shape[1]
         f32 = torch.float32
-        xs, ds = x.reshape(b, d, L), delta.reshape(b, K, d, L)
+        xs, ds = x.reshape(b, d, L), delta.reshape(b, K, delta.shape[2], L)
         Bs, Cs = B.reshape(b, K, N, L), C.reshape(b, K, N, L)
         go = gout.reshape(b, d, L)
         # gradients in their inputs' layouts (so that channels-last inputs get coalesced stores)
         gx = _empty_in_order(x, f32).view(b, d, L)
-        gdelta = _empty_in_order(delta, f32).view(b, K, d, L)
+        gdelta = _empty_in_order(delta, f32).view(b, K, delta.shape[2], L)
+        gW = torch.empty(W.shape, device=W.device, dtype=f32) if W is not None else None
         gA = torch.empty_like(Af)
         gB = _empty_in_order(B, f32).view(b, K, N, L)
         gC = _empty_in_order(C, f32).view(b, K, N, L)
@@ -777,10 +846,14 @@ class _CrossFn(torch.autograd.Function):
         gbias = torch.empty_like(bf) if bf is not None else None
         for k, (perm, flip) in enumerate(orders):
             rows = slice(k * d, (k + 1) * d)
-            gAk, gBk, gCk, gDk, gbk = _backward(
+            gAk, gBk, gCk, gDk, gbk, glow, gWk = _backward(
                 xs, ds[:, k], None, go, Af[rows], Df[rows] if Df is not None else None, Bs[:, k:k + 1],
                 Cs[:, k:k + 1], bf[rows] if bf is not None else None, softplus, saved[2 * k], saved[2 * k + 1], None,
-                plan, _order_for(spatial, perm, flip), gx, gdelta[:, k], None, k > 0)
+                plan, _order_for(spatial, perm, flip), gx, gdelta[:, k] if W is None else None, None, k > 0,
+                Wt[k] if W is not None else None)
+            if W is not None:
+                gdelta[:, k] = glow
+                gW[k] = gWk
             gA[rows] = gAk
             gB[:, k] = gBk[:, 0]
             gC[:, k] = gCk[:, 0]
@@ -789,13 +862,17 @@ class _CrossFn(torch.autograd.Function):
             if gbias is not None:
                 gbias[rows] = gbk
         return (gx.view(x.shape).to(x.dtype), gdelta.view(delta.shape).to(delta.dtype), gA,
-                gB.view(B.shape).to(B.dtype), gC.view(C.shape).to(C.dtype), gD, gbias, None, None)
+                gB.view(B.shape).to(B.dtype), gC.view(C.shape).to(C.dtype), gD, gbias, None, None,
+                gW.to(W.dtype) if W is not None else None)
 
 
-def cross_selective_scan_triton(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, orders=None):
+def cross_selective_scan_triton(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, orders=None,
+                                delta_proj_weight=None):
     """Fused multi-direction scan (``nnunet_mamba.ops.cross_selective_scan`` semantics): reads the map ``x``
     (b, d, *S) and the per-direction ``delta`` (b, K, d, *S), ``B``/``C`` (b, K, N, *S) in every scan order by index
-    arithmetic and returns the fp32 sum over directions, (b, d, *S). No re-ordered copies are made."""
+    arithmetic and returns the fp32 sum over directions, (b, d, *S). No re-ordered copies are made.
+    ``delta_proj_weight`` W (K, d, R): delta is (b, K, R, *S) and direction k uses W[k] @ delta[:, k], formed in the
+    kernels (SS2D's dt_projs)."""
     if orders is None:
         raise ValueError("cross_selective_scan_triton needs the scan orders (nnunet_mamba.ops.cross_scan_orders)")
     orders = [(tuple(p), bool(f)) for p, f in orders]
@@ -803,8 +880,13 @@ def cross_selective_scan_triton(x, delta, A, B, C, D=None, delta_bias=None, delt
     b, d = x.shape[:2]
     spatial = tuple(x.shape[2:])
     N = A.shape[1]
-    if delta.shape != (b, K, d, *spatial) or B.shape != (b, K, N, *spatial) or C.shape != B.shape:
-        raise ValueError(f"cross_selective_scan: expected delta {(b, K, d, *spatial)} and B/C {(b, K, N, *spatial)}, "
+    W = delta_proj_weight
+    if W is not None and (W.dim() != 3 or W.shape[:2] != (K, d)):
+        raise ValueError(f"cross_selective_scan: delta_proj_weight must be (K, d, R) with (K, d) = {(K, d)}, "
+                         f"got {tuple(W.shape)}")
+    dc = d if W is None else W.shape[2]
+    if delta.shape != (b, K, dc, *spatial) or B.shape != (b, K, N, *spatial) or C.shape != B.shape:
+        raise ValueError(f"cross_selective_scan: expected delta {(b, K, dc, *spatial)} and B/C {(b, K, N, *spatial)}, "
                          f"got {tuple(delta.shape)}, {tuple(B.shape)}, {tuple(C.shape)}")
     if A.shape != (K * d, N):
         raise ValueError(f"cross_selective_scan: A must be (K*d, N) = {(K * d, N)}, got {tuple(A.shape)}")
@@ -812,7 +894,7 @@ def cross_selective_scan_triton(x, delta, A, B, C, D=None, delta_bias=None, delt
     # channel count as stride: position p at p * stride); batch/direction/channel strides are free; else a copy
     x = x if _spatial_rowmajor(x, 2) else x.contiguous()
     delta, B, C = (t if _spatial_rowmajor(t, 3) else t.contiguous() for t in (delta, B, C))
-    return _CrossFn.apply(x, delta, A, B, C, D, delta_bias, bool(delta_softplus), orders)
+    return _CrossFn.apply(x, delta, A, B, C, D, delta_bias, bool(delta_softplus), orders, W)
 
 
 def _spatial_rowmajor(X, first):

@@ -57,6 +57,35 @@ def test_torch_backend_matches_oracle(b, d, L, N, layout, softplus):
         torch.testing.assert_close(inp[k].grad.double(), ref[k].grad.double(), atol=2e-3, rtol=2e-3)
 
 
+def test_low_rank_delta_on_a_backend_that_does_not_fuse_it(monkeypatch):
+    """delta_proj_weight W with delta given as (b, R, L): a backend without the fused form (torch) gets W @ delta;
+    outputs and every gradient (v and W included) against the float64 oracle on the multiplied-out delta. A backend
+    that fuses it receives W itself and the low-rank delta unchanged."""
+    inp = make_inputs(2, 6, 40, 4, "shared", seed=3)
+    g = torch.Generator().manual_seed(4)
+    inp["delta"] = (0.7 * torch.randn(2, 40, 3, generator=g)).transpose(1, 2).requires_grad_()  # token-major v
+    W = torch.randn(6, 3, generator=g).requires_grad_()
+    ref = {k: v.detach().double().requires_grad_() for k, v in inp.items()}
+    W0 = W.detach().double().requires_grad_()
+    y = run(selective_scan, inp, delta_softplus=True, backend="torch", delta_proj_weight=W)
+    y0 = selective_scan_oracle(ref["u"], torch.einsum("dr,brl->bdl", W0, ref["delta"]), ref["A"], ref["B"], ref["C"],
+                               D=ref["D"], z=ref["z"], delta_bias=ref["delta_bias"], delta_softplus=True)
+    torch.testing.assert_close(y.double(), y0, atol=1e-4, rtol=1e-4)
+    gy = torch.randn(y.shape, generator=g)
+    (y * gy).sum().backward()
+    (y0 * gy.double()).sum().backward()
+    for k in inp:
+        torch.testing.assert_close(inp[k].grad.double(), ref[k].grad, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(W.grad.double(), W0.grad, atol=2e-3, rtol=2e-3)
+
+    seen = {}
+    monkeypatch.setitem(ops.scan._BACKENDS, "fusing", ops.scan._Backend(
+        "fusing", lambda u, delta, *a, **kw: seen.update(delta=delta, **kw) or u, lambda dev: None, -100,
+        fuses_delta_proj=True))
+    selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], backend="fusing", delta_proj_weight=W)
+    assert seen["delta_proj_weight"] is W and seen["delta"] is inp["delta"]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_fp32_state(dtype):
     inp = make_inputs(2, 4, 50, 4, "grouped", dtype=dtype, requires_grad=False)

@@ -39,8 +39,17 @@ def leaves(inp, dtype=None):
 
 def call(fn, inp, softplus, last, use=("D", "z", "delta_bias")):
     kw = {k: inp[k] for k in ("D", "z", "delta_bias") if k in use}
+    if "W" in inp:  # low-rank delta: (b, R, L) and W (d, R)
+        kw["delta_proj_weight"] = inp["W"]
     return fn(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], delta_softplus=softplus,
               return_last_state=last, **kw)
+
+
+def oracle(u, delta, A, B, C, delta_proj_weight=None, **kw):
+    """The float64 oracle; a low-rank delta is first multiplied out (delta = W @ v, independent of the kernels)."""
+    if delta_proj_weight is not None:
+        delta = torch.einsum("dr,brl->bdl", delta_proj_weight, delta)
+    return selective_scan_oracle(u, delta, A, B, C, **kw)
 
 
 def rel_err(a, b):
@@ -52,7 +61,7 @@ def check_against_oracle(tk, inp, softplus=True, use=("D", "z", "delta_bias"), t
     ours = leaves(inp)
     ref = leaves(inp, torch.float64)
     res = call(tk.selective_scan_triton, ours, softplus, with_last, use)
-    res0 = call(selective_scan_oracle, ref, softplus, with_last, use)
+    res0 = call(oracle, ref, softplus, with_last, use)
     y, y0 = (res[0], res0[0]) if with_last else (res, res0)
     assert y.dtype == inp["u"].dtype and y.shape == y0.shape
     assert torch.isfinite(y).all()
@@ -98,6 +107,52 @@ def test_matches_oracle(tk, tuning, dev, b, d, L, N, layout, groups, tune):
     tuning(**tune)
     inp = make_inputs(b, d, L, N, layout, groups=groups, seed=L * 31 + N, device=dev)
     check_against_oracle(tk, inp, softplus=True)
+
+
+def with_low_rank_delta(inp, R, seed, dtype=None):
+    """Replace delta by (b, R, L) low-rank values, token-major like the x_proj output they come from, and W (d, R)."""
+    b, d, L = inp["u"].shape
+    g = torch.Generator().manual_seed(seed)
+    v = (0.7 * torch.randn(b, L, R, generator=g)).to(dtype or inp["delta"].dtype)
+    inp["delta"] = v.to(inp["u"].device).transpose(1, 2)
+    inp["W"] = (torch.randn(d, R, generator=g) / R ** 0.5).to(inp["u"].device)
+    return inp
+
+
+# (b, d, L, N, R, layout, groups, tuning)
+LOW_RANK_CASES = [
+    (2, 4, 37, 4, 2, "shared", 1, dict(T=16, BD=2)),  # 3 chunks, 2 channel blocks: partial sums of the dt gradient
+    (1, 8, 70, 3, 3, "grouped", 2, dict(T=16, BD=2, F=2, S=8)),  # R = 3 (a masked row), groups, segments
+    (2, 6, 1, 4, 1, "shared", 1, dict(T=16, BD=4)),  # L = 1, R = 1, channel tile overhang
+    (1, 4, 50, 4, 2, "const", 1, dict(T=16, BD=4, F=4)),  # constant B/C
+]
+
+
+@pytest.mark.parametrize("b,d,L,N,R,layout,groups,tune", LOW_RANK_CASES)
+def test_low_rank_delta_matches_oracle(tk, tuning, dev, b, d, L, N, R, layout, groups, tune):
+    """delta_proj_weight: the scan forms delta = W @ v per step; outputs and the gradients of v and W (and all
+    others) against the oracle on the multiplied-out delta."""
+    tuning(**tune)
+    inp = with_low_rank_delta(make_inputs(b, d, L, N, layout, groups=groups, seed=L + R, device=dev), R, seed=R)
+    check_against_oracle(tk, inp)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_rank_delta_half_inputs(tk, tuning, dev, dtype):
+    tuning(T=16, BD=2)
+    inp = with_low_rank_delta(make_inputs(2, 4, 40, 4, "shared", dtype=dtype, seed=6, device=dev), 2, 3)
+    check_against_oracle(tk, inp, tol=1e-2, gtol=1.5e-2)
+
+
+def test_low_rank_delta_shape_errors(tk, dev):
+    inp = with_low_rank_delta(make_inputs(1, 4, 10, 2, "shared", device=dev), 2, 1)
+    inp["W"] = inp["W"][:3]
+    with pytest.raises(ValueError, match="delta_proj_weight must be"):
+        call(tk.selective_scan_triton, inp, True, False)
+    inp = with_low_rank_delta(make_inputs(1, 4, 10, 2, "shared", device=dev), 2, 1)
+    inp["delta"] = inp["delta"][:, :1]
+    with pytest.raises(ValueError, match="delta must be"):
+        call(tk.selective_scan_triton, inp, True, False)
 
 
 @pytest.mark.parametrize("use", [(), ("D",), ("z",), ("delta_bias",)])

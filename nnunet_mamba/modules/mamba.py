@@ -10,7 +10,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..ops import causal_conv1d_silu, selective_scan
 
@@ -74,8 +73,9 @@ class Mamba(nn.Module):
         x = causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)  # (b, L, D)
         x_dbl = self.x_proj(x)  # (b, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)  # (b, L, D); the bias goes to the scan
+        # dt_proj goes to the scan (weight: the low-rank delta W @ dt, formed inside the Triton kernels; bias)
         y = selective_scan(x.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
                            C.transpose(1, 2), D=self.D.float(), z=z.transpose(1, 2),
-                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.scan_backend)
+                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.scan_backend,
+                           delta_proj_weight=self.dt_proj.weight)
         return self.out_proj(y.transpose(1, 2))

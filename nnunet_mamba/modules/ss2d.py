@@ -157,12 +157,11 @@ class SS2D(nn.Module):
         xt = x.movedim(1, -1)  # (b, *S, D)
         x_dbl = F.linear(xt, self.x_proj_weight.flatten(0, 1).to(xt.dtype)).unflatten(-1, (K, R + 2 * N))
         dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)  # (b, *S, K, .)
-        delta = torch.einsum("...kr,kdr->...kd", dts, self.dt_projs_weight.to(dts.dtype))  # (b, *S, K, D)
         per_direction = lambda t: t.movedim((-2, -1), (1, 2))  # (b, *S, K, c) -> (b, K, c, *S)
-        return cross_selective_scan(
-            x, per_direction(delta), -torch.exp(self.A_logs.float()), per_direction(Bs), per_direction(Cs),
+        return cross_selective_scan(  # dt_projs: the low-rank delta, formed inside the fused kernels
+            x, per_direction(dts), -torch.exp(self.A_logs.float()), per_direction(Bs), per_direction(Cs),
             D=self.Ds.float(), delta_bias=self.dt_projs_bias.float().flatten(), delta_softplus=True,
-            orders=self.orders, backend=self.scan_backend)
+            orders=self.orders, backend=self.scan_backend, delta_proj_weight=self.dt_projs_weight)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, forward_type={self.forward_type!r}, spatial_dims={self.spatial_dims}, "

@@ -28,15 +28,17 @@ class _Backend:
     cross_fn: Optional[Callable] = None  # fused multi-direction scan (cross_selective_scan semantics)
     choose: Optional[Callable] = None  # (u, B) -> bool: measured per-shape preference for this backend
     unsupported: Optional[Callable] = None  # (B) -> None, or why this backend cannot take that B/C layout
+    fuses_delta_proj: bool = False  # fn takes delta_proj_weight (a low-rank delta) itself
 
 
 _BACKENDS: dict[str, _Backend] = {}
 _ANNOUNCED: set = set()
 
 
-def register_backend(name, fn, why_unavailable, priority=0, cross_fn=None, choose=None, unsupported=None):
+def register_backend(name, fn, why_unavailable, priority=0, cross_fn=None, choose=None, unsupported=None,
+                     fuses_delta_proj=False):
     """Add a backend. ``why_unavailable(device)`` returns None when usable, otherwise an install hint."""
-    _BACKENDS[name] = _Backend(name, fn, why_unavailable, priority, cross_fn, choose, unsupported)
+    _BACKENDS[name] = _Backend(name, fn, why_unavailable, priority, cross_fn, choose, unsupported, fuses_delta_proj)
 
 
 def available_backends(device: Optional[torch.device | str] = None) -> list[str]:
@@ -112,18 +114,27 @@ def _record(backend: str, u: torch.Tensor, A: torch.Tensor, D, z):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, backend="auto"):
+                   return_last_state=False, backend="auto", delta_proj_weight=None):
     """mamba-ssm ``selective_scan_fn`` semantics; see docs/ops.md.
 
     u, delta, z: (b, d, L); A: (d, N) fp32; B, C: (d, N), (b, N, L) or grouped (b, G, N, L);
     D, delta_bias: (d,) fp32. Returns y (b, d, L) in u's dtype [, last state (b, d, N) fp32].
     All arithmetic is fp32 whatever the input dtype.
+
+    ``delta_proj_weight`` W (d, R): delta is given low-rank, (b, R, L), and the scan uses W @ delta (the Mamba
+    mixer's dt_proj, its bias being delta_bias). Backends that fuse it (Triton) form each step's delta in the
+    kernel and never store the (b, d, L) delta or its gradient; the others get it multiplied out here.
     """
     be = _resolve(backend, u, B)
     if _RECORDERS:
         _record(be.name, u, A, D, z)
-    return be.fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                 return_last_state=return_last_state)
+    kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, return_last_state=return_last_state)
+    if delta_proj_weight is not None:
+        if be.fuses_delta_proj:
+            kw["delta_proj_weight"] = delta_proj_weight
+        else:  # token-major product viewed as (b, d, L): the layout a Linear gives (what the mixer passed before)
+            delta = torch.nn.functional.linear(delta.transpose(1, 2), delta_proj_weight).transpose(1, 2)
+    return be.fn(u, delta, A, B, C, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,7 +190,7 @@ def cross_selective_scan_reference(x, delta, A, B, C, D=None, delta_bias=None, d
 
 
 def cross_selective_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, orders=None,
-                         backend="auto"):
+                         backend="auto", delta_proj_weight=None):
     """Selective scan of a feature map along K scan orders, merged by summation (SS2D / SS3D core).
 
     x: (b, d, *S) - the map, read in every order; delta: (b, K, d, *S); B, C: (b, K, N, *S) - per-direction
@@ -187,18 +198,24 @@ def cross_selective_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softp
     [k*d, (k+1)*d). orders: list of (permutation, reversed) (``cross_scan_orders``). Returns y (b, d, *S) fp32:
     the sum over directions of each direction's scan output mapped back to its spatial position.
     Inputs are cast to fp32. Backends with a fused form read the map in each order without copies.
+    ``delta_proj_weight`` W (K, d, R): delta is given low-rank, (b, K, R, *S), and direction k uses W[k] @ delta[:, k]
+    (SS2D's dt_projs); the fused Triton form computes it in the kernels, the other paths multiply it out here.
     """
     if orders is None:
         orders = cross_scan_orders(x.dim() - 2)
     args = [t.float() if t is not None else None for t in (x, delta, B, C)]
+    W = delta_proj_weight.float() if delta_proj_weight is not None else None
     if backend == "auto" or (backend in _BACKENDS and _BACKENDS[backend].cross_fn is not None):
         be = _resolve(backend, x, B)
         if be.cross_fn is not None:
             if _RECORDERS:
                 _record(be.name, x, A, D, None)
+            kw = {"delta_proj_weight": W} if W is not None else {}
             return be.cross_fn(*args[:2], A, *args[2:], D=D, delta_bias=delta_bias,
-                               delta_softplus=delta_softplus, orders=orders)
+                               delta_softplus=delta_softplus, orders=orders, **kw)
         backend = be.name
+    if W is not None:  # token-major product, (b, *S, K, d) in memory, viewed as (b, K, d, *S)
+        args[1] = torch.einsum("...kr,kdr->...kd", args[1].movedim((1, 2), (-2, -1)), W).movedim((-2, -1), (1, 2))
     return cross_selective_scan_reference(*args[:2], A, *args[2:], D=D, delta_bias=delta_bias,
                                           delta_softplus=delta_softplus, orders=orders, backend=backend)
 
@@ -284,4 +301,4 @@ def _triton_choose(u, B):
 # says it beats mamba-ssm for that shape, precision and input layout, never as an unmeasured fallback;
 # NNUNET_MAMBA_SCAN_BACKEND=triton or backend="triton" selects it explicitly.
 register_backend("triton", _selective_scan_triton, _triton_unavailable, priority=-5,
-                 cross_fn=_cross_selective_scan_triton, choose=_triton_choose)
+                 cross_fn=_cross_selective_scan_triton, choose=_triton_choose, fuses_delta_proj=True)
