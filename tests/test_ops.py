@@ -57,7 +57,7 @@ def test_torch_backend_matches_oracle(b, d, L, N, layout, softplus):
         torch.testing.assert_close(inp[k].grad.double(), ref[k].grad.double(), atol=2e-3, rtol=2e-3)
 
 
-def test_low_rank_delta_on_a_backend_that_does_not_fuse_it(monkeypatch):
+def test_low_rank_delta_multiplied_out_or_fused(monkeypatch):
     """delta_proj_weight W with delta given as (b, R, L): a backend without the fused form (torch) gets W @ delta;
     outputs and every gradient (v and W included) against the float64 oracle on the multiplied-out delta. A backend
     that fuses it receives W itself and the low-rank delta unchanged."""
@@ -78,12 +78,28 @@ def test_low_rank_delta_on_a_backend_that_does_not_fuse_it(monkeypatch):
         torch.testing.assert_close(inp[k].grad.double(), ref[k].grad, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(W.grad.double(), W0.grad, atol=2e-3, rtol=2e-3)
 
+    # a backend that fuses it gets W and the low-rank delta when NNUNET_MAMBA_FUSED_DELTA=1 (default 0)
     seen = {}
     monkeypatch.setitem(ops.scan._BACKENDS, "fusing", ops.scan._Backend(
         "fusing", lambda u, delta, *a, **kw: seen.update(delta=delta, **kw) or u, lambda dev: None, -100,
         fuses_delta_proj=True))
-    selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], backend="fusing", delta_proj_weight=W)
-    assert seen["delta_proj_weight"] is W and seen["delta"] is inp["delta"]
+
+    def fused(mode):
+        if mode is None:
+            monkeypatch.delenv("NNUNET_MAMBA_FUSED_DELTA", raising=False)
+        else:
+            monkeypatch.setenv("NNUNET_MAMBA_FUSED_DELTA", mode)
+        seen.clear()
+        selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], backend="fusing", delta_proj_weight=W)
+        if "delta_proj_weight" in seen:
+            assert seen["delta_proj_weight"] is W and seen["delta"] is inp["delta"]
+            return True
+        assert seen["delta"].shape == inp["u"].shape  # multiplied out
+        return False
+
+    assert fused("1") and not fused("0") and not fused(None)
+    with pytest.raises(ValueError, match="NNUNET_MAMBA_FUSED_DELTA='yes': use 1"):
+        fused("yes")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -113,6 +113,19 @@ def _record(backend: str, u: torch.Tensor, A: torch.Tensor, D, z):
         calls.append(call)
 
 
+# Memory mode: NNUNET_MAMBA_FUSED_DELTA=1 lets a backend that can (Triton) form a low-rank delta inside the scan
+# kernels. Off by default: on the H200 (2026-11-26, docs/kernels.md "Low-rank delta") it took 1.9 / 2.4 / 1.3 GiB
+# off the peak of LightM-UNet / VM-UNet / MSVM-UNet 2D steps but made them 1.24x / 1.22x / 1.16x slower.
+ENV_FUSED_DELTA = "NNUNET_MAMBA_FUSED_DELTA"
+
+
+def _fuse_delta_proj(be: _Backend) -> bool:
+    mode = os.environ.get(ENV_FUSED_DELTA, "0")
+    if mode not in ("0", "1"):
+        raise ValueError(f"{ENV_FUSED_DELTA}={mode!r}: use 1 (least memory, slower) or 0 (default)")
+    return be.fuses_delta_proj and mode == "1"
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, backend="auto", delta_proj_weight=None):
     """mamba-ssm ``selective_scan_fn`` semantics; see docs/ops.md.
@@ -122,15 +135,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     All arithmetic is fp32 whatever the input dtype.
 
     ``delta_proj_weight`` W (d, R): delta is given low-rank, (b, R, L), and the scan uses W @ delta (the Mamba
-    mixer's dt_proj, its bias being delta_bias). Backends that fuse it (Triton) form each step's delta in the
-    kernel and never store the (b, d, L) delta or its gradient; the others get it multiplied out here.
+    mixer's dt_proj, its bias being delta_bias). A backend that fuses it (Triton) forms each step's delta in the
+    kernels and never stores the (b, d, L) delta or its gradient when ``NNUNET_MAMBA_FUSED_DELTA=1`` (less memory,
+    slower); otherwise it is multiplied out here.
     """
     be = _resolve(backend, u, B)
     if _RECORDERS:
         _record(be.name, u, A, D, z)
     kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, return_last_state=return_last_state)
     if delta_proj_weight is not None:
-        if be.fuses_delta_proj:
+        if _fuse_delta_proj(be):
             kw["delta_proj_weight"] = delta_proj_weight
         else:  # token-major product viewed as (b, d, L): the layout a Linear gives (what the mixer passed before)
             delta = torch.nn.functional.linear(delta.transpose(1, 2), delta_proj_weight).transpose(1, 2)
@@ -199,23 +213,30 @@ def cross_selective_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softp
     the sum over directions of each direction's scan output mapped back to its spatial position.
     Inputs are cast to fp32. Backends with a fused form read the map in each order without copies.
     ``delta_proj_weight`` W (K, d, R): delta is given low-rank, (b, K, R, *S), and direction k uses W[k] @ delta[:, k]
-    (SS2D's dt_projs); the fused Triton form computes it in the kernels, the other paths multiply it out here.
+    (SS2D's dt_projs); the fused Triton form computes it in the kernels (as for ``selective_scan``), otherwise it is
+    multiplied out here.
     """
     if orders is None:
         orders = cross_scan_orders(x.dim() - 2)
     args = [t.float() if t is not None else None for t in (x, delta, B, C)]
     W = delta_proj_weight.float() if delta_proj_weight is not None else None
+    be = None
     if backend == "auto" or (backend in _BACKENDS and _BACKENDS[backend].cross_fn is not None):
         be = _resolve(backend, x, B)
-        if be.cross_fn is not None:
-            if _RECORDERS:
-                _record(be.name, x, A, D, None)
-            kw = {"delta_proj_weight": W} if W is not None else {}
-            return be.cross_fn(*args[:2], A, *args[2:], D=D, delta_bias=delta_bias,
-                               delta_softplus=delta_softplus, orders=orders, **kw)
-        backend = be.name
-    if W is not None:  # token-major product, (b, *S, K, d) in memory, viewed as (b, K, d, *S)
-        args[1] = torch.einsum("...kr,kdr->...kd", args[1].movedim((1, 2), (-2, -1)), W).movedim((-2, -1), (1, 2))
+        if be.cross_fn is None:
+            backend, be = be.name, None
+    kw = {}
+    if W is not None:
+        if be is not None and _fuse_delta_proj(be):
+            kw["delta_proj_weight"] = W
+        else:  # token-major product, (b, *S, K, d) in memory, viewed as (b, K, d, *S)
+            args[1] = torch.einsum("...kr,kdr->...kd", args[1].movedim((1, 2), (-2, -1)), W).movedim((-2, -1),
+                                                                                                    (1, 2))
+    if be is not None:
+        if _RECORDERS:
+            _record(be.name, x, A, D, None)
+        return be.cross_fn(*args[:2], A, *args[2:], D=D, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                           orders=orders, **kw)
     return cross_selective_scan_reference(*args[:2], A, *args[2:], D=D, delta_bias=delta_bias,
                                           delta_softplus=delta_softplus, orders=orders, backend=backend)
 
