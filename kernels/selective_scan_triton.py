@@ -26,6 +26,9 @@ no cross-thread scan; the step loops' loads are software-pipelined. Chunks run i
   per-step B/C gradients (summed over the program's channels) and accumulating dA, dD, d(bias).
   ``G_t a_t h_{t-1}`` is formed from the stored ``h_{t-1}``, so there is no cancellation. No atomics: results are
   bitwise repeatable.
+* **Low-rank delta** (``delta_proj_weight``, constexpr ``DT_LOW``): delta = W v_t formed per step from the step's R
+  values v_t (the Mamba mixer's dt_proj); the backward writes the gradient of v (summed over the program's
+  channels) and per-program dW partial sums instead of d(delta). Less memory, slower walks (docs/kernels.md).
 * **Cross (multi-direction) form**: the same kernels with a position map ``l -> spatial offset`` (axis permutation +
   reversal) per scan order; outputs and the gradient of the map are accumulated into one spatial fp32 tensor in
   direction order, so no transposed/flipped copy is made and the sum is deterministic.

@@ -1,8 +1,8 @@
 """The selective-scan op boundary: one function, several backends.
 
 ``selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-return_last_state=False, backend="auto")`` has exactly the semantics and layouts of mamba-ssm's
-``selective_scan_fn`` (docs/ops.md). Backends:
+return_last_state=False, backend="auto", delta_proj_weight=None)`` has exactly the semantics and layouts of
+mamba-ssm's ``selective_scan_fn``, plus an optional low-rank delta (``delta_proj_weight``; docs/ops.md). Backends:
 
 * ``"torch"``    - vectorised PyTorch (chunked scan, fp32 state, hand-written backward); any device.
 * ``"mamba_ssm"`` - mamba-ssm's CUDA kernel; CUDA tensors, needs ``pip install 'nnunet-mamba[cuda]'``.
