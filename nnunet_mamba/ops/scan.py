@@ -229,9 +229,9 @@ def cross_selective_scan(x, delta, A, B, C, D=None, delta_bias=None, delta_softp
     if W is not None:
         if be is not None and _fuse_delta_proj(be):
             kw["delta_proj_weight"] = W
-        else:  # token-major product, (b, *S, K, d) in memory, viewed as (b, K, d, *S)
-            args[1] = torch.einsum("...kr,kdr->...kd", args[1].movedim((1, 2), (-2, -1)), W).movedim((-2, -1),
-                                                                                                    (1, 2))
+        else:  # token-major product, (b, *S, K, d) in memory, viewed as (b, K, d, *S); fp32 also under autocast
+            args[1] = torch.einsum("...kr,kdr->...kd", args[1].movedim((1, 2), (-2, -1)), W).float().movedim(
+                (-2, -1), (1, 2))
     if be is not None:
         if _RECORDERS:
             _record(be.name, x, A, D, None)
