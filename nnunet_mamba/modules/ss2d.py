@@ -158,7 +158,7 @@ class SS2D(nn.Module):
         x_dbl = F.linear(xt, self.x_proj_weight.flatten(0, 1).to(xt.dtype)).unflatten(-1, (K, R + 2 * N))
         dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)  # (b, *S, K, .)
         per_direction = lambda t: t.movedim((-2, -1), (1, 2))  # (b, *S, K, c) -> (b, K, c, *S)
-        return cross_selective_scan(  # dt_projs: the low-rank delta, formed inside the fused kernels
+        return cross_selective_scan(  # dt_projs as a low-rank delta (multiplied out in the op by default)
             x, per_direction(dts), -torch.exp(self.A_logs.float()), per_direction(Bs), per_direction(Cs),
             D=self.Ds.float(), delta_bias=self.dt_projs_bias.float().flatten(), delta_softplus=True,
             orders=self.orders, backend=self.scan_backend, delta_proj_weight=self.dt_projs_weight)
