@@ -593,10 +593,11 @@ def _carry(A, loc, sums, init, rev, plan, b, d, N):
 
 
 def _dt_low(W):
-    """Kernel arguments of the delta operand: W (R, d) fp32 (delta = W^T v from v (b, R, L)) or None (full delta)."""
+    """The rank R and the constexprs of the delta operand: W (R, d) fp32 (delta = W^T v from v (b, R, L)) or None
+    (full delta)."""
     if W is None:
-        return dict(R=1, DT_LOW=False, BR=1)
-    return dict(R=W.shape[0], DT_LOW=True, BR=max(2, triton.next_power_of_2(W.shape[0])))
+        return 1, dict(DT_LOW=False, BR=1)
+    return W.shape[0], dict(DT_LOW=True, BR=max(2, triton.next_power_of_2(W.shape[0])))
 
 
 def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want_last, W=None):
@@ -611,8 +612,8 @@ def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want
     sloc = torch.empty(b, d, plan.n_chunks, device=dev, dtype=f32)
     last = torch.empty(b, N, d, device=dev, dtype=f32) if want_last else sloc
     zt = z if z is not None else u
-    low = _dt_low(W)
-    common = (L, d, plan.dg, N, low.pop("R"), plan.n_chunks, plan.cbg, 1, *u.stride(), *dt.stride(), *zt.stride(),
+    R, low = _dt_low(W)
+    common = (L, d, plan.dg, N, R, plan.n_chunks, plan.cbg, 1, *u.stride(), *dt.stride(), *zt.stride(),
               *out.stride(), *_bc(B), *_bc(C), order.Q1, order.Q2, order.R0, order.R1, order.R2)
     flags = dict(HAS_MAP=order.has_map, FLIP=order.flip, ACCUM=accum, B_VAR=B.dim() == 4, C_VAR=C.dim() == 4,
                  HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, **low,
@@ -648,8 +649,7 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
     zt = z if z is not None else u
     bt = bias if bias is not None else A
     pos = (order.Q1, order.Q2, order.R0, order.R1, order.R2)
-    low = _dt_low(W)
-    R = low.pop("R")
+    R, low = _dt_low(W)
     Wk = W if W is not None else A
     if plan.n_chunks > 1:  # the carry from the right entering every chunk
         q = torch.empty(b, plan.n_chunks, N, d, device=dev, dtype=f32)
