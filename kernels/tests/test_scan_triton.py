@@ -109,11 +109,12 @@ def test_matches_oracle(tk, tuning, dev, b, d, L, N, layout, groups, tune):
     check_against_oracle(tk, inp, softplus=True)
 
 
-def with_low_rank_delta(inp, R, seed, dtype=None):
-    """Replace delta by (b, R, L) low-rank values, token-major like the x_proj output they come from, and W (d, R)."""
+def with_low_rank_delta(inp, R, seed):
+    """Replace delta by (b, R, L) low-rank values in delta's dtype, token-major like the x_proj output they come from,
+    and W (d, R)."""
     b, d, L = inp["u"].shape
     g = torch.Generator().manual_seed(seed)
-    v = (0.7 * torch.randn(b, L, R, generator=g)).to(dtype or inp["delta"].dtype)
+    v = (0.7 * torch.randn(b, L, R, generator=g)).to(inp["delta"].dtype)
     inp["delta"] = v.to(inp["u"].device).transpose(1, 2)
     inp["W"] = (torch.randn(d, R, generator=g) / R ** 0.5).to(inp["u"].device)
     return inp
