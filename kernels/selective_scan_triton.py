@@ -79,6 +79,18 @@ def _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP: tl.constexpr, FLIP: tl.constexpr):
 
 
 @triton.jit
+def _lane_layout_d(d, one, SPREAD: tl.constexpr):
+    """d, with its divisibility hidden from Triton when SPREAD (a channel per lane): a state tile's row offset n * d
+    then looks unaligned, so Triton does not vectorise the channels-fastest tile loads and stores 4 channels per
+    thread, which (with d a multiple of 16, specialised on the GPU) spreads the states over 4 lanes instead and
+    repeats every per-channel computation (softplus, gate, loads) in each of them."""
+    if SPREAD:
+        return d + (one - 1)
+    else:
+        return d
+
+
+@triton.jit
 def _program_tile(A_ptr, d, dg, N, cbg, one, BD: tl.constexpr, BN: tl.constexpr):
     """A program's chunk j, batch b, group g, channel block cbi, its channels c (mask cm), the state index rn (and
     rn1 = rn * one: see _chunk_kernel), the (BN, BD) mask m2 and A * log2(e) as a (BN, BD) tile (A given as (N, d))."""
@@ -143,21 +155,33 @@ def _bc_operand(X_ptr, b, g, s_b, s_g, c, d, rn1, m2, VAR: tl.constexpr):
 
 
 @triton.jit
-def _bc_column(base, const, o, rn, nm, lm, s_n, s_l, VAR: tl.constexpr):
-    """B_t or C_t: the (BN, 1) column of a time-varying B/C at offset o, or the constant (BN, BD) tile."""
+def _bc_column(base, const, o, rn, nm, lm, s_n, s_l, VAR: tl.constexpr, SPREAD: tl.constexpr):
+    """B_t or C_t: the (BN, 1) column of a time-varying B/C at offset o, or the constant (BN, BD) tile. SPREAD
+    (kernels with a channel per lane, BN >= 16): the column is loaded as a (BN, 2) tile whose second column repeats
+    the first, 2 * BN >= 32 values, one per lane, which Triton then shares through shared memory (every lane reads
+    its BN values with vector loads). A (BN,) load instead has fewer values than lanes, so Triton issues all BN
+    copies in every lane (BN copies, masks and address computations per lane and step)."""
     if VAR:
-        return tl.load(base + rn * s_n + o * s_l, mask=nm & lm, other=0.0).to(tl.float32)[:, None]
+        if SPREAD:
+            rc = tl.arange(0, rn.shape[0])  # visibly contiguous: vector copies where B/C are
+            v = tl.load(base + rc[None, :] * s_n + o * s_l + tl.zeros((2, 1), tl.int32), mask=(nm & lm)[None, :],
+                        other=0.0).to(tl.float32)
+            col, _ = tl.split(tl.trans(v))
+            return col[:, None]
+        else:
+            return tl.load(base + rn * s_n + o * s_l, mask=nm & lm, other=0.0).to(tl.float32)[:, None]
     else:
         return const
 
 
 @triton.jit
 def _step_inputs(u_base, dt_base, Wt, rm, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
-                 DT_LOW: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VAR: tl.constexpr):
+                 DT_LOW: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VAR: tl.constexpr,
+                 SPREAD: tl.constexpr):
     """One step's u, dt, raw delta + bias (_step_dt) and B (_bc_column)."""
     u = tl.load(u_base + o * s_ul, mask=mk, other=0.0).to(tl.float32)
     dt, raw = _step_dt(dt_base, Wt, rm, o, mk, lm, bias, s_dl, DT_LOW, HAS_BIAS, SOFTPLUS)
-    return u, dt, raw, _bc_column(B_base, Bc, o, rn, nm, lm, s_Bn, s_Bl, B_VAR)
+    return u, dt, raw, _bc_column(B_base, Bc, o, rn, nm, lm, s_Bn, s_Bl, B_VAR, SPREAD)
 
 
 @triton.jit
@@ -177,7 +201,8 @@ def _advance(h, A2, dt, u, Bx):
 @triton.jit
 def _walk_block(h, l0, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
                 Q1, Q2, R0, R1, R2, HAS_MAP: tl.constexpr, FLIP: tl.constexpr, DT_LOW: tl.constexpr,
-                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VAR: tl.constexpr, F: tl.constexpr):
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VAR: tl.constexpr, F: tl.constexpr,
+                SPREAD: tl.constexpr):
     """Advance h over the F steps l0 .. l0+F-1; also returns, per step, the state before it, dt, u and the raw
     delta + bias (the backward's block recompute keeps them; its forward walk only needs h)."""
     hs = ()
@@ -187,7 +212,7 @@ def _walk_block(h, l0, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn,
     for k in tl.static_range(F):
         o, lm, mk = _step_at(l0 + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
         u, dt, raw, Bx = _step_inputs(u_base, dt_base, Wt, rm, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl,
-                                      s_Bn, s_Bl, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR)
+                                      s_Bn, s_Bl, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR, SPREAD)
         hs = hs + (h,)
         h = _advance(h, A2, dt, u, Bx)
         dts = dts + (dt,)
@@ -210,11 +235,14 @@ def _chunk_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, 
                   B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, OUT: tl.constexpr, SAVE_LAST: tl.constexpr,
                   DT_LOW: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, T, U: tl.constexpr,
-                  STAGES: tl.constexpr):
-    # Tiles are (BN, BD): states x channels, a channel per lane, so that a thread holds all BN states of its channel
-    # and the sums over n stay inside the thread. Triton derives that layout from the loads and stores: the state
-    # tiles are stored channels-fastest (_state_ofs) and the state index is multiplied by the runtime 1 `one`, so
-    # that no per-step B/C load looks contiguous along n (which would make Triton spread n over the lanes).
+                  STAGES: tl.constexpr, SPREAD: tl.constexpr):
+    # Tiles are (BN, BD): states x channels. Triton derives their register layout from the loads and stores. With
+    # SPREAD (N >= 9) it is a channel per lane, so that a thread holds all BN states of its channel, the sums over n
+    # stay inside the thread and no per-channel work is repeated: the state tiles are stored channels-fastest
+    # (_state_ofs) with rows that look unaligned (_lane_layout_d), the state index is multiplied by the runtime 1
+    # `one`, and the B/C columns are shared through shared memory (_bc_column). Otherwise (and in _bwd_kernel,
+    # whose B/C gradients are sums over the channels) Triton puts 4 channels in a thread and the states on 4 lanes.
+    d = _lane_layout_d(d, one, SPREAD)
     j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, d, dg, N, cbg, one, BD, BN)
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
     if HAS_D:
@@ -234,10 +262,10 @@ def _chunk_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, 
         for k in tl.static_range(U):
             o, lm, mk = _step_at(l0 + t0 + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
             u, dt, raw, Bx = _step_inputs(u_base, dt_base, Wt, rm, B_base, bias, Bc, o, mk, lm, rn1, nm, s_ul, s_dl,
-                                          s_Bn, s_Bl, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR)
+                                          s_Bn, s_Bl, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR, SPREAD)
             h = _advance(h, A2, dt, u, Bx)
             if OUT:
-                y = tl.sum(h * _bc_column(C_base, Cc, o, rn1, nm, lm, s_Cn, s_Cl, C_VAR), axis=0)
+                y = tl.sum(h * _bc_column(C_base, Cc, o, rn1, nm, lm, s_Cn, s_Cl, C_VAR, SPREAD), axis=0)
                 if HAS_D:
                     y += Dv * u
                 if HAS_Z:
@@ -259,44 +287,41 @@ def _chunk_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, 
 
 @triton.jit
 def _carry_kernel(A_ptr, hloc_ptr, sloc_ptr, hin_ptr, init_ptr, d, N, n_chunks,
-                  REV: tl.constexpr, HAS_INIT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-                  KC: tl.constexpr):
-    """Entering states from the chunk summaries, serial over the chunks (KC chunks per load).
+                  REV: tl.constexpr, HAS_INIT: tl.constexpr, BD: tl.constexpr, BNC: tl.constexpr, KC: tl.constexpr,
+                  STAGES: tl.constexpr):
+    """Entering states from the chunk summaries, serial over the chunks. Every (b, n, c) state is its own
+    recurrence, so a program takes BNC states x BD channels and the grid covers (channel blocks, b, state blocks).
+    Only the multiply-add on the carry is serial: the summaries of KC chunks are loaded (software-pipelined) and
+    their exponentials formed before the KC dependent steps.
 
     Forward (REV=False): hin[j] = H_j, H_{j+1} = exp(A S_j) H_j + hloc[j], H_0 = 0.
     Backward (REV=True): hin[j] = R_j, R_{j-1} = exp(A S_j) R_j + hloc[j], R_{last} = init (grad of the last state).
     """
-    cb = tl.program_id(0)
+    c = tl.program_id(0) * BD + tl.arange(0, BD)
     b = tl.program_id(1).to(tl.int64)
-    c = cb * BD + tl.arange(0, BD)
+    rn = tl.program_id(2) * BNC + tl.arange(0, BNC)
     cm = c < d
-    rn = tl.arange(0, BN)
-    rk = tl.arange(0, KC)
-    m2 = cm[:, None] & (rn < N)[None, :]
-    A2 = tl.load(A_ptr + rn[None, :] * d + c[:, None], mask=m2, other=0.0) * LOG2E
+    m2 = (rn < N)[:, None] & cm[None, :]
+    A2 = tl.load(A_ptr + rn[:, None] * d + c[None, :], mask=m2, other=0.0) * LOG2E
     if HAS_INIT:
-        H = tl.load(init_ptr + (b * d + c[:, None]) * N + rn[None, :], mask=m2, other=0.0)
+        H = tl.load(init_ptr + (b * d + c[None, :]) * N + rn[:, None], mask=m2, other=0.0)
     else:
-        H = tl.zeros((BD, BN), tl.float32)
-    for p0 in range(0, n_chunks, KC):
-        jm = (p0 + rk) < n_chunks
-        if REV:
-            jj = n_chunks - 1 - (p0 + rk)
-        else:
-            jj = p0 + rk
-        m3 = m2[:, :, None] & jm[None, None, :]
-        ptr3 = ((b * n_chunks + jj[None, None, :]) * N + rn[None, :, None]) * d + c[:, None, None]
-        hl = tl.load(hloc_ptr + ptr3, mask=m3, other=0.0)
-        sl = tl.load(sloc_ptr + (b * d + c[:, None]) * n_chunks + jj[None, :], mask=cm[:, None] & jm[None, :],
-                     other=0.0)
-        out = tl.zeros((BD, BN, KC), tl.float32)
+        H = tl.zeros((BNC, BD), tl.float32)
+    hrow = hloc_ptr + (b * n_chunks * N + rn[:, None]) * d + c[None, :]  # + chunk * N * d
+    orow = hin_ptr + (b * n_chunks * N + rn[:, None]) * d + c[None, :]
+    srow = sloc_ptr + (b * d + c) * n_chunks  # + chunk
+    for k0 in tl.range(0, n_chunks, KC, num_stages=STAGES):
+        hs = ()
+        ws = ()
         for k in tl.static_range(KC):
-            sel = rk == k
-            out = tl.where(sel[None, None, :], H[:, :, None], out)
-            hk = tl.sum(tl.where(sel[None, None, :], hl, 0.0), axis=2)
-            sk = tl.sum(tl.where(sel[None, :], sl, 0.0), axis=1)
-            H = tl.exp2(A2 * sk[:, None]) * H + hk
-        tl.store(hin_ptr + ptr3, out, mask=m3)
+            jj = (n_chunks - 1 - (k0 + k)) if REV else (k0 + k)
+            ok = k0 + k < n_chunks
+            hs = hs + (tl.load(hrow + jj.to(tl.int64) * N * d, mask=m2 & ok, other=0.0),)
+            ws = ws + (tl.exp2(A2 * tl.load(srow + jj, mask=cm & ok, other=0.0)[None, :]),)
+        for k in tl.static_range(KC):
+            jj = (n_chunks - 1 - (k0 + k)) if REV else (k0 + k)
+            tl.store(orow + jj.to(tl.int64) * N * d, H, mask=m2 & (k0 + k < n_chunks))
+            H = ws[k] * H + hs[k]
 
 
 @triton.jit(do_not_specialize=["one", "T"])
@@ -305,9 +330,11 @@ def _bsum_kernel(dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
                  s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_Cb, s_Cg, s_Cn, s_Cl, Q1, Q2, R0, R1, R2,
                  HAS_MAP: tl.constexpr, FLIP: tl.constexpr, C_VAR: tl.constexpr, HAS_Z: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DT_LOW: tl.constexpr,
-                 BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, T, U: tl.constexpr, STAGES: tl.constexpr):
+                 BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, T, U: tl.constexpr, STAGES: tl.constexpr,
+                 SPREAD: tl.constexpr):
     """Backward chunk summary: walking chunk j backwards from a zero carry, G_t = C_t dy_t + a_{t+1} G_{t+1};
     stores q[j] = a_{first} G_{first}, the carry the chunk passes to its left neighbour."""
+    d = _lane_layout_d(d, one, SPREAD)
     j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, d, dg, N, cbg, one, BD, BN)
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
     Cc, C_base = _bc_operand(C_ptr, b, g, s_Cb, s_Cg, c, d, rn1, m2, C_VAR)
@@ -323,7 +350,7 @@ def _bsum_kernel(dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
             if HAS_Z:
                 zz = tl.load(z_ptr + b * s_zb + c * s_zd + o * s_zl, mask=mk, other=0.0).to(tl.float32)
                 dy = dy * (zz * tl.sigmoid(zz))
-            G = an * G + _bc_column(C_base, Cc, o, rn1, nm, lm, s_Cn, s_Cl, C_VAR) * dy[None, :]
+            G = an * G + _bc_column(C_base, Cc, o, rn1, nm, lm, s_Cn, s_Cl, C_VAR, SPREAD) * dy[None, :]
             an = tl.exp2(A2 * dt[None, :])
     tl.store(q_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), an * G, mask=m2)
 
@@ -340,7 +367,7 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                 C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr, DT_LOW: tl.constexpr,
                 BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, T, F: tl.constexpr, SF: tl.constexpr,
-                STAGES: tl.constexpr, OUTER_STAGES: tl.constexpr):
+                STAGES: tl.constexpr, OUTER_STAGES: tl.constexpr, SPREAD: tl.constexpr):
     """Gradients of chunk j. (1) Walk the chunk forward from its entering state, writing the state entering every
     segment of S = SF * F steps to the scratch hf. (2) Walk the segments backwards; in each, (2a) when SF > 1, walk it
     forward from its entering state, writing the state entering each of its SF blocks of F steps to the program's
@@ -375,7 +402,7 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
         tl.store(hf_b + (j * NS + f // SF).to(tl.int64) * hf_rs, h, mask=m2 & (f % SF == 0))
         h, _, _, _, _ = _walk_block(h, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn1,
                                     nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, DT_LOW, HAS_BIAS,
-                                    SOFTPLUS, B_VAR, F)
+                                    SOFTPLUS, B_VAR, F, SPREAD)
     # (2) backward over the segments and their blocks
     R = tl.load(rin_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), mask=m2, other=0.0)
     gA = tl.zeros((BN, BD), tl.float32)
@@ -390,7 +417,7 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                 tl.store(hb_b + q * N * d, h, mask=m2)
                 h, _, _, _, _ = _walk_block(h, j * T + (s * SF + q) * F, L, cm, u_base, dt_base, Wt, rm, B_base,
                                             bias, Bc, A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2,
-                                            HAS_MAP, FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR, F)
+                                            HAS_MAP, FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR, F, SPREAD)
             tl.store(hb_b + (SF - 1) * N * d, h, mask=m2)
             tl.debug_barrier()  # hb is visible to every thread
         for fb in tl.range(SF, num_stages=STAGES):  # (2b) the segment's blocks, backwards
@@ -401,14 +428,14 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                 hblock = h
             _, hs, dts, us, raws = _walk_block(hblock, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias,
                                                Bc, A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP,
-                                               FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR, F)
+                                               FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR, F, SPREAD)
             for k in tl.static_range(F - 1, -1, -1):
                 o, lm, mk = _step_at(j * T + f * F + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
                 hp = hs[k]
                 dt = dts[k]
                 u = us[k]
-                Bx = _bc_column(B_base, Bc, o, rn1, nm, lm, s_Bn, s_Bl, B_VAR)
-                Cx = _bc_column(C_base, Cc, o, rn1, nm, lm, s_Cn, s_Cl, C_VAR)
+                Bx = _bc_column(B_base, Bc, o, rn1, nm, lm, s_Bn, s_Bl, B_VAR, SPREAD)
+                Cx = _bc_column(C_base, Cc, o, rn1, nm, lm, s_Cn, s_Cl, C_VAR, SPREAD)
                 du = dt * u
                 a = tl.exp2(A2 * dt[None, :])
                 ht = a * hp + Bx * du[None, :]  # h_t
@@ -512,7 +539,7 @@ def _order_for(spatial: Sequence[int], perm: Sequence[int], flip: bool) -> _Orde
 # (software pipelining of the step loops' loads through shared memory, Triton's num_stages; 1 = none).
 # Empty = the defaults of _Plan.
 _OVERRIDE: dict = {}
-_TUNING_KEYS = ("T", "BD", "F", "S", "U", "per_sm", "warps", "bwd_warps", "stages", "bwd_stages")
+_TUNING_KEYS = ("T", "BD", "F", "S", "U", "per_sm", "warps", "bwd_warps", "stages", "bwd_stages", "spread")
 
 
 def set_tuning(**kw):
@@ -536,7 +563,7 @@ class _Plan:
 
     HF_SCRATCH_BYTES = 2 << 30
 
-    def __init__(self, b, d, G, L, N, device):
+    def __init__(self, b, d, G, L, N, device, per_sm=16):
         o = _OVERRIDE
         self.dg = d // G
         self.BN = triton.next_power_of_2(N)
@@ -547,10 +574,11 @@ class _Plan:
         self.stages = o.get("stages", 2)
         self.bwd_stages = o.get("bwd_stages", 3)
         self.U = o.get("U", 4)
+        self.spread = o.get("spread", 2 * self.BN >= 32 * self.num_warps)
         T = o.get("T")
         if T is None:
             n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-            want = max(1, (o.get("per_sm", 16) * n_sm) // (b * G * self.cbg))
+            want = max(1, (o.get("per_sm", per_sm) * n_sm) // (b * G * self.cbg))
             T = triton.next_power_of_2(triton.cdiv(L, want))
         self.F = F = o.get("F", 2)
         S = o.get("S")
@@ -586,9 +614,10 @@ def _t(X):
 
 def _carry(A, loc, sums, init, rev, plan, b, d, N):
     out = torch.empty_like(loc)
-    _carry_kernel[(triton.cdiv(d, plan.carry_BD), b)](
+    BNC = min(plan.BN, 4)
+    _carry_kernel[(triton.cdiv(d, plan.carry_BD), b, triton.cdiv(N, BNC))](
         A, loc, sums, out, init if init is not None else A, d, N, plan.n_chunks, REV=rev, HAS_INIT=init is not None,
-        BD=plan.carry_BD, BN=plan.BN, KC=16, num_warps=4)
+        BD=plan.carry_BD, BNC=BNC, KC=4, STAGES=2, num_warps=1)
     return out
 
 
@@ -617,7 +646,8 @@ def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want
               *out.stride(), *_bc(B), *_bc(C), order.Q1, order.Q2, order.R0, order.R1, order.R2)
     flags = dict(HAS_MAP=order.has_map, FLIP=order.flip, ACCUM=accum, B_VAR=B.dim() == 4, C_VAR=C.dim() == 4,
                  HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, **low,
-                 BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, STAGES=plan.stages, num_warps=plan.num_warps)
+                 BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, STAGES=plan.stages, SPREAD=plan.spread,
+                 num_warps=plan.num_warps)
     Wk = W if W is not None else A
     Dt = D if D is not None else A
     bt = bias if bias is not None else A
@@ -658,7 +688,7 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
             *dt.stride(), *zt.stride(), *gout.stride(), *_bc(C), *pos,
             HAS_MAP=order.has_map, FLIP=order.flip, C_VAR=C_VAR, HAS_Z=z is not None, HAS_BIAS=bias is not None,
             SOFTPLUS=softplus, **low, BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, STAGES=plan.stages,
-            num_warps=plan.num_warps)
+            SPREAD=plan.spread, num_warps=plan.num_warps)
         rin = _carry(A, q, sloc, glast, True, plan, b, d, N)
         del q
     else:
@@ -690,7 +720,7 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
         HAS_MAP=order.has_map, FLIP=order.flip, GU_ACCUM=gu_accum, B_VAR=B_VAR, C_VAR=C_VAR, HAS_D=D is not None,
         HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, **low,
         BD=plan.BD, BN=plan.BN, T=plan.T, F=plan.F, SF=plan.S // plan.F, STAGES=plan.bwd_stages,
-        OUTER_STAGES=plan.bwd_stages if plan.S == plan.F else 1, num_warps=plan.bwd_warps)
+        OUTER_STAGES=plan.bwd_stages if plan.S == plan.F else 1, SPREAD=plan.spread, num_warps=plan.bwd_warps)
     del hf  # back to the caching allocator now (stream-ordered after the kernel): the sums below may reuse it
     gB = gBp.sum(0).transpose(-1, -2)  # time-varying: (b, G, N, positions); constant: (d, N)
     gC = gCp.sum(0).transpose(-1, -2)
@@ -812,7 +842,7 @@ class _CrossFn(torch.autograd.Function):
         Df = D.float().contiguous() if D is not None else None
         bf = delta_bias.float().contiguous() if delta_bias is not None else None
         out = _empty_in_order(x, torch.float32).view(b, d, L)  # in the map's layout (channels-last stays so)
-        plan = _Plan(b, d, 1, L, N, x.device)
+        plan = _Plan(b, d, 1, L, N, x.device, per_sm=32)  # one launch per direction: more chunks fill the GPU
         saved = []
         for k, (perm, flip) in enumerate(orders):
             rows = slice(k * d, (k + 1) * d)

@@ -99,6 +99,11 @@ CASES = [
     (2, 6, 40, 3, "shared", 1, dict(T=16, BD=2, U=2)),  # 3 channel blocks per group + partials
     (2, 4, 70, 4, "grouped", 2, dict(T=16, BD=2, F=2, S=8)),  # 5 chunks of 2 segments of 4 blocks, L % T != 0
     (1, 4, 45, 3, "const", 1, dict(T=32, BD=4, F=4, S=16)),  # constant B/C, segments of 4 blocks, a partial one
+    # B/C columns spread over the lanes (plan.spread: the default from N = 9): masked states, L % T != 0, segments
+    (2, 8, 37, 12, "shared", 1, dict(T=16, BD=4)),
+    (1, 6, 45, 16, "grouped", 2, dict(T=16, BD=2, F=2, S=8)),
+    (2, 4, 33, 4, "shared", 1, dict(T=16, BD=2, spread=True)),  # forced at N = 4 (fewer values than lanes)
+    (1, 8, 40, 16, "shared", 1, dict(T=16, BD=4, spread=False)),  # and off at N = 16
 ]
 
 
