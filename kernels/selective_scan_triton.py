@@ -578,8 +578,10 @@ class _Plan:
         T = o.get("T")
         if T is None:
             n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-            want = max(1, (o.get("per_sm", per_sm) * n_sm) // (b * G * self.cbg))
-            T = triton.next_power_of_2(triton.cdiv(L, want))
+            chunk = lambda k: triton.next_power_of_2(triton.cdiv(L, max(1, (k * n_sm) // (b * G * self.cbg))))
+            T = chunk(o.get("per_sm", 16))
+            if T < L and "per_sm" not in o:  # several chunks already (their summary pass is paid): per_sm of them
+                T = chunk(per_sm)
         self.F = F = o.get("F", 2)
         S = o.get("S")
         if S is None:  # S = F if its scratch fits HF_SCRATCH_BYTES, else 16, 32, ... (at most the chunk) until one fits
@@ -617,7 +619,7 @@ def _carry(A, loc, sums, init, rev, plan, b, d, N):
     BNC = min(plan.BN, 4)
     _carry_kernel[(triton.cdiv(d, plan.carry_BD), b, triton.cdiv(N, BNC))](
         A, loc, sums, out, init if init is not None else A, d, N, plan.n_chunks, REV=rev, HAS_INIT=init is not None,
-        BD=plan.carry_BD, BNC=BNC, KC=4, STAGES=2, num_warps=1)
+        BD=plan.carry_BD, BNC=BNC, KC=8, STAGES=3, num_warps=1)
     return out
 
 
