@@ -1,0 +1,124 @@
+"""Compile the scan kernels for a Hopper GPU on any machine and show what the GPU would run.
+
+    python kernels/inspect_sass.py [--kernels chunk,bsum,bwd,carry] [--spread 0|1] [--out DIR]
+
+Uses the Triton on ``sys.path`` (put the GPU's version first: layouts differ between versions) and its bundled ptxas
+and cuobjdump; needs no GPU. The arguments are those of one channels-last fp32 call at (2, 64, 64^3), N = 16,
+specialised as Triton specialises them at launch: integers divisible by 16 are marked so, integers equal to 1 become
+constants (except the ``do_not_specialize`` ones), pointers are 16-byte aligned. Without that specialisation the
+layouts differ (docs/kernels.md, "Layout"). Prints, per kernel: registers and spills, the TTGIR register layouts,
+and the SASS instruction mix of its longest loops (the step loops). Writes TTGIR, PTX and SASS to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from nnunet_mamba.kernels import selective_scan_triton as sst  # noqa: E402
+
+BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+b, d, L, N = 2, 64, 64 ** 3, 16
+T = 512
+n_chunks = L // T
+# one channels-last call: (b, d, L) tensors with the channel axis fastest, B/C (b, N, L) with n fastest
+INTS = dict(L=L, d=d, dg=d, N=N, RK=1, n_chunks=n_chunks, cbg=d // 32, one=1, T=T, hf_rs=b * N * d,
+            Q1=0, Q2=0, R0=0, R1=0, R2=0, s_pc=b * L * N, s_pb=L * N, s_pg=L * N)
+for t in ("u", "d", "z", "o", "g", "gu", "gd", "gz"):
+    INTS.update({f"s_{t}b": L * d, f"s_{t}d": 1, f"s_{t}l": d})
+for t in ("B", "C"):
+    INTS.update({f"s_{t}b": N * L, f"s_{t}g": N * L, f"s_{t}n": 1, f"s_{t}l": N})
+FLAGS = dict(HAS_MAP=False, FLIP=False, ACCUM=False, GU_ACCUM=False, B_VAR=True, C_VAR=True, HAS_D=True, HAS_Z=True,
+             HAS_BIAS=True, SOFTPLUS=True, DT_LOW=False, BR=1, BD=32, BN=16, U=4)
+
+
+def loop_mix(sass: str, top: int = 2) -> list[str]:
+    """Instruction counts of the `top` longest backward-branch loops of a SASS listing."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
+    loops = []
+    for addr, text in ins:
+        target = re.search(r"BRA.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    out = []
+    for lo, hi in sorted(loops, key=lambda x: x[0] - x[1])[:top]:
+        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for a, t in ins if lo <= a <= hi)
+        out.append(f"  loop {lo:#x}-{hi:#x}: {sum(ops.values())} instructions; "
+                   + ", ".join(f"{k} {v}" for k, v in ops.most_common(14)))
+    return out
+
+
+def compile_kernel(fn, constexprs: dict, num_warps: int, tag: str, out: pathlib.Path):
+    names = list(inspect.signature(fn.fn).parameters)
+    constexprs = {k: v for k, v in constexprs.items() if k in names}
+    keep = {names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
+    sig, attrs, consts = {}, {}, dict(constexprs)
+    for i, a in enumerate(names):
+        if a in constexprs:
+            sig[a] = "constexpr"
+        elif a.endswith("_ptr"):
+            sig[a], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
+        elif INTS[a] == 1 and a not in keep:
+            sig[a], consts[a] = "constexpr", 1
+        else:
+            sig[a] = "i32"
+            if INTS[a] % 16 == 0 and a not in keep:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    for ext in ("ttgir", "ptx"):
+        (out / f"{tag}.{ext}").write_text(k.asm[ext])
+    (out / f"{tag}.cubin").write_bytes(k.asm["cubin"])
+    ptxas = subprocess.run([BIN / "ptxas", "-v", "--gpu-name=sm_90a", out / f"{tag}.ptx", "-o", os.devnull],
+                           capture_output=True, text=True).stderr
+    sass = subprocess.run([BIN / "cuobjdump", "-sass", out / f"{tag}.cubin"], capture_output=True, text=True).stdout
+    (out / f"{tag}.sass").write_text(sass)
+    regs = re.findall(r"Used (\d+) registers", ptxas)
+    spills = re.findall(r"(\d+) bytes spill stores", ptxas)
+    print(f"{tag}: {regs[0] if regs else '?'} registers, {spills[0] if spills else '?'} bytes spilled")
+    for line in k.asm["ttgir"].splitlines():
+        if line.startswith(("#blocked", "#linear")):
+            print("  ", line[:150])
+    print("\n".join(loop_mix(sass)))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kernels", default="chunk,bsum,bwd,carry")
+    ap.add_argument("--spread", type=int, default=1, help="SPREAD constexpr (1: the default for N >= 9)")
+    ap.add_argument("--out", default="/tmp/inspect_sass")
+    args = ap.parse_args()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"triton {triton.__version__} from {pathlib.Path(triton.__file__).parent}; sm_90; (b, d, L, N) = "
+          f"({b}, {d}, {L}, {N}), chunks of {T}")
+    f = dict(FLAGS, SPREAD=bool(args.spread))
+    for name in args.kernels.split(","):
+        if name == "chunk":
+            compile_kernel(sst._chunk_kernel, dict(f, OUT=True, SAVE_LAST=False, STAGES=2), 1, "chunk", out)
+        elif name == "bsum":
+            compile_kernel(sst._bsum_kernel, dict(f, STAGES=2), 1, "bsum", out)
+        elif name == "bwd":
+            compile_kernel(sst._bwd_kernel, dict(f, F=2, SF=1, STAGES=3, OUTER_STAGES=3), 1, "bwd", out)
+        elif name == "carry":
+            compile_kernel(sst._carry_kernel, dict(REV=True, HAS_INIT=True, BD=32, BNC=4, KC=8, STAGES=3), 1,
+                           "carry", out)
+        else:
+            raise SystemExit(f"unknown kernel {name!r}: chunk, bsum, bwd, carry")
+
+
+if __name__ == "__main__":
+    main()
