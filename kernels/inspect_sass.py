@@ -108,9 +108,9 @@ def main():
     f = dict(FLAGS, SPREAD=bool(args.spread))
     for name in args.kernels.split(","):
         if name == "chunk":
-            compile_kernel(sst._chunk_kernel, dict(f, OUT=True, SAVE_LAST=False, STAGES=2), 1, "chunk", out)
+            compile_kernel(sst._chunk_kernel, dict(f, OUT=True, SAVE_LAST=False, STAGES=3), 1, "chunk", out)
         elif name == "bsum":
-            compile_kernel(sst._bsum_kernel, dict(f, STAGES=2), 1, "bsum", out)
+            compile_kernel(sst._bsum_kernel, dict(f, STAGES=3), 1, "bsum", out)
         elif name == "bwd":
             compile_kernel(sst._bwd_kernel, dict(f, F=2, SF=1, STAGES=3, OUTER_STAGES=3), 1, "bwd", out)
         elif name == "carry":

@@ -554,9 +554,10 @@ def set_tuning(**kw):
 class _Plan:
     """Launch geometry shared by the forward and backward of one call.
 
-    Defaults = the best plan of the sweeps (kernels/BENCHMARK.md; H100, the segments on an H200): 32 channels per
-    program (one warp, a channel per lane), chunks long enough for ~16 programs per SM, the step loops' loads pipelined
-    2 (forward, _bsum) and 3 (_bwd_kernel) stages deep, blocks of F = 2 steps in the backward, and segments of S = F
+    Defaults = the best plan of the sweeps (kernels/BENCHMARK.md; H100, the segments and later on an H200): 32
+    channels per program (one warp), chunks long enough for ~16 programs per SM (the cross-scan: see its call), the
+    step loops' loads pipelined 3 stages deep (forward, _bsum: 4-6 % faster forward than 2 in session 7;
+    _bwd_kernel), blocks of F = 2 steps in the backward, and segments of S = F
     steps (one stored state per block), or, where that scratch would pass HF_SCRATCH_BYTES, segments of 16 steps (or
     the next longer one that fits): they cost a second forward walk (anchor: 3.30 -> 3.81 ms) but cut the scratch
     8-fold, and 16 measured faster than 4 or 8 steps at LightM-UNet's full resolution and on the grouped 2D anchor."""
@@ -571,7 +572,7 @@ class _Plan:
         self.cbg = triton.cdiv(self.dg, self.BD)
         self.num_warps = o.get("warps", max(1, self.BD // 32))
         self.bwd_warps = o.get("bwd_warps", self.num_warps)
-        self.stages = o.get("stages", 2)
+        self.stages = o.get("stages", 3)
         self.bwd_stages = o.get("bwd_stages", 3)
         self.U = o.get("U", 4)
         self.spread = o.get("spread", 2 * self.BN >= 32 * self.num_warps)

@@ -268,11 +268,24 @@ def test_default_plan_bounds_the_block_state_scratch(tk, dev):
         return p.scratch_states(2, 64, L, p.T, S) * 16 * 4
 
     small = tk._Plan(2, 64, 1, 64 ** 3, 16, dev)
-    assert (small.F, small.S, small.stages, small.bwd_stages) == (2, 2, 2, 3)
+    assert (small.F, small.S, small.stages, small.bwd_stages) == (2, 2, 3, 3)
     assert nbytes(small, 64 ** 3, small.S) <= tk._Plan.HF_SCRATCH_BYTES
     big = tk._Plan(2, 64, 1, 128 ** 3, 16, dev)
     assert big.F == 2 and big.S > 2 and big.T % big.S == 0
     assert nbytes(big, 128 ** 3, big.S) <= tk._Plan.HF_SCRATCH_BYTES < nbytes(big, 128 ** 3, big.S // 2)
+
+
+def test_cross_scan_plan_takes_more_chunks_only_where_it_already_has_several(tk, tuning):
+    """The cross-scan launches one direction at a time and asks for 32 programs per SM instead of 16, but only where
+    16 already gives several chunks: a single chunk needs no summary pass, and splitting it measured slower
+    (kernels/BENCHMARK.md, session 7). On a CPU device the plan counts 4 SMs; U = 4 steps is the shortest chunk."""
+    cpu = torch.device("cpu")
+    several = tk._Plan(2, 32, 1, 1024, 16, cpu), tk._Plan(2, 32, 1, 1024, 16, cpu, per_sm=32)
+    assert (several[0].T, several[1].T) == (1024 // (16 * 4 // 2), 1024 // (32 * 4 // 2))  # 32 and 64 chunks
+    single = tk._Plan(64, 32, 1, 1024, 16, cpu, per_sm=32)
+    assert single.T == 1024 and single.n_chunks == 1
+    tuning(per_sm=16)  # an explicit setting is used as given
+    assert tk._Plan(2, 32, 1, 1024, 16, cpu, per_sm=32).T == several[0].T
 
 
 def test_unknown_tuning_key(tk):
