@@ -8,15 +8,17 @@ Math (mamba-ssm ``selective_scan_fn`` semantics, specs/mamba_block.md §4), per 
     y_t    = sum_n C_t[n] h_t[n] + D u_t ;   out_t = y_t * silu(z_t)
 
 Layout (docs/kernels.md): a program owns ``BD`` channels of one batch element and one **chunk** of ``T`` steps, and
-holds their ``(BN, BD)`` fp32 state (states x channels, a channel per lane, so a thread holds the states of one
-channel and every sum over ``n`` stays in the thread; state tiles in memory are channels-fastest, which makes Triton
-choose that layout). It advances the state one step per loop iteration: one exp2 and two FMAs per element and step,
-no cross-thread scan; the step loops' loads are software-pipelined. Chunks run in parallel:
+holds their ``(BN, BD)`` fp32 state (states x channels). In the forward and ``_bsum_kernel`` it is a channel per lane
+(``SPREAD``): a thread holds the states of one channel, every sum over ``n`` stays in the thread, and each step's
+B/C column is loaded once per warp and shared through shared memory. ``_bwd_kernel`` keeps the layout Triton
+chooses for aligned channels-fastest tiles, 4 channels per thread and the states over 4 lanes, because its per-step
+B/C gradients are sums over the channels. It advances the state one step per loop iteration: one exp2 and two FMAs
+per element and step, no cross-thread scan; the step loops' loads are software-pipelined. Chunks run in parallel:
 
 * **Forward**: ``_chunk_kernel`` (no output) gives each chunk's end state from a zero entering state and its summed
-  dt; ``_carry_kernel`` walks the chunk summaries in order, ``H_{j+1} = exp(A S_j) H_j + h_j`` (b*d*N values per
-  chunk), giving every chunk's entering state; ``_chunk_kernel`` (output) runs each chunk again from that state and
-  writes ``y``. The entering states (b, d, chunks, N) are kept for the backward pass.
+  dt; ``_carry_kernel`` walks the chunk summaries in order, ``H_{j+1} = exp(A S_j) H_j + h_j`` (b*d*N independent
+  recurrences, in parallel), giving every chunk's entering state; ``_chunk_kernel`` (output) runs each chunk again
+  from that state and writes ``y``. The entering states (b, d, chunks, N) are kept for the backward pass.
 * **Backward**: ``_bsum_kernel`` walks each chunk backwards from a zero carry, ``G_t = C_t dy_t + a_{t+1} G_{t+1}``,
   and ``_carry_kernel`` (reversed) gives the carry entering every chunk from the right (the last chunk gets the
   gradient of the last state). ``_bwd_kernel`` then walks its chunk forward once, writing the state entering every
@@ -156,11 +158,11 @@ def _bc_operand(X_ptr, b, g, s_b, s_g, c, d, rn1, m2, VAR: tl.constexpr):
 
 @triton.jit
 def _bc_column(base, const, o, rn, nm, lm, s_n, s_l, VAR: tl.constexpr, SPREAD: tl.constexpr):
-    """B_t or C_t: the (BN, 1) column of a time-varying B/C at offset o, or the constant (BN, BD) tile. SPREAD
-    (kernels with a channel per lane, BN >= 16): the column is loaded as a (BN, 2) tile whose second column repeats
-    the first, 2 * BN >= 32 values, one per lane, which Triton then shares through shared memory (every lane reads
-    its BN values with vector loads). A (BN,) load instead has fewer values than lanes, so Triton issues all BN
-    copies in every lane (BN copies, masks and address computations per lane and step)."""
+    """B_t or C_t: the (BN, 1) column of a time-varying B/C at offset o, or the constant (BN, BD) tile. SPREAD: the
+    column is loaded as a (2, BN) tile, the column twice: 2 * BN >= 32 values, at least one per lane, which Triton
+    stages through shared memory (one copy per lane, then every lane reads its values with vector loads). A (BN,)
+    load has fewer values than lanes, and Triton issues it in every lane that needs the values: BN copies, masks and
+    address computations per lane and step with a channel per lane."""
     if VAR:
         if SPREAD:
             rc = tl.arange(0, rn.shape[0])  # visibly contiguous: vector copies where B/C are
@@ -536,7 +538,8 @@ def _order_for(spatial: Sequence[int], perm: Sequence[int], flip: bool) -> _Orde
 # segment: the scratch keeps one state per S steps; a multiple of F), U (unroll),
 # per_sm (programs per SM the chunk length aims at), warps / bwd_warps (warps per program of the forward and
 # _bsum kernels / of _bwd_kernel: beyond BD / 32 they split the states over the warps), stages / bwd_stages
-# (software pipelining of the step loops' loads through shared memory, Triton's num_stages; 1 = none).
+# (software pipelining of the step loops' loads through shared memory, Triton's num_stages; 1 = none), spread
+# (SPREAD: B/C columns shared through shared memory, a channel per lane in the forward and _bsum kernels).
 # Empty = the defaults of _Plan.
 _OVERRIDE: dict = {}
 _TUNING_KEYS = ("T", "BD", "F", "S", "U", "per_sm", "warps", "bwd_warps", "stages", "bwd_stages", "spread")
@@ -555,9 +558,10 @@ class _Plan:
     """Launch geometry shared by the forward and backward of one call.
 
     Defaults = the best plan of the sweeps (kernels/BENCHMARK.md; H100, the segments and later on an H200): 32
-    channels per program (one warp), chunks long enough for ~16 programs per SM (the cross-scan: see its call), the
-    step loops' loads pipelined 3 stages deep (forward, _bsum: 4-6 % faster forward than 2 in session 7;
-    _bwd_kernel), blocks of F = 2 steps in the backward, and segments of S = F
+    channels per program (one warp), the B/C columns spread over the lanes where a column and its copy are at least
+    one value per lane (N >= 9), chunks long enough for ~16 programs per SM (the cross-scan asks for more: see its
+    call), the step loops' loads pipelined 3 stages deep (2 in the forward and _bsum until session 7, whose sweep
+    measured a 4-6 % faster forward with 3), blocks of F = 2 steps in the backward, and segments of S = F
     steps (one stored state per block), or, where that scratch would pass HF_SCRATCH_BYTES, segments of 16 steps (or
     the next longer one that fits): they cost a second forward walk (anchor: 3.30 -> 3.81 ms) but cut the scratch
     8-fold, and 16 measured faster than 4 or 8 steps at LightM-UNet's full resolution and on the grouped 2D anchor."""
