@@ -313,16 +313,19 @@ def _carry_kernel(A_ptr, hloc_ptr, sloc_ptr, hin_ptr, init_ptr, d, N, n_chunks,
     orow = hin_ptr + (b * n_chunks * N + rn[:, None]) * d + c[None, :]
     srow = sloc_ptr + (b * d + c) * n_chunks  # + chunk
     for k0 in tl.range(0, n_chunks, KC, num_stages=STAGES):
+        ofs = ()  # per chunk of the group: its offset in hloc / hin, whether it exists, its summaries
+        oks = ()
         hs = ()
         ws = ()
         for k in tl.static_range(KC):
             jj = (n_chunks - 1 - (k0 + k)) if REV else (k0 + k)
             ok = k0 + k < n_chunks
-            hs = hs + (tl.load(hrow + jj.to(tl.int64) * N * d, mask=m2 & ok, other=0.0),)
+            ofs = ofs + (jj.to(tl.int64) * N * d,)
+            oks = oks + (ok,)
+            hs = hs + (tl.load(hrow + ofs[k], mask=m2 & ok, other=0.0),)
             ws = ws + (tl.exp2(A2 * tl.load(srow + jj, mask=cm & ok, other=0.0)[None, :]),)
         for k in tl.static_range(KC):
-            jj = (n_chunks - 1 - (k0 + k)) if REV else (k0 + k)
-            tl.store(orow + jj.to(tl.int64) * N * d, H, mask=m2 & (k0 + k < n_chunks))
+            tl.store(orow + ofs[k], H, mask=m2 & oks[k])
             H = ws[k] * H + hs[k]
 
 
