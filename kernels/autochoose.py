@@ -1,12 +1,12 @@
-"""Measured per-shape choice between the Triton kernels and mamba-ssm for ``backend="auto"``.
+"""Measured per-shape choice among the selective-scan backends for ``backend="auto"``.
 
-``kernels/bench_scan.py`` times both backends (forward + backward) on the anchor and network shapes and writes
-``kernels/auto_table.json``. A call is matched to the nearest measured shape of the same kind (plain scan or fused
-cross-scan), precision class and input layout ((b, d, L)-contiguous or channels-last), by distance in
-(log2(batch * channels), log2(L)); the backend that was faster there is chosen (forward + backward with gradients
-on, the forward alone under ``torch.no_grad``). Without a measured entry of that kind, precision class and layout
-no preference is expressed (the registry then falls back to backend priority).
-Importing this module does not import triton.
+``kernels/bench_scan.py`` times the backends (Triton, mamba-ssm and the PyTorch one; forward + backward and forward
+alone) on the anchor and network shapes and writes ``kernels/auto_table.json``. A call is matched to the nearest
+measured shape of the same kind (plain scan or fused cross-scan), precision class and input layout ((b, d, L)-
+contiguous or channels-last), by distance in (log2(batch * channels), log2(L)); ``measured_times`` returns each
+backend's time there (forward + backward with gradients on, the forward alone under ``torch.no_grad``), and the
+registry runs the fastest usable one. Without a measured entry of that kind, precision class and layout nothing is
+returned (the registry then falls back to backend priority). Importing this module does not import triton.
 """
 from __future__ import annotations
 
@@ -34,8 +34,7 @@ def _key(kind: str, bd: int, L: int):
 def nearest_entry(kind: str, batch_channels: int, L: int, half: bool, table: Optional[dict] = None,
                   layout: str = "contiguous"):
     table = load_table() if table is None else table
-    rows = [e for e in table.get("entries", []) if e.get("kind") == kind
-            and e.get("triton_ms") is not None and e.get("mamba_ssm_ms") is not None]
+    rows = [e for e in table.get("entries", []) if e.get("kind") == kind and e.get("triton_ms") is not None]
     rows = [e for e in rows if (e.get("dtype") != "fp32") == half and e.get("layout", "contiguous") == layout]
     if not rows:
         return None
@@ -43,11 +42,11 @@ def nearest_entry(kind: str, batch_channels: int, L: int, half: bool, table: Opt
     return min(rows, key=lambda e: (math.log2(e["b"] * e["d"]) - x) ** 2 + (math.log2(e["L"]) - y) ** 2)
 
 
-def prefer_triton(u, B, table: Optional[dict] = None) -> bool:
-    """u: (b, d, L) for a plain scan, or the map (b, d, *S) of a cross-scan. True when Triton measured faster on the
-    nearest measured shape of the same kind, precision class and layout of u (channels-last: channel stride 1, as
-    a Linear's output or SS2D's map):
-    forward + backward time when gradients are on (training), forward time alone when they are off (inference)."""
+def measured_times(u, table: Optional[dict] = None) -> dict:
+    """{backend: ms} on the nearest measured shape of the same kind, precision class and layout of u (u: (b, d, L)
+    for a plain scan, or the map (b, d, *S) of a cross-scan; channels-last: channel stride 1, as a Linear's output
+    or SS2D's map): forward + backward times when gradients are on (training), forward times when they are off
+    (inference). Backends the entry has no time for are left out; {} without a matching entry."""
     import torch
 
     kind = "cross" if u.dim() > 3 else "scan"
@@ -55,7 +54,10 @@ def prefer_triton(u, B, table: Optional[dict] = None) -> bool:
     layout = "channels-last" if u.stride(1) == 1 and u.shape[1] > 1 else "contiguous"
     e = nearest_entry(kind, u.shape[0] * u.shape[1], L, u.dtype != torch.float32, table, layout)
     if e is None:
-        return False
-    if not torch.is_grad_enabled() and e.get("triton_fwd_ms") is not None and e.get("mamba_ssm_fwd_ms") is not None:
-        return e["triton_fwd_ms"] <= e["mamba_ssm_fwd_ms"]
-    return e["triton_ms"] <= e["mamba_ssm_ms"]
+        return {}
+    forward_only = not torch.is_grad_enabled() and e.get("triton_fwd_ms") is not None
+    times = {}
+    for k, v in e.items():
+        if v is not None and k.endswith("_ms") and k.endswith("_fwd_ms") == forward_only:
+            times[k[:-len("_fwd_ms" if forward_only else "_ms")]] = v
+    return times

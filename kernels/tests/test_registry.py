@@ -34,55 +34,66 @@ TABLE = {"entries": [
 ]}
 
 
-def test_prefer_triton_uses_nearest_measured_shape():
+def fastest(u, table):
+    times = autochoose.measured_times(u, table)
+    return min(times, key=times.get) if times else None
+
+
+def test_measured_times_use_nearest_measured_shape():
     f32 = lambda *s: torch.empty(*s)
-    assert autochoose.prefer_triton(f32(2, 64, 100000), None, TABLE)  # near (2, 64, 64^3): triton won
-    assert not autochoose.prefer_triton(f32(2, 512, 4096), None, TABLE)  # near (2, 640, 4096) fp32: mamba won
-    assert autochoose.prefer_triton(f32(2, 512, 4096).bfloat16(), None, TABLE)  # bf16 row: triton won
-    assert autochoose.prefer_triton(f32(16, 384, 64, 64), None, TABLE)  # a map: the cross entry
-    assert not autochoose.prefer_triton(f32(2, 64, 100), None, {"entries": []})  # nothing measured: no preference
+    assert autochoose.measured_times(f32(2, 64, 100000), TABLE) == {"triton": 1.0, "mamba_ssm": 9.0}  # (2, 64, 64^3)
+    assert fastest(f32(2, 512, 4096), TABLE) == "mamba_ssm"  # near (2, 640, 4096) fp32
+    assert fastest(f32(2, 512, 4096).bfloat16(), TABLE) == "triton"  # the bf16 row
+    assert fastest(f32(16, 384, 64, 64), TABLE) == "triton"  # a map: the cross entry
+    assert autochoose.measured_times(f32(2, 64, 100), {"entries": []}) == {}  # nothing measured: no preference
 
 
-def test_prefer_triton_matches_the_input_layout():
+def test_measured_times_match_the_input_layout():
     table = {"entries": [
         dict(kind="scan", b=2, d=64, L=262144, dtype="fp32", layout="contiguous", triton_ms=10.0, mamba_ssm_ms=9.0),
         dict(kind="scan", b=2, d=64, L=262144, dtype="fp32", layout="channels-last", triton_ms=7.0, mamba_ssm_ms=9.5),
     ]}
     u = torch.empty(2, 64, 1000)
-    assert not autochoose.prefer_triton(u, None, table)  # (b, d, L)-contiguous: mamba-ssm measured faster
-    assert autochoose.prefer_triton(u.transpose(1, 2).contiguous().transpose(1, 2), None, table)  # channels-last
+    assert fastest(u, table) == "mamba_ssm"  # (b, d, L)-contiguous
+    assert fastest(u.transpose(1, 2).contiguous().transpose(1, 2), table) == "triton"  # channels-last
     table = {"entries": [  # cross-scan maps: channels-first, or channels-last in memory as SS2D passes them
         dict(kind="cross", b=32, d=384, L=4096, dtype="fp32", layout="contiguous", triton_ms=90.0, mamba_ssm_ms=39.0),
         dict(kind="cross", b=32, d=384, L=4096, dtype="fp32", layout="channels-last", triton_ms=20.0,
              mamba_ssm_ms=39.0),
     ]}
     x = torch.empty(32, 384, 64, 64)
-    assert not autochoose.prefer_triton(x, None, table)
-    assert autochoose.prefer_triton(x.contiguous(memory_format=torch.channels_last), None, table)
+    assert fastest(x, table) == "mamba_ssm"
+    assert fastest(x.contiguous(memory_format=torch.channels_last), table) == "triton"
 
 
-def test_prefer_triton_by_forward_time_without_gradients():
-    """Inference (no grad) goes by the measured forward time, training by forward + backward."""
+def test_measured_times_by_forward_time_without_gradients():
+    """Inference (no grad) goes by the measured forward times, training by forward + backward."""
     table = {"entries": [dict(kind="scan", b=2, d=512, L=512, dtype="fp32", layout="contiguous", triton_ms=1.0,
-                              mamba_ssm_ms=1.5, triton_fwd_ms=0.13, mamba_ssm_fwd_ms=0.05)]}
+                              mamba_ssm_ms=1.5, torch_ms=30.0, triton_fwd_ms=0.13, mamba_ssm_fwd_ms=0.05,
+                              torch_fwd_ms=5.0)]}
     u = torch.empty(2, 512, 512)
-    assert autochoose.prefer_triton(u, None, table)
+    assert autochoose.measured_times(u, table) == {"triton": 1.0, "mamba_ssm": 1.5, "torch": 30.0}
     with torch.no_grad():
-        assert not autochoose.prefer_triton(u, None, table)
+        assert autochoose.measured_times(u, table) == {"triton": 0.13, "mamba_ssm": 0.05, "torch": 5.0}
 
 
-def test_auto_resolves_by_measurement(monkeypatch):
-    """With both GPU backends usable, "auto" takes triton exactly where the table says it was faster."""
-    monkeypatch.setattr(autochoose, "load_table", lambda *a: TABLE)
+def test_auto_resolves_to_the_fastest_usable_backend(monkeypatch):
+    """"auto" runs the measured-fastest of the usable backends: with mamba-ssm, triton exactly where it was faster;
+    without mamba-ssm, triton wherever it measured faster than the torch backend (the case that sent LightM-UNet's
+    deep layers to the torch backend, 10x slower, before the table had torch times)."""
+    table = {"entries": [dict(e, torch_ms=50 * e["triton_ms"]) for e in TABLE["entries"]]}
+    monkeypatch.setattr(autochoose, "load_table", lambda *a: table)
     for name in ("triton", "mamba_ssm"):
         monkeypatch.setattr(scan_mod._BACKENDS[name], "why_unavailable", lambda dev: None)
     assert scan_mod._resolve("auto", torch.empty(2, 64, 200000), None).name == "triton"
     assert scan_mod._resolve("auto", torch.empty(2, 640, 4096), None).name == "mamba_ssm"
     monkeypatch.setattr(scan_mod._BACKENDS["mamba_ssm"], "why_unavailable", lambda dev: "absent")
-    # without mamba-ssm, triton still only where measured faster; elsewhere the torch backend (no unmeasured
-    # fallback to triton)
-    assert scan_mod._resolve("auto", torch.empty(2, 640, 4096), None).name == "torch"
+    assert scan_mod._resolve("auto", torch.empty(2, 640, 4096), None).name == "triton"
     assert scan_mod._resolve("auto", torch.empty(2, 64, 200000), None).name == "triton"
+    table["entries"][1]["torch_ms"] = 1.0  # where the torch backend measured fastest, it runs
+    assert scan_mod._resolve("auto", torch.empty(2, 640, 4096), None).name == "torch"
+    monkeypatch.setattr(autochoose, "load_table", lambda *a: {"entries": []})  # nothing measured: priority order
+    assert scan_mod._resolve("auto", torch.empty(2, 640, 4096), None).name == "torch"
 
 
 def test_committed_table_is_sane():

@@ -26,7 +26,7 @@ class _Backend:
     why_unavailable: Callable[[Optional[torch.device]], Optional[str]]  # None = usable; else how to fix
     priority: int  # higher wins in "auto" when no measured choice exists
     cross_fn: Optional[Callable] = None  # fused multi-direction scan (cross_selective_scan semantics)
-    choose: Optional[Callable] = None  # (u, B) -> bool: measured per-shape preference for this backend
+    timings: Optional[Callable] = None  # u -> {backend name: ms}: measured times of backends for this shape
     unsupported: Optional[Callable] = None  # (B) -> None, or why this backend cannot take that B/C layout
     fuses_delta_proj: bool = False  # fn takes delta_proj_weight (a low-rank delta) itself
 
@@ -35,10 +35,10 @@ _BACKENDS: dict[str, _Backend] = {}
 _ANNOUNCED: set = set()
 
 
-def register_backend(name, fn, why_unavailable, priority=0, cross_fn=None, choose=None, unsupported=None,
+def register_backend(name, fn, why_unavailable, priority=0, cross_fn=None, timings=None, unsupported=None,
                      fuses_delta_proj=False):
     """Add a backend. ``why_unavailable(device)`` returns None when usable, otherwise an install hint."""
-    _BACKENDS[name] = _Backend(name, fn, why_unavailable, priority, cross_fn, choose, unsupported, fuses_delta_proj)
+    _BACKENDS[name] = _Backend(name, fn, why_unavailable, priority, cross_fn, timings, unsupported, fuses_delta_proj)
 
 
 def available_backends(device: Optional[torch.device | str] = None) -> list[str]:
@@ -66,7 +66,13 @@ def _resolve(backend: str, u: torch.Tensor, B: torch.Tensor) -> _Backend:
         return be
     usable = [b for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)
               if b.why_unavailable(u.device) is None and not (b.unsupported and b.unsupported(B))]
-    chosen = next((b for b in usable if b.choose is not None and b.choose(u, B)), usable[0])
+    # the fastest usable backend by measurement where one exists for this shape, else the highest priority
+    measured = {}
+    for b in usable:
+        if b.timings is not None:
+            measured.update(b.timings(u))
+    timed = [b for b in usable if b.name in measured]
+    chosen = min(timed, key=lambda b: measured[b.name]) if timed else usable[0]
     key = (u.device.type, chosen.name)
     if key not in _ANNOUNCED:
         _ANNOUNCED.add(key)
@@ -313,13 +319,14 @@ def _cross_selective_scan_triton(*args, **kwargs):
     return cross_selective_scan_triton(*args, **kwargs)
 
 
-def _triton_choose(u, B):
-    from ..kernels.autochoose import prefer_triton
-    return prefer_triton(u, B)
+def _triton_timings(u):
+    from ..kernels.autochoose import measured_times
+    return measured_times(u)
 
 
-# Priority below "torch": "auto" takes the Triton kernel only where its measured table (kernels/auto_table.json)
-# says it beats mamba-ssm for that shape, precision and input layout, never as an unmeasured fallback;
-# NNUNET_MAMBA_SCAN_BACKEND=triton or backend="triton" selects it explicitly.
+# Priority below "torch": "auto" takes the Triton kernel where its measured table (kernels/auto_table.json: Triton,
+# mamba-ssm and torch timed on the same tensors) says it is the fastest of the usable backends for that shape,
+# precision and input layout, never as an unmeasured fallback; NNUNET_MAMBA_SCAN_BACKEND=triton or
+# backend="triton" selects it explicitly.
 register_backend("triton", _selective_scan_triton, _triton_unavailable, priority=-5,
-                 cross_fn=_cross_selective_scan_triton, choose=_triton_choose, fuses_delta_proj=True)
+                 cross_fn=_cross_selective_scan_triton, timings=_triton_timings, fuses_delta_proj=True)
