@@ -5,12 +5,16 @@
 * causal depthwise conv (K = 4) + SiLU on (b, L, C) tokens: ``kernels/causal_conv1d_triton.py`` against what the
   mixer ran before, PyTorch's ``conv1d`` on the (b, C, L) transpose + SiLU (``ops/token_ops.py``, backend "torch");
 * LayerNorm over C of (b, L, C) tokens: ``kernels/layer_norm_triton.py`` against ``F.layer_norm``;
-* GroupNorm(8) of the (b, C, *S) maps around LightM-UNet's Mamba layers: ``modules.common.GroupNorm`` (statistics
-  from ``torch.var_mean``, no Triton) against ``F.group_norm``.
+* GroupNorm(8) of the (b, C, *S) maps around LightM-UNet's Mamba layers: ``kernels/group_norm_triton.py`` and
+  the session-4 form (statistics from ``torch.var_mean``, ATen's backward) against ``F.group_norm``;
+* depthwise k^nd convs of LightM-UNet (ResUpBlock), MSVM-UNet (MS-MLP, SS3D) and VM-UNet (SS2D):
+  ``kernels/depthwise_conv_triton.py`` against PyTorch's ``conv3d`` / ``conv2d`` with ``groups=C``, on the memory
+  format the network passes (channels-first, or channels-last as SS2D/SS3D pass their maps).
 
-Shapes: LightM-UNet 3D at 128^3 batch 2 (the Mamba layers' token counts and widths per stage). fp32, forward +
-backward with every input requiring grad, CUDA-event medians (``triton.testing.do_bench``). Writes
-``BENCHMARK_mixer_ops.md`` (GPU, date) to --out (default: this folder).
+Shapes: LightM-UNet 3D at 128^3 batch 2 (the Mamba layers' token counts and widths per stage), and the depthwise
+convs' maps of the networks' reference configurations. fp32, forward + backward with every input requiring grad,
+CUDA-event medians (``triton.testing.do_bench``). Writes ``BENCHMARK_mixer_ops.md`` (GPU, date) to --out (default:
+this folder).
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ if str(ROOT) not in sys.path:
 from triton.testing import do_bench  # noqa: E402
 
 from nnunet_mamba.kernels.causal_conv1d_triton import causal_conv1d_silu_triton  # noqa: E402
+from nnunet_mamba.kernels.depthwise_conv_triton import depthwise_conv_triton  # noqa: E402
+from nnunet_mamba.kernels.group_norm_triton import group_norm_triton  # noqa: E402
 from nnunet_mamba.kernels.layer_norm_triton import layer_norm_triton  # noqa: E402
 from nnunet_mamba.modules.common import _GroupNormFn  # noqa: E402
 from nnunet_mamba.ops.token_ops import _conv_torch  # noqa: E402
@@ -36,10 +42,23 @@ from nnunet_mamba.ops.token_ops import _conv_torch  # noqa: E402
 # (label, tokens per batch element, conv channels d_inner, LayerNorm channels d_model); batch 2
 SHAPES = [("stage 1 (128^3)", 128 ** 3, 64, 32), ("stage 2 (64^3)", 64 ** 3, 128, 64),
           ("stage 3 (32^3)", 32 ** 3, 256, 128), ("stage 4 (16^3)", 16 ** 3, 512, 256)]
+# depthwise convs: (label, map shape, kernel size, channels-last)
+DW_SHAPES = [("LightM-UNet ResUpBlock (128^3)", (2, 32, 128, 128, 128), 3, False),
+             ("LightM-UNet ResUpBlock (64^3)", (2, 64, 64, 64, 64), 3, False),
+             ("LightM-UNet ResUpBlock (32^3)", (2, 128, 32, 32, 32), 3, False),
+             ("MSVM-UNet 3D MS-MLP (32^3)", (2, 384, 32, 32, 32), 3, False),
+             ("MSVM-UNet 3D MS-MLP (32^3)", (2, 384, 32, 32, 32), 5, False),
+             ("MSVM-UNet 3D SS3D conv (32^3)", (2, 96, 32, 32, 32), 3, True),
+             ("MSVM-UNet 3D MS-MLP (16^3)", (2, 768, 16, 16, 16), 5, False),
+             ("VM-UNet SS2D conv (64^2)", (32, 192, 64, 64), 3, True),
+             ("MSVM-UNet 2D MS-MLP (56^2)", (32, 384, 56, 56), 5, False)]
 
 
-def fwd_bwd_ms(fn, *shape_and_params):
-    x = torch.randn(*shape_and_params[0], device="cuda", requires_grad=True)
+def fwd_bwd_ms(fn, *shape_and_params, channels_last=False):
+    x = torch.randn(*shape_and_params[0], device="cuda")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    x.requires_grad_()
     params = [p.cuda().requires_grad_() for p in shape_and_params[1:]]
     gy = torch.randn_like(fn(x, *params))
 
@@ -53,10 +72,10 @@ def main():
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent))
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name()
-    lines = ["# Mamba-layer ops: project kernels vs PyTorch (fp32, forward + backward, batch 2)", "",
+    lines = ["# Mamba-layer and feature-map ops: project kernels vs PyTorch (fp32, forward + backward)", "",
              f"GPU: {gpu}; torch {torch.__version__}; {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC. Produced by "
              "`python kernels/bench_mixer_ops.py`.", "",
-             "| op | LightM-UNet shape | tensor | PyTorch (ms) | project (ms) | speed-up |",
+             "| op | where | tensor | PyTorch (ms) | project (ms) | speed-up |",
              "|---|---|---|---|---|---|"]
     for label, L, d, c in SHAPES:
         w, bias = 0.5 * torch.randn(d, 1, 4), torch.randn(d)
@@ -64,12 +83,23 @@ def main():
         cases = [("conv1d(K=4) + SiLU", (2, L, d), _conv_torch, causal_conv1d_silu_triton, (w, bias)),
                  ("LayerNorm", (2, L, c), lambda x, g, b: F.layer_norm(x, (c,), g, b),
                   lambda x, g, b: layer_norm_triton(x, g, b, 1e-5), (ln_w, ln_b)),
-                 ("GroupNorm(8)", (2, c, round(L ** (1 / 3)), round(L ** (1 / 3)), round(L ** (1 / 3))),
+                 ("GroupNorm(8), var_mean statistics", (2, c) + (round(L ** (1 / 3)),) * 3,
                   lambda x, g, b: F.group_norm(x, 8, g, b), lambda x, g, b: _GroupNormFn.apply(x, g, b, 8, 1e-5),
+                  (ln_w, ln_b)),
+                 ("GroupNorm(8), Triton", (2, c) + (round(L ** (1 / 3)),) * 3,
+                  lambda x, g, b: F.group_norm(x, 8, g, b), lambda x, g, b: group_norm_triton(x, g, b, 8, 1e-5),
                   (ln_w, ln_b))]
-        for op, shape, torch_fn, triton_fn, params in cases:
-            t0, t1 = fwd_bwd_ms(torch_fn, shape, *params), fwd_bwd_ms(triton_fn, shape, *params)
-            row = f"| {op} | {label} | {'x'.join(map(str, shape))} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f}x |"
+        cases = [(op, label, *rest, False) for op, *rest in cases]
+        if label == SHAPES[0][0]:
+            for dw_label, shape, k, cl in DW_SHAPES:
+                conv = F.conv3d if len(shape) == 5 else F.conv2d
+                torch_fn = lambda x, w, conv=conv, k=k: conv(x, w, None, 1, k // 2, 1, x.shape[1])  # noqa: E731
+                cases.append((f"depthwise conv k={k}{', channels-last' if cl else ''}", dw_label, shape, torch_fn,
+                              depthwise_conv_triton, (0.1 * torch.randn(shape[1], 1, *(k,) * (len(shape) - 2)),), cl))
+        for op, where, shape, torch_fn, triton_fn, params, cl in cases:
+            t0 = fwd_bwd_ms(torch_fn, shape, *params, channels_last=cl)
+            t1 = fwd_bwd_ms(triton_fn, shape, *params, channels_last=cl)
+            row = f"| {op} | {where} | {'x'.join(map(str, shape))} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f}x |"
             print(row, flush=True)
             lines.append(row)
     out = pathlib.Path(args.out) / "BENCHMARK_mixer_ops.md"

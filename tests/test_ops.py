@@ -234,13 +234,15 @@ def test_token_layer_norm_is_nn_layer_norm():
 @pytest.mark.parametrize("shape, groups, affine", [((2, 8, 5, 6, 7), 4, True), ((3, 6, 9, 4), 3, False),
                                                   ((1, 4, 11), 1, True)])
 def test_group_norm_is_nn_group_norm(shape, groups, affine, monkeypatch):
-    """Same parameters and state dict as nn.GroupNorm; output and every gradient equal to it in float64 (the fast
-    path forced for these small maps)."""
-    from nnunet_mamba.modules.common import GroupNorm, _GroupNormFn
+    """Same parameters and state dict as nn.GroupNorm; output and every gradient equal to it in float64 (the
+    var_mean-statistics path forced for these small maps; the Triton one is tested in kernels/tests)."""
+    from nnunet_mamba.modules.common import GroupNorm
+    from nnunet_mamba.ops import token_ops
 
-    monkeypatch.setattr(GroupNorm, "fast_from", 0)
+    monkeypatch.setattr(token_ops, "VAR_MEAN_FROM", 0)
     calls = []
-    monkeypatch.setattr(_GroupNormFn, "apply", lambda *a, _f=_GroupNormFn.apply: calls.append(1) or _f(*a))
+    fn = token_ops._GroupNormFn
+    monkeypatch.setattr(fn, "apply", lambda *a, _f=fn.apply: calls.append(1) or _f(*a))
 
     ref = torch.nn.GroupNorm(groups, shape[1], affine=affine).double()
     ours = GroupNorm(groups, shape[1], affine=affine).double()
@@ -265,14 +267,50 @@ def test_group_norm_is_nn_group_norm(shape, groups, affine, monkeypatch):
 
 def test_group_norm_runs_in_fp32_under_autocast(monkeypatch):
     from nnunet_mamba.modules.common import GroupNorm
+    from nnunet_mamba.ops import token_ops
 
-    monkeypatch.setattr(GroupNorm, "fast_from", 0)
+    monkeypatch.setattr(token_ops, "VAR_MEAN_FROM", 0)
     gn = GroupNorm(2, 4)
     x = torch.randn(2, 4, 8, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = gn(x.bfloat16())
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, torch.nn.functional.group_norm(x.bfloat16().float(), 2, gn.weight, gn.bias))
+
+
+@pytest.mark.parametrize("nd, k, bias", [(3, 3, False), (3, 5, True), (2, 3, True), (2, 1, False)])
+def test_depthwise_conv_module_is_the_conv(nd, k, bias):
+    """DepthwiseConv{2,3}d: nn.Conv{nd}d(c, c, k, padding=k // 2, groups=c) - same state dict, output and gradients
+    (float64, the torch backend on CPU; the Triton kernel is tested in kernels/tests)."""
+    from nnunet_mamba.modules.common import conv_nd, depthwise_conv_nd
+
+    ref = conv_nd(nd)(6, 6, k, padding=k // 2, groups=6, bias=bias).double()
+    ours = depthwise_conv_nd(nd)(6, k, bias=bias).double()
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict()) and isinstance(ours, conv_nd(nd))
+    x = torch.randn(2, 6, *(5, 7, 4)[:nd], dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y_ref, y = ref(x), ours(x2)
+    torch.testing.assert_close(y, y_ref)
+    gy = torch.randn_like(y)
+    y_ref.backward(gy)
+    y.backward(gy)
+    torch.testing.assert_close(x2.grad, x.grad)
+    for p_ours, p_ref in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p_ours.grad, p_ref.grad)
+
+
+def test_depthwise_conv_auto_keeps_cudnn_for_2d_channels_last(monkeypatch):
+    from nnunet_mamba.ops import token_ops
+
+    monkeypatch.setattr(token_ops, "_triton_unavailable", lambda device: None)  # as on a CUDA machine
+    used = []
+    monkeypatch.setattr(token_ops, "_use_triton", lambda op, x, backend: used.append(backend) or False)
+    n = token_ops.TRITON_FROM["depthwise-conv"]
+    x = torch.randn(1, 64, 1, n // 64)  # a 2D map over the size threshold
+    token_ops.depthwise_conv(x, torch.randn(64, 1, 1, 1))
+    token_ops.depthwise_conv(x.contiguous(memory_format=torch.channels_last), torch.randn(64, 1, 1, 1))
+    assert used == ["auto", "torch"]
 
 
 def test_token_ops_auto_takes_triton_only_from_the_measured_size(monkeypatch):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import layer_norm
+from ..ops import depthwise_conv, group_norm, layer_norm
 
 
 def conv_nd(nd: int) -> type[nn.Module]:
@@ -56,56 +56,41 @@ class TokenLayerNorm(nn.LayerNorm):
         return layer_norm(x, self.weight, self.bias, self.eps)
 
 
-class _GroupNormFn(torch.autograd.Function):
-    """GroupNorm with the statistics from ``torch.var_mean`` and the backward from ATen's own group-norm backward.
-
-    PyTorch's CUDA group-norm forward computes the statistics with one thread block per (sample, group): 16 blocks
-    for LightM-UNet's (2, 32, 128^3) maps, 10.1 ms forward + backward on an H100 against 3.6 ms this way
-    (kernels/BENCHMARK_mixer_ops.md). ``var_mean`` splits such long rows over many blocks; the normalisation is one
-    ``addcmul``."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps):
-        n, c = x.shape[:2]
-        x = x.contiguous()
-        var, mean = torch.var_mean(x.view(n, groups, -1), dim=-1, correction=0)
-        rstd = (var + eps).rsqrt()
-        scale = rstd.repeat_interleave(c // groups, dim=1)  # (n, c)
-        if weight is not None:
-            scale = scale * weight
-        shift = -mean.repeat_interleave(c // groups, dim=1) * scale
-        if bias is not None:
-            shift = shift + bias
-        per_channel = (n, c) + (1,) * (x.dim() - 2)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.groups = groups
-        return torch.addcmul(shift.view(per_channel), x, scale.view(per_channel))
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        n, c = x.shape[:2]
-        need = ctx.needs_input_grad
-        gx, gw, gb = torch.ops.aten.native_group_norm_backward(
-            gy.contiguous(), x, mean, rstd, weight, n, c, x[0, 0].numel(), ctx.groups,
-            [need[0], weight is not None and need[1], need[2]])
-        return gx, gw, gb, None, None
-
-
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same arguments, parameters and state dict) that takes ``_GroupNormFn`` for maps of at least
-    ``fast_from`` elements, where it measured faster (kernels/BENCHMARK_mixer_ops.md, H100: 2.8x at 2 x 32 x 128^3
-    and 2 x 64 x 64^3; slower from 2 x 128 x 32^3 down), and ``F.group_norm`` below. Under autocast it runs in
-    fp32, as autocast runs ``group_norm``."""
-
-    fast_from = 1 << 24
+    """``nn.GroupNorm`` (same arguments, parameters and state dict) through ``ops.group_norm``: on CUDA the Triton
+    kernel or statistics from ``torch.var_mean`` for large maps, where they measured faster
+    (kernels/BENCHMARK_mixer_ops.md), ``F.group_norm`` otherwise. Under autocast it runs in fp32, as autocast runs
+    ``group_norm``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() < self.fast_from:
-            return super().forward(x)
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.float()
-        return _GroupNormFn.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class _DepthwiseConv:
+    """Forward of a depthwise conv module (``groups = in = out channels``, stride 1) through ``ops.depthwise_conv``
+    (the Triton kernel on CUDA where it measured faster) when its kernel sizes are odd and the padding is "same";
+    otherwise the conv's own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if all(k % 2 and p == k // 2 for k, p in zip(self.kernel_size, self.padding)):
+            return depthwise_conv(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class DepthwiseConv2d(_DepthwiseConv, nn.Conv2d):
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True):
+        super().__init__(channels, channels, kernel_size, padding=(kernel_size - 1) // 2, groups=channels, bias=bias)
+
+
+class DepthwiseConv3d(_DepthwiseConv, nn.Conv3d):
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True):
+        super().__init__(channels, channels, kernel_size, padding=(kernel_size - 1) // 2, groups=channels, bias=bias)
+
+
+def depthwise_conv_nd(nd: int) -> type[nn.Module]:
+    """``DepthwiseConv{nd}d(channels, kernel_size, bias=True)``: ``nn.Conv{nd}d(c, c, k, padding=(k - 1) // 2,
+    groups=c)`` - same parameters, state dict and function - through ``ops.depthwise_conv``."""
+    return {2: DepthwiseConv2d, 3: DepthwiseConv3d}[nd]
 
 
 class LayerNormNd(nn.LayerNorm):

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import cross_scan_orders, cross_selective_scan
-from .common import LayerNormNd, conv_nd
+from .common import LayerNormNd, depthwise_conv_nd
 from .mamba import a_log_init, dt_bias_init, dt_weight_init
 
 _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
@@ -100,8 +100,7 @@ class SS2D(nn.Module):
         else:
             self.in_proj = Linear2d(d_model, D, bias=bias)
         self.conv_name = f"conv{spatial_dims}d"
-        self.add_module(self.conv_name, conv_nd(spatial_dims)(D, D, d_conv, padding=(d_conv - 1) // 2, groups=D,
-                                                              bias=conv_bias))
+        self.add_module(self.conv_name, depthwise_conv_nd(spatial_dims)(D, d_conv, bias=conv_bias))
         self.act = nn.SiLU()
 
         # per-direction SSM parameters, packed with direction k at rows [k*D, (k+1)*D)

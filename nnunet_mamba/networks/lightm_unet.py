@@ -11,22 +11,23 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..modules.common import (GroupNorm, TokenLayerNorm, conv_nd, flatten_tokens, fp32_core, interp_mode,
-                              max_pool_nd, recomputed, unflatten_tokens)
+from ..modules.common import (GroupNorm, TokenLayerNorm, conv_nd, depthwise_conv_nd, flatten_tokens, fp32_core,
+                              interp_mode, max_pool_nd, recomputed, unflatten_tokens)
 from ..modules.mamba import Mamba
 
 
 class ConvOnly(nn.Sequential):
     """MONAI ``Convolution(conv_only=True)``: a Sequential holding one conv named ``conv``."""
 
-    def __init__(self, nd, a, b, k, bias, groups=1):
+    def __init__(self, nd, a, b, k, bias, depthwise=False):
         super().__init__()
-        self.add_module("conv", conv_nd(nd)(a, b, k, padding=k // 2, groups=groups, bias=bias))
+        self.add_module("conv", depthwise_conv_nd(nd)(a, k, bias=bias) if depthwise else
+                        conv_nd(nd)(a, b, k, padding=k // 2, bias=bias))
 
 
 def dw_conv(nd, a, b, k, bias=False) -> nn.Sequential:
     """Depthwise-separable conv: depthwise k (a -> a) then pointwise 1 (a -> b)."""
-    return nn.Sequential(ConvOnly(nd, a, a, k, bias, groups=a), ConvOnly(nd, a, b, 1, bias))
+    return nn.Sequential(ConvOnly(nd, a, a, k, bias, depthwise=True), ConvOnly(nd, a, b, 1, bias))
 
 
 class MambaLayer(nn.Module):

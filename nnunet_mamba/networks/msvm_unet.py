@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..modules.common import LayerNormNd, batch_norm_nd, conv_nd
+from ..modules.common import LayerNormNd, batch_norm_nd, conv_nd, depthwise_conv_nd
 from ..modules.vmamba import Linear2d, VSSBlockV2, check_factors, pixel_shuffle_nd, vmamba_init_weights
 
 N_STEPS = 5  # two stem convs, three downsamplings
@@ -76,8 +76,7 @@ class MSConv(nn.Module):
 
     def __init__(self, dim: int, kernel_sizes: Sequence[int] = (1, 3, 5), spatial_dims: int = 2):
         super().__init__()
-        self.dw_convs = nn.ModuleList([conv_nd(spatial_dims)(dim, dim, k, padding=k // 2, groups=dim, bias=False)
-                                       for k in kernel_sizes])
+        self.dw_convs = nn.ModuleList([depthwise_conv_nd(spatial_dims)(dim, k, bias=False) for k in kernel_sizes])
 
     def forward(self, x):
         return x + sum(conv(x) for conv in self.dw_convs)
@@ -119,7 +118,7 @@ class LKPE(nn.Module):
         width = out_dim * math.prod(self.factors)
         conv = conv_nd(nd)
         self.expand = nn.Sequential(conv(dim, width, 1), batch_norm_nd(nd)(width), nn.ReLU(inplace=True),
-                                    conv(width, width, 3, padding=1, groups=width))
+                                    depthwise_conv_nd(nd)(width, 3))
         self.norm = nn.LayerNorm(out_dim)
 
     def forward(self, x):

@@ -9,8 +9,8 @@ mamba-ssm's ``selective_scan_fn``, plus an optional low-rank delta (``delta_proj
 * ``"triton"``   - the project's own chunk-parallel Triton kernel (``kernels/``); CUDA tensors.
 
 ``"auto"`` picks the best backend available for the tensors' device and says once which one it uses.
-``causal_conv1d_silu`` and ``layer_norm`` (the Mamba layers' conv + SiLU and LayerNorm on (b, L, C) tokens) have a
-PyTorch and a Triton backend (``ops/token_ops.py``). Nothing here imports mamba_ssm or triton at module import time.
+``causal_conv1d_silu`` and ``layer_norm`` (the Mamba layers' conv + SiLU and LayerNorm on (b, L, C) tokens), and
+``depthwise_conv`` and ``group_norm`` on (B, C, *S) maps, have a PyTorch and a Triton backend (``ops/token_ops.py``). Nothing here imports mamba_ssm or triton at module import time.
 """
 from .scan import (
     BackendUnavailable,
@@ -20,12 +20,14 @@ from .scan import (
     register_backend,
     selective_scan,
 )
-from .token_ops import causal_conv1d_silu, layer_norm
+from .token_ops import causal_conv1d_silu, depthwise_conv, group_norm, layer_norm
 
 __all__ = [
     "BackendUnavailable",
     "available_backends",
     "causal_conv1d_silu",
+    "depthwise_conv",
+    "group_norm",
     "layer_norm",
     "cross_scan_orders",
     "cross_selective_scan",

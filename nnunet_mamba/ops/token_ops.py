@@ -1,9 +1,16 @@
-"""The Mamba layers' non-scan ops on token-major (b, L, C) tensors, each with a PyTorch and a Triton backend.
+"""The networks' non-scan ops, each with a PyTorch and a Triton backend: on token-major (b, L, C) tensors
 
 * ``causal_conv1d_silu`` - the mixer's causal depthwise conv + SiLU. Torch: ``F.conv1d`` on the transposed view;
   Triton (``kernels/causal_conv1d_triton.py``): reads and writes (b, L, C) directly, no transposed copies.
 * ``layer_norm`` - LayerNorm over C. Torch: ``F.layer_norm``; Triton (``kernels/layer_norm_triton.py``): many rows
   per program (PyTorch's kernel gives each short row its own block).
+
+and on (B, C, *S) feature maps
+
+* ``depthwise_conv`` - a depthwise k^nd conv, stride 1, "same" padding. Torch: ``F.conv2d`` / ``F.conv3d`` with
+  ``groups=C`` (PyTorch's own 3D depthwise kernels for fp32); Triton (``kernels/depthwise_conv_triton.py``).
+* ``group_norm`` - GroupNorm. Torch: ``F.group_norm`` (one thread block per (sample, group) for the statistics);
+  Triton (``kernels/group_norm_triton.py``): many programs per (sample, channel).
 
 ``backend="auto"`` takes Triton for CUDA tensors (when installed) from the smallest size at which it measured faster
 than PyTorch on the H100 (kernels/BENCHMARK_mixer_ops.md: the conv from 2 x 32768 x 256 elements, LayerNorm from
@@ -25,7 +32,11 @@ ENV_BACKEND = "NNUNET_MAMBA_TOKEN_OPS_BACKEND"
 
 
 # smallest measured size (elements) at which the Triton kernel beat PyTorch, per op (kernels/BENCHMARK_mixer_ops.md)
-TRITON_FROM = {"causal-conv1d": 2 * 32768 * 256, "layer-norm": 2 * 262144 * 64}
+TRITON_FROM = {"causal-conv1d": 2 * 32768 * 256, "layer-norm": 2 * 262144 * 64, "group-norm": 2 * 32 * 128 ** 3,
+               "depthwise-conv": 2 * 128 * 32 ** 3}
+# group_norm's torch backend takes its statistics from var_mean from this size (below: F.group_norm); measured faster
+# from 2 x 32 x 64^3 on the H100 (2.8x there), and than the Triton kernel up to 2 x 64 x 64^3 on the H200
+VAR_MEAN_FROM = 1 << 24
 
 
 def _use_triton(op: str, x: torch.Tensor, backend: str) -> bool:
@@ -64,3 +75,69 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         from ..kernels.layer_norm_triton import layer_norm_triton
         return layer_norm_triton(x, weight, bias, eps)
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   backend: str = "auto") -> torch.Tensor:
+    """``F.conv{nd}d(x, weight, bias, padding=k // 2, groups=C)`` for x (B, C, *S) (nd = 2 or 3) and a depthwise
+    weight (C, 1, *k) of odd sizes. Under autocast x and the weight take the autocast dtype, as a conv would (the
+    Triton kernel's arithmetic is fp32 either way). The output keeps x's memory format."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    if backend == "auto" and x.dim() == 4 and x.stride(1) == 1 and not os.environ.get(ENV_BACKEND):
+        backend = "torch"  # 2D channels-last (SS2D's maps): cuDNN's kernel measured 2.3x faster than the Triton one
+    if _use_triton("depthwise-conv", x, backend):
+        from ..kernels.depthwise_conv_triton import depthwise_conv_triton
+        return depthwise_conv_triton(x, weight, bias)
+    conv = {4: F.conv2d, 5: F.conv3d}[x.dim()]
+    return conv(x, weight, bias, padding=[k // 2 for k in weight.shape[2:]], groups=x.shape[1])
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
+    """``F.group_norm(x, num_groups, weight, bias, eps)``; fp32 under autocast, as autocast runs ``group_norm``."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.float()
+    if _use_triton("group-norm", x, backend):
+        from ..kernels.group_norm_triton import group_norm_triton
+        return group_norm_triton(x, weight, bias, num_groups, eps)
+    if x.numel() >= VAR_MEAN_FROM:
+        return _GroupNormFn.apply(x, weight, bias, num_groups, eps)
+    return F.group_norm(x, num_groups, weight, bias, eps)
+
+
+class _GroupNormFn(torch.autograd.Function):
+    """GroupNorm with the statistics from ``torch.var_mean`` and the backward from ATen's own group-norm backward.
+
+    PyTorch's CUDA group-norm forward computes the statistics with one thread block per (sample, group): 16 blocks
+    for LightM-UNet's (2, 32, 128^3) maps, 10.1 ms forward + backward on an H100 against 3.6 ms this way
+    (kernels/BENCHMARK_mixer_ops.md). ``var_mean`` splits such long rows over many blocks; the normalisation is one
+    ``addcmul``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):
+        n, c = x.shape[:2]
+        x = x.contiguous()
+        var, mean = torch.var_mean(x.view(n, groups, -1), dim=-1, correction=0)
+        rstd = (var + eps).rsqrt()
+        scale = rstd.repeat_interleave(c // groups, dim=1)  # (n, c)
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean.repeat_interleave(c // groups, dim=1) * scale
+        if bias is not None:
+            shift = shift + bias
+        per_channel = (n, c) + (1,) * (x.dim() - 2)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.groups = groups
+        return torch.addcmul(shift.view(per_channel), x, scale.view(per_channel))
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        n, c = x.shape[:2]
+        need = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+            gy.contiguous(), x, mean, rstd, weight, n, c, x[0, 0].numel(), ctx.groups,
+            [need[0], weight is not None and need[1], need[2]])
+        return gx, gw, gb, None, None
