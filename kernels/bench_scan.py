@@ -7,12 +7,11 @@ Shapes: the four anchor shapes of shared/notes/scan-kernels.md and the shapes th
 merge (Triton: the fused form; mamba-ssm: the reference path that materialises the K re-ordered copies, runs one
 grouped scan and merges). N = 16, softplus and z gate on (cross: no z, as in SS2D). Times are CUDA-event medians
 (``triton.testing.do_bench``, L2 flushed before every run); forward alone runs without autograd, forward+backward
-with every input requiring grad. The torch backend (PyTorch ops; ``auto`` runs it where it is the fastest usable
-backend) is timed by ``few_runs`` (it takes seconds at full resolution). "copy %" is the minimum bytes (every input
-read once, every output written once) over the time, as a fraction of the measured device-to-device copy bandwidth.
+with every input requiring grad. "copy %" is the minimum bytes (every input read once, every output written once)
+over the time, as a fraction of the measured device-to-device copy bandwidth.
 
 Writes ``BENCHMARK.md`` (table, GPU, date; notes under ``## `` headings below the table are kept) and
-``auto_table.json`` (every backend's times, by which "auto" chooses among the usable ones) to --out
+``auto_table.json`` (the measured winners "auto" uses) to --out
 (default: this folder). --sweep instead times launch-plan variants (selective_scan_triton.set_tuning keys, a JSON
 list of dicts) on key shapes; --parts prints, per variant, how one forward+backward splits over the kernels.
 """
@@ -37,7 +36,6 @@ from triton.testing import do_bench  # noqa: E402
 
 from nnunet_mamba.kernels import selective_scan_triton as sst  # noqa: E402
 from nnunet_mamba.ops.scan import cross_scan_orders, cross_selective_scan_reference  # noqa: E402
-from nnunet_mamba.ops.torch_scan import selective_scan_torch  # noqa: E402
 
 N = 16
 # (label, b, d, L, groups, anchor)
@@ -90,30 +88,7 @@ def scan_bytes(b, d, L, G, dtype):
     return fwd, fwd + bwd
 
 
-def _event_ms(fn):
-    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0.record()
-    fn()
-    t1.record()
-    torch.cuda.synchronize()
-    return t0.elapsed_time(t1)
-
-
-def few_runs(fn, runs=2, enough_ms=1000.0):
-    """For the slow torch backend, where ``do_bench``'s calibration alone would take minutes at full resolution: the
-    median of ``runs`` CUDA-event timings after a warm-up, or the warm-up's own time if it took over ``enough_ms``
-    (every Triton and mamba-ssm time in the table is under 50 ms, so such a backend is never the choice)."""
-    first = _event_ms(fn)
-    if first > enough_ms:
-        return first
-    return sorted(_event_ms(fn) for _ in range(runs))[runs // 2]
-
-
-def bench(fn):
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def time_scan(fn, b, d, L, G, dtype, layout="contiguous", timer=bench):
+def time_scan(fn, b, d, L, G, dtype, layout="contiguous"):
     """(fwd ms, fwd+bwd ms) of fn(u, delta, A, B, C, D, z, delta_bias, softplus); inputs and the output gradient
     (b, d, L)-contiguous or channels-last."""
     conv = (lambda t: sst.channels_last(t.detach()).requires_grad_(t.requires_grad)) if layout == "channels-last" \
@@ -124,7 +99,7 @@ def time_scan(fn, b, d, L, G, dtype, layout="contiguous", timer=bench):
         fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True)
 
     with torch.no_grad():
-        t_f = timer(fwd)
+        t_f = do_bench(fwd, warmup=25, rep=100, return_mode="median")
     xg = {k: conv(v) for k, v in scan_inputs(b, d, L, G, dtype, grad=True).items()}
     gy = conv(torch.randn(b, d, L, device="cuda", dtype=dtype))
 
@@ -134,7 +109,7 @@ def time_scan(fn, b, d, L, G, dtype, layout="contiguous", timer=bench):
         y = fn(xg["u"], xg["delta"], xg["A"], xg["B"], xg["C"], xg["D"], xg["z"], xg["delta_bias"], True)
         y.backward(gy)
 
-    t_fb = timer(fwdbwd)
+    t_fb = do_bench(fwdbwd, warmup=25, rep=100, return_mode="median", grad_to_none=None)
     del x, xg
     torch.cuda.empty_cache()
     return t_f, t_fb
@@ -142,10 +117,6 @@ def time_scan(fn, b, d, L, G, dtype, layout="contiguous", timer=bench):
 
 def triton_scan(u, delta, A, B, C, D, z, bias, sp):
     return sst.selective_scan_triton(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=sp)
-
-
-def torch_scan(u, delta, A, B, C, D, z, bias, sp):
-    return selective_scan_torch(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=sp)
 
 
 def cross_inputs(b, d, spatial, K, grad, layout="contiguous"):
@@ -172,7 +143,7 @@ def cross_bytes(b, d, spatial, K):
     return fwd, fwd + bwd
 
 
-def time_cross(fn, b, d, spatial, K, layout="contiguous", timer=bench):
+def time_cross(fn, b, d, spatial, K, layout="contiguous"):
     orders = cross_scan_orders(len(spatial), K)
     x = cross_inputs(b, d, spatial, K, grad=False, layout=layout)
 
@@ -180,7 +151,7 @@ def time_cross(fn, b, d, spatial, K, layout="contiguous", timer=bench):
         fn(x["x"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["bias"], orders)
 
     with torch.no_grad():
-        t_f = timer(fwd)
+        t_f = do_bench(fwd, warmup=25, rep=100, return_mode="median")
     xg = cross_inputs(b, d, spatial, K, grad=True, layout=layout)
     gy = torch.randn(b, d, *spatial, device="cuda")
     if layout == "channels-last":
@@ -191,7 +162,7 @@ def time_cross(fn, b, d, spatial, K, layout="contiguous", timer=bench):
             v.grad = None
         fn(xg["x"], xg["delta"], xg["A"], xg["B"], xg["C"], xg["D"], xg["bias"], orders).backward(gy)
 
-    t_fb = timer(fwdbwd)
+    t_fb = do_bench(fwdbwd, warmup=25, rep=100, return_mode="median")
     del x, xg
     torch.cuda.empty_cache()
     return t_f, t_fb
@@ -202,13 +173,9 @@ def triton_cross(x, delta, A, B, C, D, bias, orders):
                                            orders=orders)
 
 
-def mamba_cross(x, delta, A, B, C, D, bias, orders, backend="mamba_ssm"):
+def mamba_cross(x, delta, A, B, C, D, bias, orders):
     return cross_selective_scan_reference(x, delta, A, B, C, D=D, delta_bias=bias, delta_softplus=True,
-                                          orders=orders, backend=backend)
-
-
-def torch_cross(*args):
-    return mamba_cross(*args, backend="torch")
+                                          orders=orders, backend="mamba_ssm")
 
 
 def copy_bandwidth():
@@ -219,28 +186,23 @@ def copy_bandwidth():
 
 
 def time_backends(fns, timer):
-    """{name: (fwd ms, fwd+bwd ms)} of timer(fn, timing) for each (name, fn); the torch backend is timed with
-    ``few_runs``, the others with ``do_bench``. (None, None) where fn is None or fails (the traceback is printed, the
-    row stays in the table)."""
+    """{name: (fwd ms, fwd+bwd ms)} of timer(fn) for each (name, fn); (None, None) where fn is None or fails (the
+    traceback is printed, the row stays in the table)."""
     res = {}
     for name, fn in fns:
         res[name] = (None, None)
         if fn is not None:
             try:
-                res[name] = timer(fn, few_runs if name == "torch" else bench)
+                res[name] = timer(fn)
             except Exception:
                 traceback.print_exc()
-            torch.cuda.empty_cache()
     return res
 
 
 def table_entry(res, **shape):
-    """One auto_table.json entry: the shape's fields and every backend's times (``auto`` chooses among the usable
-    backends by them: the torch backend is what it would run on CUDA without mamba-ssm)."""
-    times = {}
-    for name, (fwd, fwdbwd) in res.items():
-        times.update({f"{name}_ms": fwdbwd, f"{name}_fwd_ms": fwd})
-    return dict(shape, **times)
+    """One auto_table.json entry: the shape's fields and both backends' times."""
+    return dict(shape, triton_ms=res["triton"][1], mamba_ssm_ms=res["mamba_ssm"][1],
+                triton_fwd_ms=res["triton"][0], mamba_ssm_fwd_ms=res["mamba_ssm"][0])
 
 
 # around the default plan; the first non-default row is session 3's plan (no pipelining, F = 4)
@@ -327,17 +289,16 @@ def main():
     cases = [(s, dt, "contiguous") for s in SCAN_SHAPES for dt in (dtypes if s[-1] else [torch.float32])]
     cases += [(s, torch.float32, "channels-last") for s in SCAN_SHAPES]
     for (label, b, d, L, G, anchor), dt, layout in cases:
-        res = time_backends((("triton", triton_scan), ("mamba_ssm", mfn), ("torch", torch_scan)),
-                            lambda fn, timer: time_scan(fn, b, d, L, G, dt, layout, timer))
+        res = time_backends((("triton", triton_scan), ("mamba_ssm", mfn)),
+                            lambda fn: time_scan(fn, b, d, L, G, dt, layout))
         dts = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dt]
         rows.append((label, f"({b}, {d}, {L}, G={G})", f"{dts}, {layout}", res, *scan_bytes(b, d, L, G, dt)))
         entries.append(table_entry(res, kind="scan", label=label, b=b, d=d, L=L, G=G, N=N, dtype=dts, layout=layout))
         print_row(rows[-1], bw)
     for label, b, d, spatial, K, layouts in CROSS_SHAPES:
         for layout in layouts:
-            res = time_backends((("triton", triton_cross), ("mamba_ssm", mamba_cross if mfn else None),
-                                 ("torch", torch_cross)),
-                                lambda fn, timer: time_cross(fn, b, d, spatial, K, layout, timer))
+            res = time_backends((("triton", triton_cross), ("mamba_ssm", mamba_cross if mfn else None)),
+                                lambda fn: time_cross(fn, b, d, spatial, K, layout))
             L = math.prod(spatial)
             rows.append((label, f"({b}, {K}x{d}, {L}, K={K})", f"fp32, {layout}", res, *cross_bytes(b, d, spatial, K)))
             entries.append(table_entry(res, kind="cross", label=label, b=b, d=d, L=L, K=K, N=N, dtype="fp32",
@@ -366,9 +327,9 @@ def _frac(nbytes, t, bw):
 
 def print_row(row, bw):
     label, shape, dts, res, fb, fbb = row
-    (tf, tfb), (mf, mfb), (pf, pfb) = res["triton"], res["mamba_ssm"], res["torch"]
+    (tf, tfb), (mf, mfb) = res["triton"], res["mamba_ssm"]
     print(f"{label:45s} {shape:28s} {dts}: triton fwd {_ms(tf)} / fwd+bwd {_ms(tfb)} ms; mamba-ssm {_ms(mf)} / "
-          f"{_ms(mfb)} ms; speed-up {_ratio(tf, mf)} / {_ratio(tfb, mfb)}; torch {_ms(pf)} / {_ms(pfb)} ms", flush=True)
+          f"{_ms(mfb)} ms; speed-up {_ratio(tf, mf)} / {_ratio(tfb, mfb)}", flush=True)
 
 
 def render(rows, bw, gpu, date):
@@ -385,20 +346,16 @@ def render(rows, bw, gpu, date):
         "the L2 flushed before each run. Forward without autograd; forward+backward with every input requiring grad. "
         "Speed-up = mamba-ssm time / Triton time. Copy % = minimum bytes moved (inputs read once, outputs written "
         "once) / time, as a fraction of the copy bandwidth. Cross-scan row: Triton = fused multi-direction form; "
-        "mamba-ssm = reference path (K re-ordered copies + one grouped scan + merge). torch = the PyTorch backend "
-        "(median of 2 runs after a warm-up, no L2 flush; the warm-up alone where it took over 1 s), on the cross rows "
-        "through the same reference path.",
+        "mamba-ssm = reference path (K re-ordered copies + one grouped scan + merge).",
         "",
         "| shape | (b, d, L) | dtype, input layout | Triton fwd ms | Triton fwd+bwd ms | mamba-ssm fwd ms "
-        "| mamba-ssm fwd+bwd ms | speed-up fwd | speed-up fwd+bwd | Triton copy % fwd | Triton copy % fwd+bwd "
-        "| torch fwd ms | torch fwd+bwd ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mamba-ssm fwd+bwd ms | speed-up fwd | speed-up fwd+bwd | Triton copy % fwd | Triton copy % fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, shape, dts, res, fb, fbb in rows:
-        (tf, tfb), (mf, mfb), (pf, pfb) = res["triton"], res["mamba_ssm"], res["torch"]
+        (tf, tfb), (mf, mfb) = res["triton"], res["mamba_ssm"]
         lines.append(f"| {label} | {shape} | {dts} | {_ms(tf)} | {_ms(tfb)} | {_ms(mf)} | {_ms(mfb)} | "
-                     f"{_ratio(tf, mf)} | {_ratio(tfb, mfb)} | {_frac(fb, tf, bw)} | {_frac(fbb, tfb, bw)} | "
-                     f"{_ms(pf)} | {_ms(pfb)} |")
+                     f"{_ratio(tf, mf)} | {_ratio(tfb, mfb)} | {_frac(fb, tf, bw)} | {_frac(fbb, tfb, bw)} |")
     return "\n".join(lines) + "\n"
 
 

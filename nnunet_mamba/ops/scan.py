@@ -66,7 +66,8 @@ def _resolve(backend: str, u: torch.Tensor, B: torch.Tensor) -> _Backend:
         return be
     usable = [b for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)
               if b.why_unavailable(u.device) is None and not (b.unsupported and b.unsupported(B))]
-    # the fastest usable backend by measurement where one exists for this shape, else the highest priority
+    # the fastest usable backend by measurement where one exists for this shape, else the highest priority (the
+    # measured table times the GPU backends; the PyTorch one, far slower on a GPU, is the last resort there)
     measured = {}
     for b in usable:
         if b.timings is not None:
@@ -324,9 +325,11 @@ def _triton_timings(u):
     return measured_times(u)
 
 
-# Priority below "torch": "auto" takes the Triton kernel where its measured table (kernels/auto_table.json: Triton,
-# mamba-ssm and torch timed on the same tensors) says it is the fastest of the usable backends for that shape,
-# precision and input layout, never as an unmeasured fallback; NNUNET_MAMBA_SCAN_BACKEND=triton or
-# backend="triton" selects it explicitly.
-register_backend("triton", _selective_scan_triton, _triton_unavailable, priority=-5,
+# "auto" takes the Triton kernel where its measured table (kernels/auto_table.json: Triton and mamba-ssm timed on the
+# same tensors) says it is the faster of the usable backends for that shape, precision and input layout. Where
+# nothing of that kind is measured, priority decides: mamba-ssm, then Triton, then the PyTorch backend, which on the
+# H200 measured 16x to 3000x slower than the Triton kernel on every benchmark shape (session 8,
+# benchmarks/results/logs/session8_h200.log), so on CUDA it runs only when no GPU backend is usable.
+# NNUNET_MAMBA_SCAN_BACKEND=triton or backend="triton" selects it explicitly.
+register_backend("triton", _selective_scan_triton, _triton_unavailable, priority=5,
                  cross_fn=_cross_selective_scan_triton, timings=_triton_timings, fuses_delta_proj=True)
