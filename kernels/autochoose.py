@@ -1,7 +1,7 @@
 """Measured per-shape choice among the selective-scan backends for ``backend="auto"``.
 
-``kernels/bench_scan.py`` times the backends (Triton, mamba-ssm and the PyTorch one; forward + backward and forward
-alone) on the anchor and network shapes and writes ``kernels/auto_table.json``. A call is matched to the nearest
+``kernels/bench_scan.py`` times the GPU backends (Triton and mamba-ssm; forward + backward and forward alone) on the
+anchor and network shapes and writes ``kernels/auto_table.json``. A call is matched to the nearest
 measured shape of the same kind (plain scan or fused cross-scan), precision class and input layout ((b, d, L)-
 contiguous or channels-last), by distance in (log2(batch * channels), log2(L)); ``measured_times`` returns each
 backend's time there (forward + backward with gradients on, the forward alone under ``torch.no_grad``), and the

@@ -9,12 +9,13 @@ and on (B, C, *S) feature maps
 
 * ``depthwise_conv`` - a depthwise k^nd conv, stride 1, "same" padding. Torch: ``F.conv2d`` / ``F.conv3d`` with
   ``groups=C`` (PyTorch's own 3D depthwise kernels for fp32); Triton (``kernels/depthwise_conv_triton.py``).
-* ``group_norm`` - GroupNorm. Torch: ``F.group_norm`` (one thread block per (sample, group) for the statistics);
-  Triton (``kernels/group_norm_triton.py``): many programs per (sample, channel).
+* ``group_norm`` - GroupNorm. Torch: ``F.group_norm`` (one thread block per (sample, group) for the statistics), or
+  from ``VAR_MEAN_FROM`` elements statistics from ``torch.var_mean``; Triton (``kernels/group_norm_triton.py``):
+  many programs per (sample, channel).
 
 ``backend="auto"`` takes Triton for CUDA tensors (when installed) from the smallest size at which it measured faster
-than PyTorch on the H100 (kernels/BENCHMARK_mixer_ops.md: the conv from 2 x 32768 x 256 elements, LayerNorm from
-2 x 262144 x 64; at the smaller measured sizes PyTorch was faster), else PyTorch.
+than PyTorch (kernels/BENCHMARK_mixer_ops.md; ``TRITON_FROM``; at the smaller measured sizes PyTorch was faster),
+except the depthwise conv of 2D channels-last maps (cuDNN measured faster), else PyTorch.
 ``NNUNET_MAMBA_TOKEN_OPS_BACKEND`` forces one (benchmarks, debugging). Both backends compute the same function
 (Triton: fp32 arithmetic, dense outputs; torch: the conv's output is a transposed view). Nothing here imports triton
 at module import time.
@@ -34,8 +35,9 @@ ENV_BACKEND = "NNUNET_MAMBA_TOKEN_OPS_BACKEND"
 # smallest measured size (elements) at which the Triton kernel beat PyTorch, per op (kernels/BENCHMARK_mixer_ops.md)
 TRITON_FROM = {"causal-conv1d": 2 * 32768 * 256, "layer-norm": 2 * 262144 * 64, "group-norm": 2 * 32 * 128 ** 3,
                "depthwise-conv": 2 * 128 * 32 ** 3}
-# group_norm's torch backend takes its statistics from var_mean from this size (below: F.group_norm); measured faster
-# from 2 x 32 x 64^3 on the H100 (2.8x there), and than the Triton kernel up to 2 x 64 x 64^3 on the H200
+# group_norm's torch backend takes its statistics from var_mean from this size (below: F.group_norm). Against
+# F.group_norm it measured 2.8x faster at 2 x 64 x 64^3 and slower at 2 x 128 x 32^3 on the H100, 1.6x faster at
+# 2 x 128 x 32^3 and slower at 2 x 256 x 16^3 on the H200; against the Triton kernel faster up to 2 x 64 x 64^3.
 VAR_MEAN_FROM = 1 << 24
 
 
