@@ -16,6 +16,7 @@ import datetime
 import importlib
 import json
 import os
+import re
 import statistics
 import sys
 import traceback
@@ -87,15 +88,42 @@ def _batch(shape, batch, k, learnable=False):
     return x, y
 
 
+# kernel-name patterns per part of a step, first match wins (profile_step's summary)
+KERNEL_CATEGORIES = [("selective scan", r"^_(bwd|chunk|bsum|carry)_kernel$|selective_scan"),
+                     ("causal conv / LayerNorm / GroupNorm / depthwise conv (Triton)",
+                      r"^_(conv_fwd|conv_bwd|ln_\w+|stats|grad_sums|affine|dw_conv|dw_conv_wgrad)_kernel$"),
+                     ("depthwise conv (PyTorch)", r"depthwise"),
+                     ("cuDNN (convolutions, batch norm)", r"cudnn|implicit_gemm|conv"),
+                     ("GEMM (cuBLAS)", r"gemm|gemv"),
+                     ("GroupNorm / LayerNorm (PyTorch)", r"GroupNorm|ComputeInternalGradients|GammaBeta|layer_norm"),
+                     ("concatenation", r"CatArray"),
+                     ("copies", r"copy|Memcpy"),
+                     ("reductions", r"reduce_kernel"),
+                     ("elementwise", r"elementwise")]
+
+
+def kernel_category(name: str) -> str:
+    return next((cat for cat, rx in KERNEL_CATEGORIES if re.search(rx, name, re.IGNORECASE)), "other")
+
+
 def profile_step(step, name, top=12):
-    """Print the CUDA kernels that take the time of one step (torch.profiler), to find what to fix."""
+    """Print the CUDA kernels that take the time of one step (torch.profiler) and their sums per part of the step
+    (``KERNEL_CATEGORIES``), to find what to fix."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     print(f"[profile] {name}: top {top} CUDA kernels of one step")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+    sums = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            sums[kernel_category(e.key)] = sums.get(kernel_category(e.key), 0.0) + e.self_device_time_total / 1e3
+    print(f"[profile] {name}: kernel time per part of the step ({sum(sums.values()):.1f} ms in all)")
+    for cat, ms in sorted(sums.items(), key=lambda kv: -kv[1]):
+        print(f"  {ms:9.1f} ms  {cat}")
 
 
 def measure(name, steps, warmup, profile=0):

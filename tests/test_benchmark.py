@@ -279,3 +279,23 @@ def test_accuracy_trains_through_nnunet_then_skips_and_collects(tiny, tmp_path, 
     with open(os.path.join(out, "accuracy.png"), "rb") as f:
         assert f.read(4) == b"\x89PNG"
     assert "| nnUNetTrainerLightMUNet | nnUNetTrainerLightMUNet | 0 |" in open(os.path.join(out, "accuracy.md")).read()
+
+
+def test_train_step_profile_sorts_kernels_into_parts():
+    """benchmarks/train_step.py --profile: Triton kernel names are matched whole (the causal conv's `_conv_bwd_kernel`
+    is not the scan's `_bwd_kernel`); cuDNN's implicit GEMMs are convolutions, not cuBLAS GEMMs."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("train_step", path)
+    ts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ts)
+    expected = {"_bwd_kernel": "selective scan", "void selective_scan_fwd_kernel<...>": "selective scan",
+                "_conv_bwd_kernel": "causal conv / LayerNorm / GroupNorm / depthwise conv (Triton)",
+                "_dw_conv_wgrad_kernel": "causal conv / LayerNorm / GroupNorm / depthwise conv (Triton)",
+                "sm80_xmma_gemm_f32f32_f32f32_f32_tn_n": "GEMM (cuBLAS)",
+                "sm90_xmma_fprop_implicit_gemm_f16f16": "cuDNN (convolutions, batch norm)",
+                "conv_depthwise3d_cuda_backward_weight_kernel": "depthwise conv (PyTorch)",
+                "CatArrayBatchedCopy_vectorized": "concatenation", "upsample_trilinear3d_backward": "other"}
+    assert {name: ts.kernel_category(name) for name in expected} == expected
