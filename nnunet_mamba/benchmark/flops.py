@@ -9,8 +9,9 @@
   ``D`` and b·d·L for the gate ``z`` - the convention of mamba-ssm's ``flops_selective_scan_ref`` used by VMamba
   (state-spaces/mamba issue 110). Forward only.
 
-* The Mamba layers' causal conv and LayerNorm (``nnunet_mamba.ops.token_ops``) run on their PyTorch backend while
-  counting, so the conv is counted as the convolution it is on every device (a Triton kernel would not be seen).
+* The ops with Triton kernels (``nnunet_mamba.ops.token_ops``: the Mamba layers' causal conv and LayerNorm, the
+  depthwise convs and GroupNorms of the maps) run on their PyTorch backend while counting, so the convs are counted
+  as the convolutions they are on every device (a Triton kernel would not be seen).
 
 The two numbers are reported side by side and never summed silently.
 """
