@@ -328,7 +328,7 @@ def _triton_timings(u):
 # "auto" takes the Triton kernel where its measured table (kernels/auto_table.json: Triton and mamba-ssm timed on the
 # same tensors) says it is the faster of the usable backends for that shape, precision and input layout. Where
 # nothing of that kind is measured, priority decides: mamba-ssm, then Triton, then the PyTorch backend, which on the
-# H200 measured 16x to 3000x slower than the Triton kernel on every benchmark shape (session 8,
+# H200 measured 16x to 3200x slower than the Triton kernel on every benchmark shape it ran (session 8,
 # benchmarks/results/logs/session8_h200.log), so on CUDA it runs only when no GPU backend is usable.
 # NNUNET_MAMBA_SCAN_BACKEND=triton or backend="triton" selects it explicitly.
 register_backend("triton", _selective_scan_triton, _triton_unavailable, priority=5,
