@@ -120,7 +120,8 @@ def profile_step(step, name, top=12):
     sums = {}
     for e in events:
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            sums[kernel_category(e.key)] = sums.get(kernel_category(e.key), 0.0) + e.self_device_time_total / 1e3
+            cat = kernel_category(e.key)
+            sums[cat] = sums.get(cat, 0.0) + e.self_device_time_total / 1e3
     print(f"[profile] {name}: kernel time per part of the step ({sum(sums.values()):.1f} ms in all)")
     for cat, ms in sorted(sums.items(), key=lambda kv: -kv[1]):
         print(f"  {ms:9.1f} ms  {cat}")
