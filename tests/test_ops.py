@@ -231,6 +231,23 @@ def test_token_layer_norm_is_nn_layer_norm():
     torch.testing.assert_close(ours(x), ref(x))
 
 
+def assert_same_module(ours, ref, x):
+    """ours takes ref's state dict (same keys, in order) and then computes the same output and the same gradients
+    of x and of every parameter."""
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = x.requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y_ref, y = ref(x), ours(x2)
+    torch.testing.assert_close(y, y_ref)
+    gy = torch.randn_like(y)
+    y_ref.backward(gy)
+    y.backward(gy)
+    torch.testing.assert_close(x2.grad, x.grad)
+    for p_ours, p_ref in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p_ours.grad, p_ref.grad)
+
+
 @pytest.mark.parametrize("shape, groups, affine", [((2, 8, 5, 6, 7), 4, True), ((3, 6, 9, 4), 3, False),
                                                   ((1, 4, 11), 1, True)])
 def test_group_norm_is_nn_group_norm(shape, groups, affine, monkeypatch):
@@ -250,18 +267,7 @@ def test_group_norm_is_nn_group_norm(shape, groups, affine, monkeypatch):
         with torch.no_grad():
             ref.weight.uniform_(0.5, 1.5)
             ref.bias.uniform_(-1, 1)
-    ours.load_state_dict(ref.state_dict())
-    assert list(ours.state_dict()) == list(ref.state_dict())
-    x = (torch.randn(*shape, dtype=torch.float64) * 3 + 2).requires_grad_(True)
-    x2 = x.detach().clone().requires_grad_(True)
-    gy = torch.randn(*shape, dtype=torch.float64)
-    y_ref, y = ref(x), ours(x2)
-    torch.testing.assert_close(y, y_ref)
-    y_ref.backward(gy)
-    y.backward(gy)
-    torch.testing.assert_close(x2.grad, x.grad)
-    for p_ours, p_ref in zip(ours.parameters(), ref.parameters()):
-        torch.testing.assert_close(p_ours.grad, p_ref.grad)
+    assert_same_module(ours, ref, torch.randn(*shape, dtype=torch.float64) * 3 + 2)
     assert calls
 
 
@@ -286,18 +292,8 @@ def test_depthwise_conv_module_is_the_conv(nd, k, bias):
 
     ref = conv_nd(nd)(6, 6, k, padding=k // 2, groups=6, bias=bias).double()
     ours = depthwise_conv_nd(nd)(6, k, bias=bias).double()
-    ours.load_state_dict(ref.state_dict())
-    assert list(ours.state_dict()) == list(ref.state_dict()) and isinstance(ours, conv_nd(nd))
-    x = torch.randn(2, 6, *(5, 7, 4)[:nd], dtype=torch.float64, requires_grad=True)
-    x2 = x.detach().clone().requires_grad_(True)
-    y_ref, y = ref(x), ours(x2)
-    torch.testing.assert_close(y, y_ref)
-    gy = torch.randn_like(y)
-    y_ref.backward(gy)
-    y.backward(gy)
-    torch.testing.assert_close(x2.grad, x.grad)
-    for p_ours, p_ref in zip(ours.parameters(), ref.parameters()):
-        torch.testing.assert_close(p_ours.grad, p_ref.grad)
+    assert isinstance(ours, conv_nd(nd))
+    assert_same_module(ours, ref, torch.randn(2, 6, *(5, 7, 4)[:nd], dtype=torch.float64))
 
 
 def test_depthwise_conv_auto_keeps_cudnn_for_2d_channels_last(monkeypatch):
@@ -305,12 +301,16 @@ def test_depthwise_conv_auto_keeps_cudnn_for_2d_channels_last(monkeypatch):
 
     monkeypatch.setattr(token_ops, "_triton_unavailable", lambda device: None)  # as on a CUDA machine
     used = []
-    monkeypatch.setattr(token_ops, "_use_triton", lambda op, x, backend: used.append(backend) or False)
+    decide = token_ops._use_triton
+    monkeypatch.setattr(token_ops, "_use_triton", lambda *a, **kw: used.append(decide(*a, **kw)) or False)
     n = token_ops.TRITON_FROM["depthwise-conv"]
     x = torch.randn(1, 64, 1, n // 64)  # a 2D map over the size threshold
     token_ops.depthwise_conv(x, torch.randn(64, 1, 1, 1))
     token_ops.depthwise_conv(x.contiguous(memory_format=torch.channels_last), torch.randn(64, 1, 1, 1))
-    assert used == ["auto", "torch"]
+    assert used == [True, False]  # Triton for the channels-first map, cuDNN for the channels-last one
+    monkeypatch.setenv(token_ops.ENV_BACKEND, "triton")  # the environment still forces Triton there
+    token_ops.depthwise_conv(x.contiguous(memory_format=torch.channels_last), torch.randn(64, 1, 1, 1))
+    assert used == [True, False, True]
 
 
 def test_token_ops_auto_takes_triton_only_from_the_measured_size(monkeypatch):

@@ -41,10 +41,13 @@ TRITON_FROM = {"causal-conv1d": 2 * 32768 * 256, "layer-norm": 2 * 262144 * 64, 
 VAR_MEAN_FROM = 1 << 24
 
 
-def _use_triton(op: str, x: torch.Tensor, backend: str) -> bool:
+def _use_triton(op: str, x: torch.Tensor, backend: str, measured_faster: bool = True) -> bool:
+    """Whether to run the Triton kernel: "auto" takes it from the op's ``TRITON_FROM`` size where the caller's layout
+    rule (``measured_faster``) does not exclude x; the environment variable overrides "auto"."""
     if backend == "auto":
         backend = os.environ.get(ENV_BACKEND) or (
-            "triton" if x.numel() >= TRITON_FROM[op] and _triton_unavailable(x.device) is None else "torch")
+            "triton" if measured_faster and x.numel() >= TRITON_FROM[op] and _triton_unavailable(x.device) is None
+            else "torch")
     if backend not in ("torch", "triton"):
         raise ValueError(f"unknown {op} backend {backend!r}; known: auto, torch, triton")
     if backend == "triton":
@@ -87,9 +90,8 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-    if backend == "auto" and x.dim() == 4 and x.stride(1) == 1 and not os.environ.get(ENV_BACKEND):
-        backend = "torch"  # 2D channels-last (SS2D's maps): cuDNN's kernel measured 2.3x faster than the Triton one
-    if _use_triton("depthwise-conv", x, backend):
+    # 2D channels-last maps (SS2D's): cuDNN's kernel measured 2.3x faster than the Triton one
+    if _use_triton("depthwise-conv", x, backend, measured_faster=not (x.dim() == 4 and x.stride(1) == 1)):
         from ..kernels.depthwise_conv_triton import depthwise_conv_triton
         return depthwise_conv_triton(x, weight, bias)
     conv = {4: F.conv2d, 5: F.conv3d}[x.dim()]
