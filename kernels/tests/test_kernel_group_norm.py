@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from oracle import rel_err
+
 ON_GPU = torch.cuda.is_available()
 
 
@@ -22,10 +24,6 @@ def small_blocks(gn, monkeypatch):
     """BLOCK = 32; the test sets ``gn.PROGRAMS_CPU`` (reduction programs in all) through ``monkeypatch``."""
     monkeypatch.setattr(gn, "BLOCK", 32)
     return monkeypatch
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def check(gn, x, w, b, G, tol=1e-5, need=(True, True, True), seed=0):

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from oracle import rel_err
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(scope="module")
@@ -20,10 +22,6 @@ def ln():
 @pytest.fixture
 def small_tiles(ln, monkeypatch):
     monkeypatch.setattr(ln, "TILE_ELEMS", 256)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def close(a, b, tol):

@@ -7,7 +7,7 @@ Non-square maps catch any mix-up of axes.
 import pytest
 import torch
 
-from oracle import selective_scan_oracle
+from oracle import rel_err, selective_scan_oracle
 from nnunet_mamba.ops.scan import cross_scan_orders, cross_selective_scan_reference
 
 ON_GPU = torch.cuda.is_available()
@@ -40,10 +40,6 @@ def make(b, d, spatial, N, K, seed, device):
     t = dict(x=r(b, d, *spatial), delta=0.5 * r(b, K, d, *spatial), A=-torch.rand(K * d, N, generator=g) * 2 - 0.1,
              B=r(b, K, N, *spatial), C=r(b, K, N, *spatial), D=r(K * d), bias=0.3 * r(K * d))
     return {k: v.to(device) for k, v in t.items()}
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def run_and_grad(fn, inp, gy, dtype=None):

@@ -10,7 +10,7 @@ GPU (``-m cuda``).
 import pytest
 import torch
 
-from oracle import selective_scan_oracle
+from oracle import rel_err, selective_scan_oracle
 
 ON_GPU = torch.cuda.is_available()
 
@@ -50,10 +50,6 @@ def oracle(u, delta, A, B, C, delta_proj_weight=None, **kw):
     if delta_proj_weight is not None:
         delta = torch.einsum("dr,brl->bdl", delta_proj_weight, delta)
     return selective_scan_oracle(u, delta, A, B, C, **kw)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def check_against_oracle(tk, inp, softplus=True, use=("D", "z", "delta_bias"), tol=2e-5, gtol=1e-4,
