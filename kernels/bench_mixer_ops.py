@@ -36,8 +36,7 @@ from nnunet_mamba.kernels.causal_conv1d_triton import causal_conv1d_silu_triton 
 from nnunet_mamba.kernels.depthwise_conv_triton import depthwise_conv_triton  # noqa: E402
 from nnunet_mamba.kernels.group_norm_triton import group_norm_triton  # noqa: E402
 from nnunet_mamba.kernels.layer_norm_triton import layer_norm_triton  # noqa: E402
-from nnunet_mamba.modules.common import _GroupNormFn  # noqa: E402
-from nnunet_mamba.ops.token_ops import _conv_torch  # noqa: E402
+from nnunet_mamba.ops.token_ops import _GroupNormFn, _conv_torch  # noqa: E402
 
 # (label, tokens per batch element, conv channels d_inner, LayerNorm channels d_model); batch 2
 SHAPES = [("stage 1 (128^3)", 128 ** 3, 64, 32), ("stage 2 (64^3)", 64 ** 3, 128, 64),
@@ -67,6 +66,25 @@ def fwd_bwd_ms(fn, *shape_and_params, channels_last=False):
     return do_bench(run, warmup=5, rep=40)
 
 
+def cases():
+    """(where, tensor shape, PyTorch fn, [(op, project fn), ...], parameters, channels-last input) per measurement;
+    the PyTorch time is measured once per case."""
+    for label, L, d, c in SHAPES:
+        ln_w, ln_b = torch.randn(c), torch.randn(c)
+        yield label, (2, L, d), _conv_torch, [("conv1d(K=4) + SiLU", causal_conv1d_silu_triton)], \
+            (0.5 * torch.randn(d, 1, 4), torch.randn(d)), False
+        yield label, (2, L, c), lambda x, g, b, c=c: F.layer_norm(x, (c,), g, b), \
+            [("LayerNorm", lambda x, g, b: layer_norm_triton(x, g, b, 1e-5))], (ln_w, ln_b), False
+        yield label, (2, c) + (round(L ** (1 / 3)),) * 3, lambda x, g, b: F.group_norm(x, 8, g, b), \
+            [("GroupNorm(8), var_mean statistics", lambda x, g, b: _GroupNormFn.apply(x, g, b, 8, 1e-5)),
+             ("GroupNorm(8), Triton", lambda x, g, b: group_norm_triton(x, g, b, 8, 1e-5))], (ln_w, ln_b), False
+    for where, shape, k, cl in DW_SHAPES:
+        conv = F.conv3d if len(shape) == 5 else F.conv2d
+        yield where, shape, lambda x, w, conv=conv, k=k: conv(x, w, None, 1, k // 2, 1, x.shape[1]), \
+            [(f"depthwise conv k={k}{', channels-last' if cl else ''}", depthwise_conv_triton)], \
+            (0.1 * torch.randn(shape[1], 1, *(k,) * (len(shape) - 2)),), cl
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent))
@@ -77,28 +95,10 @@ def main():
              "`python kernels/bench_mixer_ops.py`.", "",
              "| op | where | tensor | PyTorch (ms) | project (ms) | speed-up |",
              "|---|---|---|---|---|---|"]
-    for label, L, d, c in SHAPES:
-        w, bias = 0.5 * torch.randn(d, 1, 4), torch.randn(d)
-        ln_w, ln_b = torch.randn(c), torch.randn(c)
-        cases = [("conv1d(K=4) + SiLU", (2, L, d), _conv_torch, causal_conv1d_silu_triton, (w, bias)),
-                 ("LayerNorm", (2, L, c), lambda x, g, b: F.layer_norm(x, (c,), g, b),
-                  lambda x, g, b: layer_norm_triton(x, g, b, 1e-5), (ln_w, ln_b)),
-                 ("GroupNorm(8), var_mean statistics", (2, c) + (round(L ** (1 / 3)),) * 3,
-                  lambda x, g, b: F.group_norm(x, 8, g, b), lambda x, g, b: _GroupNormFn.apply(x, g, b, 8, 1e-5),
-                  (ln_w, ln_b)),
-                 ("GroupNorm(8), Triton", (2, c) + (round(L ** (1 / 3)),) * 3,
-                  lambda x, g, b: F.group_norm(x, 8, g, b), lambda x, g, b: group_norm_triton(x, g, b, 8, 1e-5),
-                  (ln_w, ln_b))]
-        cases = [(op, label, *rest, False) for op, *rest in cases]
-        if label == SHAPES[0][0]:
-            for dw_label, shape, k, cl in DW_SHAPES:
-                conv = F.conv3d if len(shape) == 5 else F.conv2d
-                torch_fn = lambda x, w, conv=conv, k=k: conv(x, w, None, 1, k // 2, 1, x.shape[1])  # noqa: E731
-                cases.append((f"depthwise conv k={k}{', channels-last' if cl else ''}", dw_label, shape, torch_fn,
-                              depthwise_conv_triton, (0.1 * torch.randn(shape[1], 1, *(k,) * (len(shape) - 2)),), cl))
-        for op, where, shape, torch_fn, triton_fn, params, cl in cases:
-            t0 = fwd_bwd_ms(torch_fn, shape, *params, channels_last=cl)
-            t1 = fwd_bwd_ms(triton_fn, shape, *params, channels_last=cl)
+    for where, shape, torch_fn, projects, params, cl in cases():
+        t0 = fwd_bwd_ms(torch_fn, shape, *params, channels_last=cl)
+        for op, project_fn in projects:
+            t1 = fwd_bwd_ms(project_fn, shape, *params, channels_last=cl)
             row = f"| {op} | {where} | {'x'.join(map(str, shape))} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f}x |"
             print(row, flush=True)
             lines.append(row)
