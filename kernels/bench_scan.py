@@ -227,23 +227,53 @@ def sweep(variants=SWEEP_VARIANTS, shapes=SWEEP_SHAPES):
     sst.set_tuning()
 
 
-def parts(variants):
-    """Where one fp32 forward+backward (channels-last) spends its GPU time, per kernel (torch.profiler), for the
-    full-resolution 3D shapes and each launch-plan variant (set_tuning keys): to see which kernel to work on."""
+def _cross_call(b, d, spatial, K):
+    """(inputs, output gradient, call) of one fp32 channels-last cross-scan forward+backward."""
+    orders = cross_scan_orders(len(spatial), K)
+    x = cross_inputs(b, d, spatial, K, grad=True, layout="channels-last")
+    gy = torch.randn(b, d, *spatial, device="cuda").movedim(1, -1).contiguous().movedim(-1, 1)
+    return x, gy, lambda: triton_cross(x["x"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["bias"], orders)
+
+
+def _scan_call(b, d, L, G):
+    """(inputs, output gradient, call) of one fp32 channels-last scan forward+backward."""
+    x = {k: sst.channels_last(t.detach()).requires_grad_(True)
+         for k, t in scan_inputs(b, d, L, G, torch.float32, grad=True).items()}
+    gy = sst.channels_last(torch.randn(b, d, L, device="cuda"))
+    return x, gy, lambda: triton_scan(*(x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), True)
+
+
+PARTS_SHAPES = [(2, 64, 64 ** 3, 1), (2, 64, 128 ** 3, 1)]
+
+
+def parts(variants, shapes=PARTS_SHAPES):
+    """Where one fp32 forward+backward (channels-last) spends its GPU time, per kernel (torch.profiler), for each
+    shape ((b, d, L, G), or ("cross", b, d, spatial, K) for the fused cross-scan) and launch-plan variant
+    (set_tuning keys): to see which kernel to work on. Also the median time (do_bench, as the table) and the host's
+    time to issue the call (no synchronisation): where it exceeds the GPU's, the call is host-bound."""
+    import time
     from torch.profiler import ProfilerActivity, profile
-    for b, d, L, G in [(2, 64, 64 ** 3, 1), (2, 64, 128 ** 3, 1)]:
+    for shape in shapes:
         for v in variants:
             sst.set_tuning(**v)
-            time_scan(triton_scan, b, d, L, G, torch.float32, "channels-last")  # compile + warm up
-            xg = {k: sst.channels_last(t.detach()).requires_grad_(True)
-                  for k, t in scan_inputs(b, d, L, G, torch.float32, grad=True).items()}
-            gy = sst.channels_last(torch.randn(b, d, L, device="cuda"))
+            x, gy, call = _cross_call(*shape[1:]) if shape[0] == "cross" else _scan_call(*shape)
+
+            def fwdbwd():
+                for t in x.values():
+                    t.grad = None
+                call().backward(gy)
+
+            t_fb = do_bench(fwdbwd, warmup=25, rep=100, return_mode="median")
+            host = []
+            for _ in range(20):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fwdbwd()
+                host.append(time.perf_counter() - t0)
+            torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
-                    for t in xg.values():
-                        t.grad = None
-                    triton_scan(*(xg[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), True
-                                ).backward(gy)
+                    fwdbwd()
                 torch.cuda.synchronize()
             times = {}
             for e in prof.key_averages():
@@ -251,9 +281,9 @@ def parts(variants):
                     times[e.key] = times.get(e.key, 0.0) + e.self_device_time_total / 5e3
             total = sum(times.values())
             top = sorted(times.items(), key=lambda kv: -kv[1])[:8]
-            print(f"PARTS b={b} d={d} L={L} {v}: {total:.3f} ms | "
-                  + " | ".join(f"{k[:40]} {t:.3f}" for k, t in top), flush=True)
-            del xg, gy
+            print(f"PARTS {shape} {v}: median {t_fb:.3f} ms, host issue {1e3 * sorted(host)[10]:.3f} ms, "
+                  f"kernels {total:.3f} ms | " + " | ".join(f"{k[:40]} {t:.3f}" for k, t in top), flush=True)
+            del x, gy, call
             torch.cuda.empty_cache()
     sst.set_tuning()
 
@@ -264,7 +294,8 @@ def main():
     ap.add_argument("--sweep", nargs="?", const="", default=None, metavar="JSON",
                     help="time launch-plan variants instead (a JSON list of set_tuning dicts; default: SWEEP_VARIANTS)")
     ap.add_argument("--shapes", default=None, metavar="JSON",
-                    help="with --sweep: a JSON list of [b, d, L, groups] shapes (default: SWEEP_SHAPES)")
+                    help="with --sweep or --parts: a JSON list of [b, d, L, groups] shapes, with --parts also "
+                         "[\"cross\", b, d, [H, W], K] (defaults: SWEEP_SHAPES, PARTS_SHAPES)")
     ap.add_argument("--quick", action="store_true", help="fp32 only, no bf16 rows")
     ap.add_argument("--parts", nargs="?", const="[{}]", default=None, metavar="JSON",
                     help="per-kernel time of one forward+backward (profiler) for launch-plan variants (JSON list)")
@@ -278,7 +309,7 @@ def main():
               [tuple(s) for s in json.loads(args.shapes)] if args.shapes else SWEEP_SHAPES)
         return
     if args.parts is not None:
-        parts(json.loads(args.parts))
+        parts(json.loads(args.parts), [tuple(s) for s in json.loads(args.shapes)] if args.shapes else PARTS_SHAPES)
         return
     bw = copy_bandwidth()
     print(f"{gpu}: device-to-device copy {bw / 1e12:.2f} TB/s; torch {torch.__version__}, triton {triton.__version__}",
