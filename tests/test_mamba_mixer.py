@@ -49,3 +49,18 @@ def test_state_dict_roundtrip():
     b.load_state_dict(a.state_dict())
     x = torch.randn(1, 20, 48)
     torch.testing.assert_close(a(x), b(x))
+
+
+def test_channels_first_output_is_the_token_output():
+    torch.manual_seed(0)
+    m = Mamba(24)
+    x = torch.randn(2, 30, 24, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y, y2 = m(x), m(x2, channels_first=True)
+    assert y2.shape == (2, 24, 30) and y2.is_contiguous()
+    torch.testing.assert_close(y2, y.transpose(1, 2))
+    gy = torch.randn_like(y)
+    grads = [torch.autograd.grad((out * g).sum(), [inp, *m.parameters()])
+             for out, inp, g in ((y, x, gy), (y2, x2, gy.transpose(1, 2)))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -263,13 +263,13 @@ def test_autocast_keeps_mamba_fp32(dtype):
         return hook
 
     net.layer2[1].mamba_layer.nin.register_forward_hook(record("nin"))
-    net.layer2[1].mamba_layer.mamba.in_proj.register_forward_hook(record("in_proj"))
+    net.layer2[1].mamba_layer.mamba.register_forward_hook(record("mixer"))
     net.layer2[1].mamba_layer.mamba.out_proj.register_forward_hook(record("out_proj"))
     net.layer2[1].conv1.register_forward_hook(record("block_conv"))
     with torch.autocast("cpu", dtype=dtype):
         out = net(torch.randn(2, 1, 32, 32))
     assert all(torch.isfinite(o).all() for o in out)
-    assert seen["nin"] == seen["in_proj"] == seen["out_proj"] == (torch.float32, torch.float32)
+    assert seen["nin"] == seen["mixer"] == seen["out_proj"] == (torch.float32, torch.float32)
     assert seen["block_conv"][1] == dtype  # the convolutions outside the core do run in low precision
 
 

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..ops import causal_conv1d_silu, selective_scan
+from ..ops import causal_conv1d_silu, linear_channels_first, linear_split, selective_scan
 
 
 def dt_bias_init(n: int, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4) -> torch.Tensor:
@@ -38,7 +38,11 @@ def a_log_init(rows: int, d_state: int) -> torch.Tensor:
 
 
 class Mamba(nn.Module):
-    """``Mamba(d_model, d_state=16, d_conv=4, expand=2)``: (B, L, d_model) -> (B, L, d_model)."""
+    """``Mamba(d_model, d_state=16, d_conv=4, expand=2)``: (B, L, d_model) -> (B, L, d_model).
+
+    The weights of ``in_proj`` and ``x_proj`` (and of ``out_proj`` for a channels-first output) are applied through
+    ``ops.linear_split`` / ``ops.linear_channels_first``: same parameters and arithmetic, but those submodules'
+    ``forward`` (and hooks on it) are not called."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
                  dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
@@ -65,18 +69,21 @@ class Mamba(nn.Module):
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+        """(B, L, d_model) tokens -> (B, L, d_model); with ``channels_first`` the same values as a contiguous
+        (B, d_model, L) tensor (out_proj computed in that layout: ``ops.linear_channels_first``)."""
         # Token-major (b, L, channels) throughout: the projections' outputs are handed to the conv and the scan as
-        # channels-last views (the scan's (b, d, L) arguments are transposed views, no copies).
-        xz = self.in_proj(hidden_states)  # (b, L, 2D)
-        x, z = xz.chunk(2, dim=-1)
+        # channels-last views (the scan's (b, d, L) arguments are transposed views, no copies). The in_proj and
+        # x_proj outputs are split without their gradients being concatenated in the backward (ops.linear_split).
+        x, z = linear_split(hidden_states, self.in_proj.weight, self.in_proj.bias, (self.d_inner, self.d_inner))
         x = causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)  # (b, L, D)
-        x_dbl = self.x_proj(x)  # (b, L, R + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = linear_split(x, self.x_proj.weight, self.x_proj.bias, (self.dt_rank, self.d_state, self.d_state))
         # dt_proj goes to the scan op: its weight as the low-rank delta's W (multiplied out there, or formed inside
         # the Triton kernels with NNUNET_MAMBA_FUSED_DELTA=1, docs/ops.md), its bias as delta_bias
         y = selective_scan(x.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
                            C.transpose(1, 2), D=self.D.float(), z=z.transpose(1, 2),
                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.scan_backend,
                            delta_proj_weight=self.dt_proj.weight)
+        if channels_first:
+            return linear_channels_first(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
         return self.out_proj(y.transpose(1, 2))

@@ -11,7 +11,8 @@ mamba-ssm's ``selective_scan_fn``, plus an optional low-rank delta (``delta_proj
 ``"auto"`` picks the best backend available for the tensors' device and says once which one it uses.
 ``causal_conv1d_silu`` and ``layer_norm`` (the Mamba layers' conv + SiLU and LayerNorm on (b, L, C) tokens), and
 ``depthwise_conv`` and ``group_norm`` on (B, C, *S) maps, have a PyTorch and a Triton backend
-(``ops/token_ops.py``). Nothing here imports mamba_ssm or triton at module import time.
+(``ops/token_ops.py``); ``linear_split`` and ``linear_channels_first`` are Linear layers computed in the layouts
+the Mamba layers need (``ops/linear.py``). Nothing here imports mamba_ssm or triton at module import time.
 """
 from .scan import (
     BackendUnavailable,
@@ -21,6 +22,7 @@ from .scan import (
     register_backend,
     selective_scan,
 )
+from .linear import linear_channels_first, linear_split
 from .token_ops import causal_conv1d_silu, depthwise_conv, group_norm, layer_norm
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "depthwise_conv",
     "group_norm",
     "layer_norm",
+    "linear_channels_first",
+    "linear_split",
     "cross_scan_orders",
     "cross_selective_scan",
     "register_backend",

@@ -1,0 +1,78 @@
+"""ops.linear_split and ops.linear_channels_first: nn.Linear arithmetic in other layouts, against float64 F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nnunet_mamba.ops import linear_channels_first, linear_split
+from oracle import rel_err
+
+
+def _inputs(shape, c_out, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(c_out, shape[-1], generator=g) / shape[-1] ** 0.5
+    b = torch.randn(c_out, generator=g) if bias else None
+    return x, w, b
+
+
+def _leaves(*ts):
+    return [t.clone().requires_grad_(True) if t is not None else None for t in ts]
+
+
+@pytest.mark.parametrize("shape,sizes,bias,used", [
+    ((2, 37, 8), (12, 12), False, (0, 1)),  # in_proj: x and z
+    ((3, 20, 16), (2, 5, 5), False, (0, 1, 2)),  # x_proj: dt, B, C
+    ((45, 6), (4, 3, 1), True, (0, 2)),  # 2-D input, bias, a block that does not reach the loss
+])
+def test_linear_split_matches_linear(shape, sizes, bias, used):
+    x, w, b = _inputs(shape, sum(sizes), bias)
+    weights = [torch.randn(*shape[:-1], n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+               for n in sizes]
+    xs, ws, bs = _leaves(x, w, b)
+    ours = linear_split(xs, ws, bs, sizes)
+    xr, wr, br = _leaves(*(t.double() if t is not None else None for t in (x, w, b)))
+    ref = F.linear(xr, wr, br).split(sizes, dim=-1)
+    for k in range(len(sizes)):
+        assert ours[k].shape == ref[k].shape and rel_err(ours[k], ref[k]) < 1e-6
+    sum((ours[k].double() * weights[k]).sum() for k in used).backward()
+    sum((ref[k] * weights[k]).sum() for k in used).backward()
+    for a, r in ((xs, xr), (ws, wr), (bs, br)):
+        if a is not None:
+            assert a.grad.dtype == a.dtype and rel_err(a.grad, r.grad) < 1e-6
+    if 1 not in used:  # an unused block's weight rows get a zero gradient, as F.linear's backward gives them
+        assert torch.equal(ws.grad[sizes[0]:sizes[0] + sizes[1]], torch.zeros(sizes[1], shape[-1]))
+
+
+def test_linear_split_rejects_sizes_that_do_not_cover_the_outputs():
+    x, w, _ = _inputs((2, 5, 4), 6, False)
+    with pytest.raises(ValueError, match="add up to the 6 output features"):
+        linear_split(x, w, None, (3, 2))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_channels_first_matches_linear(bias):
+    x, w, b = _inputs((2, 50, 12), 7, bias)
+    xs, ws, bs = _leaves(x.transpose(1, 2).contiguous().transpose(1, 2), w, b)  # tokens of a channels-first map
+    y = linear_channels_first(xs, ws, bs)
+    assert y.shape == (2, 7, 50) and y.is_contiguous()
+    xr, wr, br = _leaves(*(t.double() if t is not None else None for t in (x, w, b)))
+    ref = F.linear(xr, wr, br).transpose(1, 2)
+    assert rel_err(y, ref) < 1e-6
+    gy = torch.randn(2, 7, 50, dtype=torch.float64)
+    (y.double() * gy).sum().backward()
+    (ref * gy).sum().backward()
+    assert xs.grad.transpose(1, 2).is_contiguous()  # token-major, whatever the input's layout
+    for a, r in ((xs, xr), (ws, wr), (bs, br)):
+        if a is not None:
+            assert rel_err(a.grad, r.grad) < 1e-6
+
+
+def test_linear_ops_follow_autocast():
+    x, w, b = _inputs((2, 9, 8), 6, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        parts = linear_split(x, w, b, (2, 4))
+        y = linear_channels_first(x, w, b)
+        ref = F.linear(x, w, b)
+    assert all(p.dtype == ref.dtype == torch.bfloat16 for p in (*parts, y))
+    torch.testing.assert_close(torch.cat(parts, -1), ref)
+    torch.testing.assert_close(y, ref.transpose(1, 2), atol=1e-2, rtol=2e-2)  # the bias added after rounding
