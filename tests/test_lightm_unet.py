@@ -1,9 +1,13 @@
 """LightM-UNet: exact upstream parameter counts from real plans, shapes, plan handling, training, precision."""
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import n_params, with_strides
-from nnunet_mamba.networks.lightm_unet import LightMUNet
+from nnunet_mamba.networks.lightm_unet import LightMUNet, MambaLayer
+from oracle import rel_err
 from nnunet_mamba.trainers import nnUNetTrainerLightMUNet, nnUNetTrainerLightMUNet_nnUNetRecipe
 
 
@@ -120,3 +124,34 @@ def test_recomputation_gives_identical_gradients():
         grads.append([p.grad.clone() for p in net.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_mamba_layer_is_the_spec_formula():
+    """The layer computes channels-first (no layout copies); the spec's token formula, evaluated in float64 with
+    plain modules, is the oracle for its output and every gradient: t = tokens(x), u = mamba(LN(t)) + s t,
+    v = proj(LN(u))."""
+    torch.manual_seed(0)
+    layer = MambaLayer(12, 20, recompute=False)
+    with torch.no_grad():
+        layer.skip_scale.fill_(0.7)
+        layer.norm.weight.uniform_(0.5, 1.5)
+        layer.norm.bias.uniform_(-0.3, 0.3)
+    ref = copy.deepcopy(layer).double()
+    x = torch.randn(2, 12, 5, 6, 7, requires_grad=True)
+    xr = x.detach().double().requires_grad_(True)
+    y = layer(x)
+
+    def ln(t):
+        return F.layer_norm(t, (12,), ref.norm.weight, ref.norm.bias, ref.norm.eps)
+
+    t = xr.flatten(2).transpose(1, 2)
+    u = ref.mamba(ln(t)) + ref.skip_scale * t
+    yr = ref.proj(ln(u)).transpose(1, 2).reshape(2, 20, 5, 6, 7)
+    assert y.shape == yr.shape and y.is_contiguous()
+    assert rel_err(y, yr) < 1e-5
+    gy = torch.randn_like(yr)
+    (y.double() * gy).sum().backward()
+    (yr * gy).sum().backward()
+    assert rel_err(x.grad, xr.grad) < 1e-5
+    for (name, p), pr in zip(layer.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, pr.grad) < 1e-4, name  # skip_scale: a sum over 2.5k products

@@ -11,9 +11,10 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..modules.common import (GroupNorm, TokenLayerNorm, conv_nd, depthwise_conv_nd, flatten_tokens, fp32_core,
-                              interp_mode, max_pool_nd, recomputed, unflatten_tokens)
+from ..modules.common import (GroupNorm, TokenLayerNorm, conv_nd, depthwise_conv_nd, fp32_core, interp_mode,
+                              max_pool_nd, recomputed)
 from ..modules.mamba import Mamba
+from ..ops import linear_channels_first
 
 
 class ConvOnly(nn.Sequential):
@@ -51,9 +52,16 @@ class MambaLayer(nn.Module):
 
     @fp32_core
     def _forward(self, x):
-        t = flatten_tokens(x)
-        u = self.mamba(self.norm(t)) + self.skip_scale * t
-        return unflatten_tokens(self.proj(self.norm(u)), x.shape[2:])  # upstream quirk: norm applied twice
+        # Channels-first throughout, like the feature maps around the layer: the LayerNorm reads the token view of
+        # a (B, C, L) tensor in place and writes dense tokens for the projections, which write (B, C, L) back
+        # (ops.linear_channels_first), so the residual sums and the layer's neighbours (GroupNorm, ReLU, adds) see
+        # one layout, and nothing is copied to change layouts.
+        t = x.flatten(2)  # (B, C, L)
+        # u = mamba(norm(t)) + skip_scale * t, in one pass
+        u = torch.addcmul(self.mamba(self.norm(t.transpose(1, 2)), channels_first=True), self.skip_scale, t)
+        # upstream quirk: the same norm applied a second time
+        v = linear_channels_first(self.norm(u.transpose(1, 2)), self.proj.weight, self.proj.bias)
+        return v.view(*v.shape[:2], *x.shape[2:])
 
 
 class ResMambaBlock(nn.Module):
@@ -81,7 +89,7 @@ class ResUpBlock(nn.Module):
         self.skip_scale = nn.Parameter(torch.ones(1))
 
     def forward(self, x):
-        y = self.conv(self.act(self.norm1(x))) + self.skip_scale * x
+        y = torch.addcmul(self.conv(self.act(self.norm1(x))), self.skip_scale, x)  # conv(...) + skip_scale * x
         return self.act(self.norm2(y))
 
 
