@@ -5,7 +5,7 @@
   LightM-UNet's 128^3 tokens: 11 ms of copies per training step for the in_proj and x_proj outputs); here the backward
   takes each block's gradient where it lies: ``dx = sum_k g_k W_k`` and ``dW_k = g_k^T x``.
 * ``linear_channels_first(x, weight, bias)`` - the Linear of tokens x (B, L, C_in) returned as a channels-first
-  (B, C_out, L) tensor (``W x^T``, one batched GEMM), the layout of the feature maps around a Mamba layer; its
+  (B, C_out, L) tensor (``W x_b^T`` per batch element), the layout of the feature maps around a Mamba layer; its
   backward returns dx token-major (the layout the layer's LayerNorm and the scan read coalesced).
 
 Both are plain cuBLAS matrix products in the inputs' dtype (autocast applies as it does to ``F.linear``).
@@ -71,22 +71,36 @@ def linear_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 class _ChannelsFirstLinearFn(torch.autograd.Function):
+    """One plain GEMM per batch element, each into its slice of a preallocated output: ``torch.matmul`` would fold
+    the batch into the rows and hand back a transposed (channels-last) view, and a batched GEMM with the L tokens as
+    its reduction axis (the weight gradient) runs on a handful of thread blocks (0.56 s per LightM-UNet step)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        y = torch.matmul(weight, x.transpose(1, 2))  # (B, C_out, L), contiguous
-        if bias is not None:
-            y += bias[:, None]
+        y = x.new_empty(x.shape[0], weight.shape[0], x.shape[1])  # (B, C_out, L)
+        for b in range(x.shape[0]):
+            if bias is None:
+                torch.mm(weight, x[b].t(), out=y[b])
+            else:
+                torch.addmm(bias[:, None], weight, x[b].t(), out=y[b])
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        dx = torch.matmul(g.transpose(1, 2), weight) if ctx.needs_input_grad[0] else None  # (B, L, C_in)
-        dw = torch.matmul(g, x).sum(0) if ctx.needs_input_grad[1] else None
-        db = g.sum((0, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = x.new_empty(x.shape)  # (B, L, C_in), token-major
+            for b in range(x.shape[0]):
+                torch.mm(g[b].t(), weight, out=dx[b])
+        if ctx.needs_input_grad[1]:
+            dw = g[0] @ x[0]
+            for b in range(1, x.shape[0]):
+                dw.addmm_(g[b], x[b])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g.sum((0, 2))
         return dx, dw, db
 
 
