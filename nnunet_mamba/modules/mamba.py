@@ -40,7 +40,7 @@ def a_log_init(rows: int, d_state: int) -> torch.Tensor:
 class Mamba(nn.Module):
     """``Mamba(d_model, d_state=16, d_conv=4, expand=2)``: (B, L, d_model) -> (B, L, d_model).
 
-    The weights of ``in_proj`` and ``x_proj`` (and of ``out_proj`` for a channels-first output) are applied through
+    The weights of ``in_proj`` (and of ``out_proj`` for a channels-first output) are applied through
     ``ops.linear_split`` / ``ops.linear_channels_first``: same parameters and arithmetic, but those submodules'
     ``forward`` (and hooks on it) are not called."""
 
@@ -73,11 +73,14 @@ class Mamba(nn.Module):
         """(B, L, d_model) tokens -> (B, L, d_model); with ``channels_first`` the same values as a contiguous
         (B, d_model, L) tensor (out_proj computed in that layout: ``ops.linear_channels_first``)."""
         # Token-major (b, L, channels) throughout: the projections' outputs are handed to the conv and the scan as
-        # channels-last views (the scan's (b, d, L) arguments are transposed views, no copies). The in_proj and
-        # x_proj outputs are split without their gradients being concatenated in the backward (ops.linear_split).
+        # channels-last views (the scan's (b, d, L) arguments are transposed views, no copies). The in_proj output
+        # is split without its gradients being concatenated in the backward (ops.linear_split): at full resolution
+        # that concatenation copied 2 GB; x_proj's narrow output keeps the plain split (two GEMMs per block there
+        # measured slower than the copy).
         x, z = linear_split(hidden_states, self.in_proj.weight, self.in_proj.bias, (self.d_inner, self.d_inner))
         x = causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)  # (b, L, D)
-        dt, B, C = linear_split(x, self.x_proj.weight, self.x_proj.bias, (self.dt_rank, self.d_state, self.d_state))
+        x_dbl = self.x_proj(x)  # (b, L, R + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj goes to the scan op: its weight as the low-rank delta's W (multiplied out there, or formed inside
         # the Triton kernels with NNUNET_MAMBA_FUSED_DELTA=1, docs/ops.md), its bias as delta_bias
         y = selective_scan(x.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
