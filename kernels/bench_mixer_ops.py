@@ -4,7 +4,8 @@
 
 * causal depthwise conv (K = 4) + SiLU on (b, L, C) tokens: ``kernels/causal_conv1d_triton.py`` against what the
   mixer ran before, PyTorch's ``conv1d`` on the (b, C, L) transpose + SiLU (``ops/token_ops.py``, backend "torch");
-* LayerNorm over C of (b, L, C) tokens: ``kernels/layer_norm_triton.py`` against ``F.layer_norm``;
+* LayerNorm over C of (b, L, C) tokens, and of the token view of a channels-first (b, C, L) map:
+  ``kernels/layer_norm_triton.py`` against ``F.layer_norm``;
 * GroupNorm(8) of the (b, C, *S) maps around LightM-UNet's Mamba layers: ``kernels/group_norm_triton.py`` and
   the session-4 form (statistics from ``torch.var_mean``, ATen's backward) against ``F.group_norm``;
 * depthwise k^nd convs of LightM-UNet (ResUpBlock), MSVM-UNet (MS-MLP, SS3D) and VM-UNet (SS2D):
@@ -75,6 +76,10 @@ def cases():
             (0.5 * torch.randn(d, 1, 4), torch.randn(d)), False
         yield label, (2, L, c), lambda x, g, b, c=c: F.layer_norm(x, (c,), g, b), \
             [("LayerNorm", lambda x, g, b: layer_norm_triton(x, g, b, 1e-5))], (ln_w, ln_b), False
+        # the token view of a channels-first (b, C, L) map, as LightM-UNet's Mamba layers read it
+        yield label, (2, c, L), lambda x, g, b, c=c: F.layer_norm(x.transpose(1, 2), (c,), g, b), \
+            [("LayerNorm, channels-first tokens", lambda x, g, b: layer_norm_triton(x.transpose(1, 2), g, b, 1e-5))], \
+            (ln_w, ln_b), False
         yield label, (2, c) + (round(L ** (1 / 3)),) * 3, lambda x, g, b: F.group_norm(x, 8, g, b), \
             [("GroupNorm(8), var_mean statistics", lambda x, g, b: _GroupNormFn.apply(x, g, b, 8, 1e-5)),
              ("GroupNorm(8), Triton", lambda x, g, b: group_norm_triton(x, g, b, 8, 1e-5))], (ln_w, ln_b), False
