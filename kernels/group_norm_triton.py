@@ -3,7 +3,8 @@
     y[n, c, s] = (x[n, c, s] - mean[n, g]) * rstd[n, g] * w[c] + b[c],     g = c // (C / G),
     rstd = 1 / sqrt(var + eps), mean and biased var over the C / G channels x S positions of group g
 
-which is ``F.group_norm(x, G, w, b, eps)`` for x (N, C, *spatial), the spatial axes flattened to S. Use case:
+which is ``F.group_norm(x, G, w, b, eps)`` for x (N, C, *spatial), the spatial axes flattened to S (with ``relu=True``:
+``F.relu`` of it, fused, see below). Use case:
 nnU-Net-sized maps such as (2, 32, 128^3) with 8 groups, where each (sample, group) holds millions of elements.
 PyTorch's CUDA kernels give each (sample, group) (forward statistics) or each (sample, channel) (backward sums,
 ``ComputeInternalGradientsCUDAKernel``) one thread block: 16 or 64 blocks, most of the GPU idle. Here each (n, c)
@@ -18,12 +19,19 @@ each, one program per BLOCK of a row.
   into the chunk's mean and M2. The host merges the chunks of a group's channels in fp64 with Chan's parallel
   formula, mean = sum(n_i mean_i) / n and M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2), the counts n_i following
   from the plan (the kernel stores none). Pass 2 (``_affine_kernel``): y = (x - mean) * scale + shift with
-  per-(n, c) scale = rstd w and shift = b. Saved for backward: x, mean (fp64, (N, G)), rstd (not y).
+  per-(n, c) scale = rstd w and shift = b. Saved for backward: x, mean (fp64, (N, G)), rstd (not y; with ``relu``
+  also the bias, a reference).
 * **Backward**. With xhat = (x - mean) rstd and g = gy w: pass 1 (``_grad_sums_kernel``) gives per-(n, c) sums
   Sg = sum gy and Sx = sum gy (x - mean). On the host: dw[c] = sum_n rstd Sx, db[c] = sum_n Sg and, over group g of
   M = S C / G elements, m1 = mean(g) = sum_c w Sg / M and m2 = mean(g xhat) = sum_c w rstd Sx / M; then
   dx = rstd (g - m1 - xhat m2) = a gy + b' (x - mean) + c' with a = rstd w, b' = -rstd^2 m2, c' = -rstd m1 per
   (n, c): pass 2 is the same elementwise kernel with the gy term.
+* **Fused ReLU** (``relu=True``; LightM-UNet's ``act(norm(x))``): the forward's pass 2 stores max(y, 0). The
+  backward masks gy to gy [y_pre > 0] (relu'(0) = 0, as ``threshold_backward``) and then runs the GroupNorm backward
+  above on it, with y_pre = (x - mean) scale + shift recomputed from x and the saved statistics inside both backward
+  passes (the sums pass and the elementwise pass): no output or mask is saved and there is no extra pass over the
+  map. Both kernels compute y_pre as the same ``fma`` of the same fp32 operands, so the backward's mask is exactly
+  the forward's sign of y_pre.
 
 Precision: no ``E[x^2] - E[x]^2`` anywhere, and x is always centred before it is scaled or multiplied by gy (not
 ``x * scale + (b - mean * scale)`` or ``sum gy x - mean sum gy``, whose terms cancel for offset inputs). The mean
@@ -81,11 +89,16 @@ def _stats_kernel(x_ptr, part_ptr, S, chunk, P, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _grad_sums_kernel(gy_ptr, x_ptr, hi_ptr, lo_ptr, part_ptr, S, chunk, P, BLOCK: tl.constexpr):
-    """part[pid] = (sum gy, sum gy (x - mean)) over this program's chunk, mean = hi + lo per (n, c) row."""
+def _grad_sums_kernel(gy_ptr, x_ptr, hi_ptr, lo_ptr, s_ptr, t_ptr, part_ptr, S, chunk, P, RELU: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """part[pid] = (sum gy, sum gy (x - mean)) over this program's chunk, mean = hi + lo per (n, c) row; with RELU gy
+    is first masked to 0 where the forward's pre-activation (x - mean) s + t (per-row s, t) is <= 0."""
     pid, row, off, n = _chunk(S, chunk, P)
     hi = tl.load(hi_ptr + row)
     lo = tl.load(lo_ptr + row)
+    if RELU:
+        s = tl.load(s_ptr + row)
+        t = tl.load(t_ptr + row)
     lanes = tl.arange(0, BLOCK)
     sg = tl.zeros((BLOCK,), tl.float32)
     sx = tl.zeros((BLOCK,), tl.float32)
@@ -93,24 +106,35 @@ def _grad_sums_kernel(gy_ptr, x_ptr, hi_ptr, lo_ptr, part_ptr, S, chunk, P, BLOC
         j = i * BLOCK + lanes
         gy = tl.load(gy_ptr + off + j, mask=j < n, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + off + j, mask=j < n, other=0.0).to(tl.float32)
+        xc = (x - hi) - lo
+        if RELU:
+            gy = tl.where(tl.fma(xc, s, t) <= 0.0, 0.0, gy)  # relu'(0) = 0; out-of-range lanes have gy = 0 already
         sg += gy
-        sx += gy * ((x - hi) - lo)
+        sx += gy * xc
     tl.store(part_ptr + 2 * pid, tl.sum(sg, axis=0))
     tl.store(part_ptr + 2 * pid + 1, tl.sum(sx, axis=0))
 
 
 @triton.jit
-def _affine_kernel(x_ptr, gy_ptr, hi_ptr, lo_ptr, s_ptr, t_ptr, a_ptr, out_ptr, S, n_blocks,
-                   HAS_GY: tl.constexpr, BLOCK: tl.constexpr):
-    """out = (x - mean) * s + t [+ a * gy] over one BLOCK of a row, with per-row mean = hi + lo, s, t, a."""
+def _affine_kernel(x_ptr, gy_ptr, hi_ptr, lo_ptr, s_ptr, t_ptr, a_ptr, ms_ptr, mt_ptr, out_ptr, S, n_blocks,
+                   HAS_GY: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
+    """out = (x - mean) * s + t [+ a * gy] over one BLOCK of a row, with per-row mean = hi + lo, s, t, a. RELU without
+    gy: out = max(out, 0) (NaN stays NaN); with gy: gy is first masked to 0 where the forward's pre-activation
+    (x - mean) * ms + mt (per-row ms, mt) is <= 0."""
     pid = tl.program_id(0)
     row = pid // n_blocks
     j = (pid % n_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     off = row.to(tl.int64) * S + j
     x = tl.load(x_ptr + off, mask=j < S, other=0.0).to(tl.float32)
-    out = ((x - tl.load(hi_ptr + row)) - tl.load(lo_ptr + row)) * tl.load(s_ptr + row) + tl.load(t_ptr + row)
+    xc = (x - tl.load(hi_ptr + row)) - tl.load(lo_ptr + row)
+    out = tl.fma(xc, tl.load(s_ptr + row), tl.load(t_ptr + row))
     if HAS_GY:
-        out += tl.load(a_ptr + row) * tl.load(gy_ptr + off, mask=j < S, other=0.0).to(tl.float32)
+        gy = tl.load(gy_ptr + off, mask=j < S, other=0.0).to(tl.float32)
+        if RELU:
+            gy = tl.where(tl.fma(xc, tl.load(ms_ptr + row), tl.load(mt_ptr + row)) <= 0.0, 0.0, gy)
+        out += tl.load(a_ptr + row) * gy
+    elif RELU:
+        out = tl.where(out < 0.0, 0.0, out)
     tl.store(out_ptr + off, out, mask=j < S)
 
 
@@ -150,22 +174,34 @@ def _mean_hi_lo(mean, cpg):
     return hi, (mean - hi.double()).float()
 
 
-def _affine(x, gy, out, hi, lo, s, t, a=None):
-    """out = (x - (hi + lo)) s + t [+ a gy] with per-(n, c) coefficients (broadcastable to (N, C)); a with gy."""
+def _affine(x, gy, out, hi, lo, s, t, a=None, relu=False, mask=None):
+    """out = (x - (hi + lo)) s + t [+ a gy] with per-(n, c) coefficients (broadcastable to (N, C)); a with gy.
+    Forward (no gy): ``relu`` clamps out at 0. Backward: ``mask`` = (ms, mt) zeroes gy where the pre-activation
+    (x - (hi + lo)) ms + mt is <= 0."""
     N, C = x.shape[:2]
     S = x.numel() // (N * C)
     block, warps = _block(S)
     n_blocks = triton.cdiv(S, block)
     hi, lo, s, t = (_rows(v, (N, C)) for v in (hi, lo, s, t))
     has_gy = gy is not None
-    _affine_kernel[(N * C * n_blocks,)](x, gy if has_gy else x, hi, lo, s, t, _rows(a, (N, C)) if has_gy else s, out,
-                                        S, n_blocks, HAS_GY=has_gy, BLOCK=block, num_warps=warps)
+    ms, mt = (_rows(v, (N, C)) for v in mask) if mask is not None else (s, t)
+    _affine_kernel[(N * C * n_blocks,)](x, gy if has_gy else x, hi, lo, s, t, _rows(a, (N, C)) if has_gy else s, ms, mt,
+                                        out, S, n_blocks, HAS_GY=has_gy, RELU=bool(relu or mask is not None),
+                                        BLOCK=block, num_warps=warps)
+
+
+def _pre_coefficients(x, weight, bias, rstd, cpg):
+    """Per-(n, c) scale rstd w and shift b of the pre-activation (x - mean) scale + shift, as the forward's affine
+    pass gets them (the backward recomputes the same fp32 values for its ReLU mask)."""
+    scale = _per_channel(rstd, cpg)
+    return (scale * weight.float() if weight is not None else scale,
+            bias if bias is not None else torch.zeros((), device=x.device))
 
 
 class _GroupNormFn(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, weight, bias, G, eps):
+    def forward(ctx, x, weight, bias, G, eps, relu):
         x = x.contiguous()
         N, C = x.shape[:2]
         S, cpg = math.prod(x.shape[2:]), C // G
@@ -179,27 +215,31 @@ class _GroupNormFn(torch.autograd.Function):
         mean = (cnt * mean_p).sum(-1) / (cpg * S)
         var = (m2.sum(-1) + (cnt * (mean_p - mean[..., None]).square()).sum(-1)) / (cpg * S)
         rstd = (var + eps).rsqrt().float()
-        scale = _per_channel(rstd, cpg)
         y = torch.empty_like(x)
-        _affine(x, None, y, *_mean_hi_lo(mean, cpg), scale * weight.float() if weight is not None else scale,
-                bias if bias is not None else torch.zeros((), device=x.device))
-        ctx.save_for_backward(x, weight, mean, rstd)
+        _affine(x, None, y, *_mean_hi_lo(mean, cpg), *_pre_coefficients(x, weight, bias, rstd, cpg), relu=relu)
+        ctx.save_for_backward(x, weight, bias if relu else None, mean, rstd)
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.relu = relu
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, bias, mean, rstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gy = gy.contiguous()
         N, C = x.shape[:2]
         S, cpg = math.prod(x.shape[2:]), C // mean.shape[1]
         block, warps, chunk, P = _plan(N * C, S, x.device)
         hi, lo = _mean_hi_lo(mean, cpg)
+        # with relu: gy masked where the forward's pre-activation was <= 0, in both passes (the same fp32 scale and
+        # shift as the forward's)
+        mask = _pre_coefficients(x, weight, bias, rstd, cpg) if ctx.relu else None
+        hi_r, lo_r = _rows(hi, (N, C)), _rows(lo, (N, C))
+        ms, mt = (_rows(v, (N, C)) for v in mask) if mask is not None else (hi_r, lo_r)
         part = torch.empty(N * C, P, 2, device=x.device, dtype=torch.float32)
-        _grad_sums_kernel[(N * C * P,)](gy, x, _rows(hi, (N, C)), _rows(lo, (N, C)), part, S, chunk, P, BLOCK=block,
+        _grad_sums_kernel[(N * C * P,)](gy, x, hi_r, lo_r, ms, mt, part, S, chunk, P, RELU=ctx.relu, BLOCK=block,
                                         num_warps=warps)
-        sg, sx = part.sum(1).view(N, C, 2).unbind(-1)  # sum gy, sum gy (x - mean) per (n, c)
+        sg, sx = part.sum(1).view(N, C, 2).unbind(-1)  # sum gy, sum gy (x - mean) per (n, c), gy masked
         r = _per_channel(rstd, cpg)
         gx = None
         if need_x:
@@ -207,18 +247,18 @@ class _GroupNormFn(torch.autograd.Function):
             m1 = (w * sg).view(N, -1, cpg).sum(-1) / (cpg * S)  # group mean of g = gy w
             m2 = (w * r * sx).view(N, -1, cpg).sum(-1) / (cpg * S)  # group mean of g xhat
             gx = torch.empty_like(x)
-            _affine(x, gy, gx, hi, lo, -r * r * _per_channel(m2, cpg), -r * _per_channel(m1, cpg), r * w)
+            _affine(x, gy, gx, hi, lo, -r * r * _per_channel(m2, cpg), -r * _per_channel(m1, cpg), r * w, mask=mask)
         return (gx, (r * sx).sum(0).to(weight.dtype) if need_w else None,
-                sg.sum(0).to(ctx.bias_dtype) if need_b else None, None, None)
+                sg.sum(0).to(ctx.bias_dtype) if need_b else None, None, None, None)
 
 
-def group_norm_triton(x, weight, bias, num_groups, eps=1e-5):
+def group_norm_triton(x, weight, bias, num_groups, eps=1e-5, relu=False):
     """``F.group_norm(x, num_groups, weight, bias, eps)`` for x (N, C, *spatial), weight / bias (C,) or None
-    (module docstring)."""
+    (module docstring); ``relu=True``: ``F.relu`` of it, fused (no extra pass or saved tensor)."""
     if x.dim() < 3 or x.shape[1] % num_groups:
         raise ValueError(f"group_norm_triton: x must be (N, C, *spatial) with C divisible by num_groups; got "
                          f"{tuple(x.shape)} and {num_groups} groups")
     for p in (weight, bias):
         if p is not None and p.shape != x.shape[1:2]:
             raise ValueError(f"group_norm_triton: weight / bias must have shape ({x.shape[1]},)")
-    return _GroupNormFn.apply(x, weight, bias, int(num_groups), float(eps))
+    return _GroupNormFn.apply(x, weight, bias, int(num_groups), float(eps), bool(relu))

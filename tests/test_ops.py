@@ -284,6 +284,80 @@ def test_group_norm_runs_in_fp32_under_autocast(monkeypatch):
     torch.testing.assert_close(y, torch.nn.functional.group_norm(x.bfloat16().float(), 2, gn.weight, gn.bias))
 
 
+@pytest.mark.parametrize("var_mean_from", [0, 1 << 60])  # the var_mean-statistics path, F.group_norm
+@pytest.mark.parametrize("shape, groups, affine", [((2, 8, 5, 6, 7), 4, True), ((3, 6, 9, 4), 3, False),
+                                                  ((2, 4, 11), 1, True)])
+def test_group_norm_relu_is_relu_of_group_norm(shape, groups, affine, var_mean_from, monkeypatch):
+    """ops.group_norm(..., relu=True) on the torch backends = F.relu(F.group_norm(...)): output and every gradient
+    (float64), including pre-activations exactly 0 (x = 0 over a (sample, group) and a zero bias: relu'(0) = 0)."""
+    import torch.nn.functional as F
+    from nnunet_mamba.ops import token_ops
+
+    monkeypatch.setattr(token_ops, "VAR_MEAN_FROM", var_mean_from)
+    g = torch.Generator().manual_seed(len(shape) + groups)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + 1
+    x[0, :shape[1] // groups] = 0.0
+    params = [torch.randn(shape[1], generator=g, dtype=torch.float64) for _ in range(2)] if affine else [None, None]
+    if affine:
+        params[1][0] = 0.0
+    outs = []
+    for fn in (lambda *a: token_ops.group_norm(*a, backend="torch", relu=True),
+               lambda x, G, w, b: F.relu(F.group_norm(x, G, w, b))):
+        leaves = [t if t is None else t.clone().requires_grad_() for t in (x, *params)]
+        y = fn(leaves[0], groups, *leaves[1:])
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+        outs.append([y] + [t.grad for t in leaves if t is not None])
+    assert (outs[1][0] == 0).any()
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+
+
+def test_group_norm_module_relu_call(monkeypatch):
+    """GroupNorm(x, relu=True) = F.relu(GroupNorm(x)), values and gradients; parameters and state dict unchanged;
+    under autocast fp32, like the plain call."""
+    import torch.nn.functional as F
+    from nnunet_mamba.modules.common import GroupNorm
+    from nnunet_mamba.ops import token_ops
+
+    monkeypatch.setattr(token_ops, "VAR_MEAN_FROM", 0)
+    gn = GroupNorm(2, 4).double()
+    assert list(gn.state_dict()) == list(torch.nn.GroupNorm(2, 4).state_dict())
+    with torch.no_grad():
+        gn.weight.uniform_(0.5, 1.5)
+        gn.bias.uniform_(-1, 1)
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    grads = []
+    for call in (lambda x: gn(x, relu=True), lambda x: F.relu(gn(x))):
+        gn.zero_grad()
+        xs = x.clone().requires_grad_()
+        y = call(xs)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=torch.float64)).view_as(y))
+        grads.append((y, xs.grad, gn.weight.grad.clone(), gn.bias.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    gn.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = gn(x.bfloat16(), relu=True)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, F.relu(F.group_norm(x.bfloat16().float(), 2, gn.weight, gn.bias)))
+
+
+def test_group_norm_passes_relu_to_the_triton_kernel(monkeypatch):
+    """The Triton backend gets relu (a stand-in kernel module: no triton import in this process)."""
+    import sys
+    import types
+    from nnunet_mamba.ops import token_ops
+
+    calls = []
+    fake = types.SimpleNamespace(group_norm_triton=lambda *a, **kw: calls.append((a, kw)) or a[0])
+    monkeypatch.setitem(sys.modules, "nnunet_mamba.kernels.group_norm_triton", fake)
+    monkeypatch.setattr(token_ops, "_use_triton", lambda *a, **kw: True)
+    x = torch.randn(1, 4, 3)
+    token_ops.group_norm(x, 2, relu=True)
+    token_ops.group_norm(x, 2)
+    assert [kw for _, kw in calls] == [{"relu": True}, {"relu": False}]
+
+
 @pytest.mark.parametrize("nd, k, bias", [(3, 3, False), (3, 5, True), (2, 3, True), (2, 1, False)])
 def test_depthwise_conv_module_is_the_conv(nd, k, bias):
     """DepthwiseConv{2,3}d: nn.Conv{nd}d(c, c, k, padding=k // 2, groups=c) - same state dict, output and gradients

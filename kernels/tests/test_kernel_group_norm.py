@@ -1,4 +1,5 @@
-"""The Triton GroupNorm against a float64 oracle (``F.group_norm`` on float64 copies): output and every gradient.
+"""The Triton GroupNorm against a float64 oracle (``F.group_norm`` on float64 copies, ``F.relu`` of it for the fused
+ReLU): output and every gradient.
 
 On CPU these run through Triton's interpreter (conftest.py) at small sizes; ``small_blocks`` shrinks the block and
 sets the number of reduction programs so that rows split into several chunks of several steps, the last one
@@ -26,15 +27,18 @@ def small_blocks(gn, monkeypatch):
     return monkeypatch
 
 
-def check(gn, x, w, b, G, tol=1e-5, need=(True, True, True), seed=0):
-    """Output and the gradients for the inputs in ``need`` (the others get none) against the oracle."""
+def check(gn, x, w, b, G, tol=1e-5, need=(True, True, True), seed=0, relu=False):
+    """Output and the gradients for the inputs in ``need`` (the others get none) against the oracle; ``relu``: the
+    fused ReLU against ``F.relu`` of the oracle. Returns our output and the oracle's."""
     leaf = lambda t, req, dt=None: None if t is None else t.detach().to(dt or t.dtype).requires_grad_(req)
     ours = [leaf(t, req) for t, req in zip((x, w, b), need)]
     ref = [leaf(t, req, torch.float64) for t, req in zip((x, w, b), need)]
     # the oracle with weight None and a bias: a weight of ones (PyTorch's CUDA group-norm backward fails for that
     # combination with "tensor does not have a device", H200, torch 2.11)
     w0 = ref[1] if ref[1] is not None or ref[2] is None else torch.ones_like(ref[2])
-    y, y0 = gn.group_norm_triton(*ours, G, 1e-5), F.group_norm(ref[0], G, w0, ref[2], 1e-5)
+    y, y0 = gn.group_norm_triton(*ours, G, 1e-5, relu=relu), F.group_norm(ref[0], G, w0, ref[2], 1e-5)
+    if relu:
+        y0 = F.relu(y0)
     assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
     assert rel_err(y, y0) < tol, rel_err(y, y0)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.device)
@@ -48,6 +52,7 @@ def check(gn, x, w, b, G, tol=1e-5, need=(True, True, True), seed=0):
             continue
         assert a.grad.dtype == a.dtype and a.grad.shape == a.shape, name
         assert rel_err(a.grad, a0.grad) < tol, (name, rel_err(a.grad, a0.grad))
+    return y, y0
 
 
 def inputs(shape, dev, affine=(True, True), offset=0.0, dtype=torch.float32, seed=0):
@@ -127,6 +132,103 @@ def test_backward_is_bitwise_repeatable(gn, dev, small_blocks):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+# fused ReLU: relu(group_norm(x)); backward through the recomputed pre-activation's mask (relu'(0) = 0)
+
+
+@pytest.mark.parametrize("G", [1, 8])
+@pytest.mark.parametrize("affine", [(True, True), (False, False)])
+def test_relu_3d_maps(gn, dev, G, affine):
+    y, _ = check(gn, *inputs((2, 8, 5, 6, 7), dev, affine, seed=110 + G), G=G, relu=True)
+    assert (y >= 0).all() and 0.2 < (y == 0).float().mean() < 0.8
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_relu_2d_maps(gn, dev, G):
+    check(gn, *inputs((3, 6, 9, 11), dev, seed=120 + G), G=G, relu=True)
+
+
+@pytest.mark.parametrize("programs", [1, 16, 64])
+def test_relu_several_chunks_and_steps(gn, dev, small_blocks, programs):
+    """The mask in every chunk and step of the sums pass (S = 693 in 32-element steps, as above)."""
+    small_blocks.setattr(gn, "PROGRAMS_CPU", programs)
+    check(gn, *inputs((2, 4, 7, 9, 11), dev, seed=130), G=2, relu=True)
+
+
+def test_relu_non_contiguous_input(gn, dev):
+    x, w, b = inputs((2, 8, 6, 5, 10), dev, seed=140)
+    check(gn, x[..., ::2], w, b, 4, relu=True)
+    check(gn, x.to(memory_format=torch.channels_last_3d), w, b, 4, relu=True)
+
+
+@pytest.mark.parametrize("affine", [(True, False), (False, True)])
+def test_relu_weight_or_bias_alone(gn, dev, affine):
+    check(gn, *inputs((2, 6, 4, 5, 6), dev, affine, seed=150), G=3, relu=True)
+
+
+@pytest.mark.parametrize("need", [(False, True, True), (True, False, False), (False, False, True)])
+def test_relu_some_gradients_not_requested(gn, dev, need):
+    check(gn, *inputs((2, 6, 5, 7), dev, seed=160), G=2, need=need, relu=True)
+
+
+def test_relu_large_common_offset(gn, dev, small_blocks):
+    small_blocks.setattr(gn, "PROGRAMS_CPU", 16)
+    check(gn, *inputs((2, 4, 7, 9, 11), dev, offset=1e3, seed=170), G=2, relu=True)
+
+
+@pytest.mark.parametrize("shape, G", [((2, 8, 5, 6, 7), 4), ((2, 6, 9, 11), 1)])
+def test_relu_exact_zeros_of_the_pre_activation(gn, dev, shape, G):
+    """Pre-activations exactly 0 (in fp32 and in the float64 oracle) get no gradient, as ``threshold_backward``
+    gives: x = 0 over some (sample, group)s (mean = xhat = 0 exactly: the pre-activation is the bias, 0, negative or
+    positive per channel; a constant other than 0 leaves the oracle's x scale - mean scale at ~1e-14), and a channel
+    with weight 0 and bias 0 in groups of random x."""
+    x, w, b = inputs(shape, dev, seed=180 + G)
+    cpg = shape[1] // G
+    x[0, :cpg] = 0.0  # sample 0, group 0 (channels 0 .. cpg - 1)
+    b[:4] = torch.tensor([0.0, -0.5, 0.25, 0.0]) if G == 1 else torch.tensor([0.0, -0.5, 0.0, 0.25])
+    zero_x = [(0, c) for c in range(min(cpg, 4))]  # (n, c) with x = 0: pre-activation = bias (0, < 0, > 0)
+    if G > 1:  # cpg = 2
+        w[2], b[2] = 0.0, 0.0  # channel 2 (group 1): pre-activation 0 at random x (sample 0)
+        x[1, 2:4] = 0.0  # sample 1, group 1: channel 2's bias 0, channel 3's positive
+        zero_x += [(1, 2), (1, 3)]
+    pre = F.group_norm(x.double(), G, w.double(), b.double(), 1e-5)
+    assert all(torch.equal(pre[n, c], b[c].double().expand_as(pre[n, c])) for n, c in zero_x)
+    assert (pre == 0).sum() >= 2 * x[0, 0].numel()  # a float64 ReLU with relu'(0) = 1 would differ there
+    y, y0 = check(gn, x, w, b, G, relu=True)
+    assert torch.equal(y == 0, y0 == 0)
+    assert all(torch.equal(y[n, c], F.relu(b[c]).expand_as(y[n, c])) for n, c in zero_x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_relu_half_inputs_fp32_arithmetic(gn, dev, dtype):
+    y, _ = check(gn, *inputs((2, 8, 5, 6, 7), dev, dtype=dtype, seed=190), G=4, tol=1e-2, relu=True)
+    assert y.dtype == dtype
+
+
+def test_relu_backward_is_bitwise_repeatable(gn, dev, small_blocks):
+    small_blocks.setattr(gn, "PROGRAMS_CPU", 16)
+    x, w, b = inputs((2, 4, 7, 9, 11), dev, seed=200)
+    outs = []
+    for _ in range(2):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        y = gn.group_norm_triton(xs, ws, bs, 2, 1e-5, relu=True)
+        y.square().sum().backward()
+        outs.append((y, xs.grad, ws.grad, bs.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_relu_saves_no_more_than_without(gn, dev):
+    """The fused ReLU saves x, the parameters and the statistics only: no output, no mask."""
+    x, w, b = inputs((2, 6, 5, 7), dev, seed=210)
+    saved = {}
+    for relu in (False, True):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            gn.group_norm_triton(x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 2, relu=relu)
+        saved[relu] = sizes
+    assert max(saved[True]) == x.numel() and saved[True].count(x.numel()) == 1
+    assert sum(saved[True]) - sum(saved[False]) == b.numel()  # the bias: a reference to the parameter
+
+
 def test_rejects_wrong_shapes(gn, dev):
     x, w, b = inputs((2, 6, 5, 7), dev)
     with pytest.raises(ValueError, match="divisible"):
@@ -139,13 +241,17 @@ def test_rejects_wrong_shapes(gn, dev):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
-def test_full_size_matches_torch(gn):
+@pytest.mark.parametrize("relu", [False, True])
+def test_full_size_matches_torch(gn, relu):
     """LightM-UNet's full-resolution map (2, 32, 128^3), 8 groups, against PyTorch's group norm in fp32 (the oracle
-    here: a float64 copy of 134M elements would double the test's memory for no gain at this tolerance)."""
+    here: a float64 copy of 134M elements would double the test's memory for no gain at this tolerance), and the
+    fused ReLU against ``F.relu`` of it."""
     x, w, b = inputs((2, 32, 128, 128, 128), "cuda", seed=100)
     xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
     x0, w0, b0 = (t.clone().requires_grad_() for t in (x, w, b))
-    y, y0 = gn.group_norm_triton(xs, ws, bs, 8, 1e-5), F.group_norm(x0, 8, w0, b0, 1e-5)
+    y, y0 = gn.group_norm_triton(xs, ws, bs, 8, 1e-5, relu=relu), F.group_norm(x0, 8, w0, b0, 1e-5)
+    if relu:
+        y0 = F.relu(y0)
     assert rel_err(y, y0) < 1e-5, rel_err(y, y0)
     gy = torch.randn_like(y)
     y.backward(gy)

@@ -60,10 +60,14 @@ class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same arguments, parameters and state dict) through ``ops.group_norm``: on CUDA the Triton
     kernel or statistics from ``torch.var_mean`` for large maps, where they measured faster
     (kernels/BENCHMARK_mixer_ops.md), ``F.group_norm`` otherwise. Under autocast it runs in fp32, as autocast runs
-    ``group_norm``."""
+    ``group_norm``.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+    ``norm(x, relu=True)`` (keyword only) computes ``F.relu(norm(x))`` - same values and gradients - with the ReLU
+    fused into the Triton kernel (no extra pass over the map, no extra saved tensor): for ``act(norm(x))`` with a
+    ReLU ``act``. ``norm(x)`` is unchanged, as are the constructor, parameters and state dict."""
+
+    def forward(self, x: torch.Tensor, *, relu: bool = False) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, relu=relu)
 
 
 class _DepthwiseConv:

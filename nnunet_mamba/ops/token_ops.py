@@ -99,16 +99,23 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
-    """``F.group_norm(x, num_groups, weight, bias, eps)``; fp32 under autocast, as autocast runs ``group_norm``."""
+               bias: torch.Tensor | None = None, eps: float = 1e-5, backend: str = "auto",
+               relu: bool = False) -> torch.Tensor:
+    """``F.group_norm(x, num_groups, weight, bias, eps)``; fp32 under autocast, as autocast runs ``group_norm``.
+
+    ``relu=True``: ``F.relu`` of it (same values and gradients, relu'(0) = 0). The Triton kernel fuses it (no extra
+    pass over the map, nothing more saved); the torch paths apply ``relu_`` in place on the norm's output (neither
+    group-norm backward needs that output)."""
     if torch.is_autocast_enabled(x.device.type):
         x = x.float()
     if _use_triton("group-norm", x, backend):
         from ..kernels.group_norm_triton import group_norm_triton
-        return group_norm_triton(x, weight, bias, num_groups, eps)
+        return group_norm_triton(x, weight, bias, num_groups, eps, relu=relu)
     if x.numel() >= VAR_MEAN_FROM:
-        return _GroupNormFn.apply(x, weight, bias, num_groups, eps)
-    return F.group_norm(x, num_groups, weight, bias, eps)
+        y = _GroupNormFn.apply(x, weight, bias, num_groups, eps)
+    else:
+        y = F.group_norm(x, num_groups, weight, bias, eps)
+    return y.relu_() if relu else y
 
 
 class _GroupNormFn(torch.autograd.Function):
