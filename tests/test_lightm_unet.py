@@ -155,3 +155,29 @@ def test_mamba_layer_is_the_spec_formula():
     assert rel_err(x.grad, xr.grad) < 1e-5
     for (name, p), pr in zip(layer.named_parameters(), ref.parameters()):
         assert rel_err(p.grad, pr.grad) < 1e-4, name  # skip_scale: a sum over 2.5k products
+
+
+def test_blocks_are_the_spec_formulas():
+    """ResMambaBlock, ResUpBlock and the output head (fused GroupNorm + ReLU, recomputed regions, addcmul) against
+    the spec's formulas in plain PyTorch, the Mamba layers as black boxes (tested above)."""
+    torch.manual_seed(0)
+    net = LightMUNet(3, 8, 1, 3, blocks_down=(1, 1), blocks_up=(1,), num_groups=2)
+    for p in net.parameters():  # away from the init values (GroupNorm affine 1/0, skip scales 1)
+        p.data.add_(0.1 * torch.randn_like(p))
+
+    def gn_relu(norm, t):
+        return F.relu(F.group_norm(t, norm.num_groups, norm.weight, norm.bias, norm.eps))
+
+    x = torch.randn(2, 8, 6, 5, 4)
+    res = net.down_layers[0][1]
+    ref = res.conv2(gn_relu(res.norm2, res.conv1(gn_relu(res.norm1, x)))) + x
+    torch.testing.assert_close(res(x), ref)
+    up = net.up_layers[0][0]
+    y = up.conv(gn_relu(up.norm1, x)) + up.skip_scale * x
+    torch.testing.assert_close(up(x), gn_relu(up.norm2, y))
+    net_x = torch.randn(1, 1, 8, 8, 8)
+    h = net.convInit(net_x)
+    s0 = net.down_layers[0](h)
+    h = net.up_layers[0](net.up_samples[0](net.down_layers[1](s0)) + s0)
+    norm, act, conv = net.conv_final
+    torch.testing.assert_close(net(net_x), conv(act(norm(h))))

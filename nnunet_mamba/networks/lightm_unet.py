@@ -79,8 +79,9 @@ class ResMambaBlock(nn.Module):
         self.conv2 = MambaLayer(channels, channels)
 
     def forward(self, x):
-        y = self.conv1(x, pre=lambda t: self.act(self.norm1(t)))  # conv1(act(norm1(x)))
-        y = self.conv2(y, pre=lambda t: self.act(self.norm2(t)))
+        # conv1(act(norm1(x))), the ReLU fused into the GroupNorm (self.act is the module upstream applies)
+        y = self.conv1(x, pre=functools.partial(self.norm1, relu=True))
+        y = self.conv2(y, pre=functools.partial(self.norm2, relu=True))
         return y + x
 
 
@@ -94,8 +95,9 @@ class ResUpBlock(nn.Module):
         self.skip_scale = nn.Parameter(torch.ones(1))
 
     def forward(self, x):
-        y = torch.addcmul(self.conv(self.act(self.norm1(x))), self.skip_scale, x)  # conv(...) + skip_scale * x
-        return self.act(self.norm2(y))
+        # conv(act(norm1(x))) + skip_scale * x, then act(norm2(y)); the ReLUs fused into the GroupNorms
+        y = torch.addcmul(self.conv(self.norm1(x, relu=True)), self.skip_scale, x)
+        return self.norm2(y, relu=True)
 
 
 class LightMUNet(nn.Module):
@@ -146,4 +148,5 @@ class LightMUNet(nn.Module):
             skips.append(x)
         for j, (up, up_layer) in enumerate(zip(self.up_samples, self.up_layers)):
             x = up_layer(up(x) + skips[-2 - j])
-        return self.conv_final(x)
+        norm, _, conv = self.conv_final  # GroupNorm, ReLU (fused into it here), DWConv
+        return conv(norm(x, relu=True))
