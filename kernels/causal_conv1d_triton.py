@@ -4,10 +4,26 @@
 
 which is ``silu(conv1d(x.transpose(1, 2), w[:, None], bias, padding=K-1, groups=C)[..., :L]).transpose(1, 2)``.
 The tensors are (b, L, C) with the channels fastest in memory, the layout a ``Linear`` produces, so the mixer never
-transposes to (b, C, L) and back. A program owns a (BL, BC) tile of positions x channels; the K shifted input tiles
-it reads overlap, so they come from cache. The backward recomputes the pre-activation instead of storing it and
-writes the weight and bias gradients as per-program partial sums reduced on the host (no atomics: bitwise
-repeatable). Inputs may be fp32, bf16 or fp16 with any strides; the arithmetic is fp32.
+transposes to (b, C, L) and back. Inputs may be fp32, bf16 or fp16 with any strides; the arithmetic is fp32.
+
+Forward: a program owns a (BL, BC) tile of positions x channels; the K shifted input tiles it reads overlap, so they
+come from cache.
+
+Backward: gx[l] = sum_s w[K-1-s] ga[l+s] with ga = gy * silu'(a) (a the pre-activation, recomputed, not stored),
+gw[k] = sum_l ga[l] x[l-(K-1)+k] and gb = sum_l ga[l]: shifts along the sequence, which a Triton register tile
+cannot make. So the backward *streams*: a program owns T segments of R consecutive positions (x BC channels) and
+walks them in lockstep, one position per step, a (T, BC) tile per step. The last K-1 inputs and ga's of each
+segment stay in registers (tuples shifted by one each step), so a step loads x and gy once, evaluates the
+pre-activation and ga once, stores one row of gx (K-1 steps behind) and adds to the weight/bias sums; the only
+extra reads are a segment's halo (its K-1 neighbouring rows on either side: 2(K-1)/R more reads of x, (K-1)/R of
+gy). The tile kernel this replaced recomputed the pre-activation for each of the K shifts: K*K + 2K tile loads per
+output tile (24 for K = 4, mostly cache hits) and ~K times the arithmetic. The alternatives weighed: ga through
+DRAM between two kernels adds 8 bytes per element to the 12 (fp32) of reading x, gy and writing gx; a halo'd 2D
+tile re-reads ga K times from a scratch buffer or ``tl.gather`` (shared memory) and wastes the halo rows' work;
+streaming needs neither, and no data crosses threads. Its steps are sequential per program, so the loads are
+software-pipelined through shared memory (``num_stages``; U >= K-1 steps per loop iteration, see the kernel) to keep
+enough bytes in flight, and R is chosen to leave enough programs per SM. The weight and bias gradients are
+per-program partial sums reduced on the host (no atomics: bitwise repeatable for a given shape).
 """
 from __future__ import annotations
 
@@ -24,20 +40,18 @@ def _tile(pid_l, pid_c, C, BL: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _pre_activation(x_base, w_ptr, bias_ptr, rl, rc, cm, shift, L, s_xl, s_xc,
+def _pre_activation(x_base, w_ptr, bias_ptr, rl, rc, cm, L, s_xl, s_xc,
                     K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
-    """a[l] = bias + sum_k w[k] x[l + shift - (K-1) + k] over the tile's rows l (shift >= 0), and whether l + shift
-    is inside the sequence."""
-    p = rl + shift
+    """a[l] = bias + sum_k w[k] x[l - (K-1) + k] over the tile's rows l, and whether l is inside the sequence."""
     acc = tl.zeros((BL, BC), tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rc, mask=cm, other=0.0).to(tl.float32)[None, :]
     for k in tl.static_range(K):
-        q = p - (K - 1) + k
+        q = rl - (K - 1) + k
         m = ((q >= 0) & (q < L))[:, None] & cm[None, :]
         xv = tl.load(x_base + q[:, None] * s_xl + rc[None, :] * s_xc, mask=m, other=0.0).to(tl.float32)
         acc += tl.load(w_ptr + rc * K + k, mask=cm, other=0.0).to(tl.float32)[None, :] * xv
-    return acc, p < L
+    return acc, rl < L
 
 
 @triton.jit
@@ -45,43 +59,110 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, C, s_xb, s_xl, s_xc, s_yb
                      K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
     b = tl.program_id(2).to(tl.int64)
     rl, rc, cm = _tile(tl.program_id(0), tl.program_id(1), C, BL, BC)
-    a, inside = _pre_activation(x_ptr + b * s_xb, w_ptr, bias_ptr, rl, rc, cm, 0, L, s_xl, s_xc, K, HAS_BIAS, BL, BC)
+    a, inside = _pre_activation(x_ptr + b * s_xb, w_ptr, bias_ptr, rl, rc, cm, L, s_xl, s_xc, K, HAS_BIAS, BL, BC)
     y = a * tl.sigmoid(a)
     tl.store(y_ptr + b * s_yb + rl[:, None] * s_yl + rc[None, :] * s_yc, y, mask=inside[:, None] & cm[None, :])
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, gy_ptr, gx_ptr, part_ptr, L, C, n_l,
-                     s_xb, s_xl, s_xc, s_gb, s_gl, s_gc, s_hb, s_hl, s_hc,
-                     K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
-    """gx[l] = sum_k w[k] ga[l + (K-1) - k], ga = gy * silu'(a); this tile's sums gw[k] = sum_l ga[l] x[l - (K-1) + k]
-    and gb = sum_l ga[l] go to rows 0..K-1 and K of its (K + 1, C) block of part."""
+def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, gy_ptr, gx_ptr, part_ptr, L, C, R,
+                     s_xb, s_xl, s_xc, s_gb, s_gl, s_gc, s_hb, s_hl, s_hc, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     T: tl.constexpr, BC: tl.constexpr, U: tl.constexpr, STAGES: tl.constexpr):
+    """T segments of R positions x BC channels, walked in lockstep: the step at offset i (1-K <= i < R+K-1) loads
+    x and gy at p = start + i, forms ga[p], stores gx[p-(K-1)] and, for 0 <= i < R, adds ga[p] into the sums
+    gw[k] (times x[p-(K-1)+k]) and gb, which go to rows 0..K-1 and K of this program's (K + 1, C) block of part."""
     pid_l = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
-    rl, rc, cm = _tile(pid_l, tl.program_id(1), C, BL, BC)
-    x_base = x_ptr + b * s_xb
-    gx = tl.zeros((BL, BC), tl.float32)
-    for s in tl.static_range(K):  # ga at l + s feeds gx[l] through the tap K-1-s
-        a, inside = _pre_activation(x_base, w_ptr, bias_ptr, rl, rc, cm, s, L, s_xl, s_xc, K, HAS_BIAS, BL, BC)
-        m = inside[:, None] & cm[None, :]
-        gy = tl.load(gy_ptr + b * s_gb + (rl + s)[:, None] * s_gl + rc[None, :] * s_gc, mask=m, other=0.0)
-        sg = tl.sigmoid(a)
-        ga = tl.where(m, gy.to(tl.float32) * sg * (1.0 + a * (1.0 - sg)), 0.0)
-        gx += tl.load(w_ptr + rc * K + (K - 1 - s), mask=cm, other=0.0).to(tl.float32)[None, :] * ga
-        if s == 0:  # this tile's own ga: weight and bias gradient partials
-            prow = (b * n_l + pid_l) * (K + 1)
-            for k in tl.static_range(K):
-                q = rl - (K - 1) + k
-                mq = ((q >= 0) & (q < L))[:, None] & cm[None, :]
-                xv = tl.load(x_base + q[:, None] * s_xl + rc[None, :] * s_xc, mask=mq, other=0.0).to(tl.float32)
-                tl.store(part_ptr + (prow + k) * C + rc, tl.sum(ga * xv, axis=0), mask=cm)
-            tl.store(part_ptr + (prow + K) * C + rc, tl.sum(ga, axis=0), mask=cm)
-    tl.store(gx_ptr + b * s_hb + rl[:, None] * s_hl + rc[None, :] * s_hc, gx, mask=(rl < L)[:, None] & cm[None, :])
+    rc = tl.program_id(1) * BC + tl.arange(0, BC)
+    cm = rc < C
+    start = (pid_l * T + tl.arange(0, T)).to(tl.int64) * R  # positions x row strides can pass 2**31 elements
+    x_base = x_ptr + b * s_xb + rc.to(tl.int64)[None, :] * s_xc
+    gy_base = gy_ptr + b * s_gb + rc.to(tl.int64)[None, :] * s_gc
+    gx_base = gx_ptr + b * s_hb + rc.to(tl.int64)[None, :] * s_hc
+    w = ()  # w[k] as (1, BC) rows
+    for k in tl.static_range(K):
+        w = w + (tl.load(w_ptr + rc * K + k, mask=cm, other=0.0)[None, :],)
+    a0 = tl.zeros((T, BC), tl.float32)
+    if HAS_BIAS:
+        a0 += tl.load(bias_ptr + rc, mask=cm, other=0.0)[None, :]
+    zero = tl.zeros((T, BC), tl.float32)
+    xs = (zero,) * (K - 1)  # x[p-(K-1)], ..., x[p-1]
+    gas = (zero,) * (K - 1)  # ga[p-(K-1)], ..., ga[p-1]
+    gw = (zero,) * K
+    gb = zero
+    # U >= K-1 steps per loop iteration: the windows' shifts then resolve at compile time (a window value carried
+    # unchanged from iteration to iteration, an iter_arg yielded as another, stops Triton 3.x from pipelining the
+    # loads); steps past R+K-2 are masked out
+    for j in tl.range(0, tl.cdiv(R + 2 * K - 2, U), num_stages=STAGES):
+        for u in tl.static_range(U):
+            i = j * U + u + 1 - K
+            p = start + i
+            m = ((p >= 0) & (p < L))[:, None] & cm[None, :]
+            xv = tl.load(x_base + p[:, None] * s_xl, mask=m, other=0.0).to(tl.float32)
+            a = a0 + w[K - 1] * xv
+            for k in tl.static_range(K - 1):
+                a += w[k] * xs[k]
+            mg = m & (i >= 0) & (i < R + K - 1)  # no ga before the segment (the neighbour's) or past the last step
+            gy = tl.load(gy_base + p[:, None] * s_gl, mask=mg, other=0.0).to(tl.float32)
+            sg = tl.sigmoid(a)
+            ga = tl.where(mg, gy * sg * (1.0 + a * (1.0 - sg)), 0.0)
+            gx = w[0] * ga  # gx[p-(K-1)]: ga[p-(K-1)+s] through the tap K-1-s
+            for s in tl.static_range(K - 1):
+                gx += w[K - 1 - s] * gas[s]
+            q = p - (K - 1)
+            tl.store(gx_base + q[:, None] * s_hl, gx,
+                     mask=((q < L) & (i >= K - 1) & (i < R + K - 1))[:, None] & cm[None, :])
+            own = tl.where(i < R, ga, 0.0)  # ga after the segment is its neighbour's
+            gb += own
+            gw_new = ()
+            for k in tl.static_range(K - 1):
+                gw_new = gw_new + (gw[k] + own * xs[k],)
+            gw = gw_new + (gw[K - 1] + own * xv,)
+            if K > 1:
+                xs = xs[1:] + (xv,)
+                gas = gas[1:] + (ga,)
+    prow = (b * tl.num_programs(0) + pid_l) * (K + 1)
+    for k in tl.static_range(K):
+        tl.store(part_ptr + (prow + k) * C + rc, tl.sum(gw[k], axis=0), mask=cm)
+    tl.store(part_ptr + (prow + K) * C + rc, tl.sum(gb, axis=0), mask=cm)
 
 
 def _plan(C):
     BC = min(64, triton.next_power_of_2(C))
     return max(16, 4096 // BC), BC
+
+
+# Backward launch-plan overrides (benchmark sweeps, tests); empty = the defaults of _bwd_plan. Keys: T (segments per
+# program), BC (channels per program), R (positions per segment), U (steps per loop iteration; at least K-1),
+# per_sm (programs per SM the segment length aims at when R is not given), warps (num_warps), stages (software
+# pipelining of the step loads, num_stages; 1 = none).
+_OVERRIDE: dict = {}
+_TUNING_KEYS = ("T", "BC", "R", "U", "per_sm", "warps", "stages")
+
+
+def set_tuning(**kw):
+    """Override backward launch-plan choices (keys: see _TUNING_KEYS); no arguments resets."""
+    bad = set(kw) - set(_TUNING_KEYS)
+    if bad:
+        raise ValueError(f"set_tuning: unknown keys {sorted(bad)}; known: {', '.join(_TUNING_KEYS)}")
+    _OVERRIDE.clear()
+    _OVERRIDE.update({k: v for k, v in kw.items() if v is not None})
+
+
+def _bwd_plan(b, L, C, K, device):
+    """(T, BC, R, U, warps, stages). Defaults, to be swept on the GPU: 8 segments x 64 channels per program (4 warps,
+    fp32: 4 channels of one row per thread, ~126 registers at K = 4), segments as long as leaves ~per_sm = 16
+    programs per SM (at least 32 positions, for the halo; at most 1024), U = K-1, num_stages = 3 (the loads of two
+    loop iterations ahead in flight)."""
+    o = _OVERRIDE
+    BC = min(o.get("BC", 64), triton.next_power_of_2(C))
+    T = o.get("T", 8)
+    R = o.get("R")
+    if R is None:
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        rows = b * triton.cdiv(C, BC) * L  # segment positions to cover, over all programs
+        R = min(1024, max(32, rows // (T * o.get("per_sm", 16) * n_sm)))
+    return T, BC, R, max(K - 1, o.get("U", 1)), o.get("warps", 4), o.get("stages", 3)
 
 
 class _ConvSiluFn(torch.autograd.Function):
@@ -107,13 +188,13 @@ class _ConvSiluFn(torch.autograd.Function):
         w_shape, w_dtype, b_dtype = ctx.shapes
         b, L, C = x.shape
         K = w.shape[1]
-        BL, BC = _plan(C)
-        n_l = triton.cdiv(L, BL)
+        T, BC, R, U, warps, stages = _bwd_plan(b, L, C, K, x.device)
+        n_l = triton.cdiv(L, T * R)
         gx = torch.empty(b, L, C, device=x.device, dtype=x.dtype)
         part = torch.empty(b * n_l, K + 1, C, device=x.device, dtype=torch.float32)  # K weight taps + bias
         _conv_bwd_kernel[(n_l, triton.cdiv(C, BC), b)](
-            x, w, bf if bf is not None else w, gy, gx, part, L, C, n_l, *x.stride(), *gy.stride(),
-            *gx.stride(), K=K, HAS_BIAS=bf is not None, BL=BL, BC=BC, num_warps=4)
+            x, w, bf if bf is not None else w, gy, gx, part, L, C, R, *x.stride(), *gy.stride(), *gx.stride(),
+            K=K, HAS_BIAS=bf is not None, T=T, BC=BC, U=U, STAGES=stages, num_warps=warps)
         sums = part.sum(0)
         gw = sums[:K].t().reshape(w_shape).to(w_dtype)
         gb = sums[K].to(b_dtype) if b_dtype is not None else None
