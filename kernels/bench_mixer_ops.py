@@ -7,7 +7,8 @@
 * LayerNorm over C of (b, L, C) tokens, and of the token view of a channels-first (b, C, L) map:
   ``kernels/layer_norm_triton.py`` against ``F.layer_norm``;
 * GroupNorm(8) of the (b, C, *S) maps around LightM-UNet's Mamba layers: ``kernels/group_norm_triton.py`` and
-  the session-4 form (statistics from ``torch.var_mean``, ATen's backward) against ``F.group_norm``;
+  the session-4 form (statistics from ``torch.var_mean``, ATen's backward) against ``F.group_norm``, and followed
+  by a ReLU (separate, or fused into the kernel) against ``F.relu(F.group_norm(...))``;
 * depthwise k^nd convs of LightM-UNet (ResUpBlock), MSVM-UNet (MS-MLP, SS3D) and VM-UNet (SS2D):
   ``kernels/depthwise_conv_triton.py`` against PyTorch's ``conv3d`` / ``conv2d`` with ``groups=C``, on the memory
   format the network passes (channels-first, or channels-last as SS2D/SS3D pass their maps).
@@ -83,6 +84,10 @@ def cases():
         yield label, (2, c) + (round(L ** (1 / 3)),) * 3, lambda x, g, b: F.group_norm(x, 8, g, b), \
             [("GroupNorm(8), var_mean statistics", lambda x, g, b: _GroupNormFn.apply(x, g, b, 8, 1e-5)),
              ("GroupNorm(8), Triton", lambda x, g, b: group_norm_triton(x, g, b, 8, 1e-5))], (ln_w, ln_b), False
+        yield label, (2, c) + (round(L ** (1 / 3)),) * 3, lambda x, g, b: F.relu(F.group_norm(x, 8, g, b)), \
+            [("GroupNorm(8) + ReLU, Triton, ReLU separate", lambda x, g, b: F.relu(group_norm_triton(x, g, b, 8))),
+             ("GroupNorm(8) + ReLU, Triton, fused", lambda x, g, b: group_norm_triton(x, g, b, 8, relu=True))], \
+            (ln_w, ln_b), False
     for where, shape, k, cl in DW_SHAPES:
         conv = F.conv3d if len(shape) == 5 else F.conv2d
         yield where, shape, lambda x, w, conv=conv, k=k: conv(x, w, None, 1, k // 2, 1, x.shape[1]), \
