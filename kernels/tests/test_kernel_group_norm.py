@@ -243,18 +243,21 @@ def test_rejects_wrong_shapes(gn, dev):
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 @pytest.mark.parametrize("relu", [False, True])
 def test_full_size_matches_torch(gn, relu):
-    """LightM-UNet's full-resolution map (2, 32, 128^3), 8 groups, against PyTorch's group norm in fp32 (the oracle
-    here: a float64 copy of 134M elements would double the test's memory for no gain at this tolerance), and the
-    fused ReLU against ``F.relu`` of it."""
+    """LightM-UNet's full-resolution map (2, 32, 128^3), 8 groups, against a float64 oracle on the GPU (PyTorch's
+    group norm, and ``F.relu`` of it for the fused ReLU); PyTorch's own fp32 result is held to the same bounds."""
     x, w, b = inputs((2, 32, 128, 128, 128), "cuda", seed=100)
-    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
-    x0, w0, b0 = (t.clone().requires_grad_() for t in (x, w, b))
-    y, y0 = gn.group_norm_triton(xs, ws, bs, 8, 1e-5, relu=relu), F.group_norm(x0, 8, w0, b0, 1e-5)
-    if relu:
-        y0 = F.relu(y0)
-    assert rel_err(y, y0) < 1e-5, rel_err(y, y0)
-    gy = torch.randn_like(y)
-    y.backward(gy)
-    y0.backward(gy)
-    for name, a, a0 in (("x", xs, x0), ("weight", ws, w0), ("bias", bs, b0)):
-        assert rel_err(a.grad, a0.grad) < 1e-4, (name, rel_err(a.grad, a0.grad))
+    gy = torch.randn_like(x)
+    runs = {}
+    for name, dtype, fn in (("triton", torch.float32, lambda *t: gn.group_norm_triton(*t, 8, 1e-5, relu=relu)),
+                            ("torch fp32", torch.float32, lambda *t: F.group_norm(*t, 8, eps=1e-5)),
+                            ("oracle", torch.float64, lambda *t: F.group_norm(*t, 8, eps=1e-5))):
+        ts = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+        y = fn(*ts)
+        if relu and name != "triton":
+            y = F.relu(y)
+        y.backward(gy.to(dtype))
+        runs[name] = [y.detach()] + [t.grad for t in ts]
+        del ts, y
+    for name in ("triton", "torch fp32"):
+        errs = [rel_err(a, o) for a, o in zip(runs[name], runs["oracle"])]
+        assert errs[0] < 1e-5 and max(errs[1:]) < 1e-4, (name, errs)
