@@ -249,8 +249,8 @@ def test_full_size_matches_torch(gn, relu):
     gy = torch.randn_like(x)
     runs = {}
     for name, dtype, fn in (("triton", torch.float32, lambda *t: gn.group_norm_triton(*t, 8, 1e-5, relu=relu)),
-                            ("torch fp32", torch.float32, lambda *t: F.group_norm(*t, 8, eps=1e-5)),
-                            ("oracle", torch.float64, lambda *t: F.group_norm(*t, 8, eps=1e-5))):
+                            ("torch fp32", torch.float32, lambda x, w, b: F.group_norm(x, 8, w, b, 1e-5)),
+                            ("oracle", torch.float64, lambda x, w, b: F.group_norm(x, 8, w, b, 1e-5))):
         ts = [t.to(dtype).requires_grad_() for t in (x, w, b)]
         y = fn(*ts)
         if relu and name != "triton":
