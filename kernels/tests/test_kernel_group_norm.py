@@ -251,7 +251,7 @@ def test_full_size_matches_torch(gn, relu):
     for name, dtype, fn in (("triton", torch.float32, lambda *t: gn.group_norm_triton(*t, 8, 1e-5, relu=relu)),
                             ("torch fp32", torch.float32, lambda x, w, b: F.group_norm(x, 8, w, b, 1e-5)),
                             ("oracle", torch.float64, lambda x, w, b: F.group_norm(x, 8, w, b, 1e-5))):
-        ts = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+        ts = [t.detach().to(dtype, copy=True).requires_grad_() for t in (x, w, b)]
         y = fn(*ts)
         if relu and name != "triton":
             y = F.relu(y)
