@@ -76,3 +76,11 @@ def test_linear_ops_follow_autocast():
     assert all(p.dtype == ref.dtype == torch.bfloat16 for p in (*parts, y))
     torch.testing.assert_close(torch.cat(parts, -1), ref)
     torch.testing.assert_close(y, ref.transpose(1, 2), atol=1e-2, rtol=2e-2)  # the bias added after rounding
+
+
+def test_linear_split_without_autograd_is_the_plain_split():
+    x, w, b = _inputs((2, 9, 8), 6, True)
+    with torch.no_grad():
+        parts = linear_split(x, w.requires_grad_(), b, (2, 4))
+    assert [p.grad_fn for p in parts] == [None, None]
+    torch.testing.assert_close(torch.cat(parts, -1), F.linear(x, w, b).detach())

@@ -244,7 +244,7 @@ def test_rejects_wrong_shapes(gn, dev):
 @pytest.mark.parametrize("relu", [False, True])
 def test_full_size_matches_torch(gn, relu):
     """LightM-UNet's full-resolution map (2, 32, 128^3), 8 groups, against a float64 oracle on the GPU (PyTorch's
-    group norm, and ``F.relu`` of it for the fused ReLU); PyTorch's own fp32 result is held to the same bounds."""
+    group norm, and ``F.relu`` of it for the fused ReLU); PyTorch's own fp32 errors are printed beside."""
     x, w, b = inputs((2, 32, 128, 128, 128), "cuda", seed=100)
     gy = torch.randn_like(x)
     runs = {}
@@ -258,6 +258,6 @@ def test_full_size_matches_torch(gn, relu):
         y.backward(gy.to(dtype))
         runs[name] = [y.detach()] + [t.grad for t in ts]
         del ts, y
-    for name in ("triton", "torch fp32"):
-        errs = [rel_err(a, o) for a, o in zip(runs[name], runs["oracle"])]
-        assert errs[0] < 1e-5 and max(errs[1:]) < 1e-4, (name, errs)
+    errs = {name: [rel_err(a, o) for a, o in zip(runs[name], runs["oracle"])] for name in ("triton", "torch fp32")}
+    # measured (H200): the kernel's gradients within 1e-4 of the oracle, PyTorch's fp32 ones off by up to 3.4e-4
+    assert errs["triton"][0] < 1e-5 and max(errs["triton"][1:]) < 1e-4, errs

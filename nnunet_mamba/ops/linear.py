@@ -64,6 +64,8 @@ def linear_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     (module docstring). Under autocast the GEMM runs in the autocast dtype, as ``F.linear`` would."""
     if sum(sizes) != weight.shape[0]:
         raise ValueError(f"linear_split: sizes {list(sizes)} must add up to the {weight.shape[0]} output features")
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
+        return F.linear(x, weight, bias).split(list(sizes), dim=-1)  # no backward: the plain ops, less overhead
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)

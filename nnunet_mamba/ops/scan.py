@@ -157,7 +157,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             # x @ (a row-major W^T) rather than F.linear: the weight's gradient is then the GEMM
             # (R x tokens) @ (tokens x d), not F.linear's (d x tokens) @ (tokens x R), which cuBLAS runs slowly for
             # R = 2 (LightM-UNet's 2 x 128^3 tokens, H200: 1.5 ms per call)
-            delta = (delta.transpose(1, 2) @ delta_proj_weight.t().contiguous()).transpose(1, 2)
+            Wt = delta_proj_weight.t()
+            delta = (delta.transpose(1, 2) @ (Wt.contiguous() if torch.is_grad_enabled() else Wt)).transpose(1, 2)
     return be.fn(u, delta, A, B, C, **kw)
 
 
