@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import tuning_setter
+
 
 @triton.jit
 def _tile(pid_l, pid_c, C, BL: tl.constexpr, BC: tl.constexpr):
@@ -140,13 +142,7 @@ _OVERRIDE: dict = {}
 _TUNING_KEYS = ("T", "BC", "R", "U", "per_sm", "warps", "stages")
 
 
-def set_tuning(**kw):
-    """Override backward launch-plan choices (keys: see _TUNING_KEYS); no arguments resets."""
-    bad = set(kw) - set(_TUNING_KEYS)
-    if bad:
-        raise ValueError(f"set_tuning: unknown keys {sorted(bad)}; known: {', '.join(_TUNING_KEYS)}")
-    _OVERRIDE.clear()
-    _OVERRIDE.update({k: v for k, v in kw.items() if v is not None})
+set_tuning = tuning_setter(_OVERRIDE, _TUNING_KEYS)
 
 
 def _bwd_plan(b, L, C, K, device):

@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import tuning_setter
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -548,13 +550,7 @@ _OVERRIDE: dict = {}
 _TUNING_KEYS = ("T", "BD", "F", "S", "U", "per_sm", "warps", "bwd_warps", "stages", "bwd_stages", "spread")
 
 
-def set_tuning(**kw):
-    """Override launch-plan choices (keys: see _TUNING_KEYS); no arguments resets."""
-    bad = set(kw) - set(_TUNING_KEYS)
-    if bad:
-        raise ValueError(f"set_tuning: unknown keys {sorted(bad)}; known: {', '.join(_TUNING_KEYS)}")
-    _OVERRIDE.clear()
-    _OVERRIDE.update({k: v for k, v in kw.items() if v is not None})
+set_tuning = tuning_setter(_OVERRIDE, _TUNING_KEYS)
 
 
 class _Plan:
