@@ -75,8 +75,8 @@ class Mamba(nn.Module):
         # Token-major (b, L, channels) throughout: the projections' outputs are handed to the conv and the scan as
         # channels-last views (the scan's (b, d, L) arguments are transposed views, no copies). The in_proj output
         # is split without its gradients being concatenated in the backward (ops.linear_split): at full resolution
-        # that concatenation copied 2 GB; x_proj's narrow output keeps the plain split (two GEMMs per block there
-        # measured slower than the copy).
+        # that concatenation copied 2 GB; x_proj's narrow output keeps the plain split (its per-block GEMMs measured
+        # slower than concatenating its gradient).
         x, z = linear_split(hidden_states, self.in_proj.weight, self.in_proj.bias, (self.d_inner, self.d_inner))
         x = causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)  # (b, L, D)
         x_dbl = self.x_proj(x)  # (b, L, R + 2N)
