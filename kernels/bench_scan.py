@@ -91,8 +91,7 @@ def scan_bytes(b, d, L, G, dtype):
 def time_scan(fn, b, d, L, G, dtype, layout="contiguous"):
     """(fwd ms, fwd+bwd ms) of fn(u, delta, A, B, C, D, z, delta_bias, softplus); inputs and the output gradient
     (b, d, L)-contiguous or channels-last."""
-    conv = (lambda t: sst.channels_last(t.detach()).requires_grad_(t.requires_grad)) if layout == "channels-last" \
-        else (lambda t: t)
+    conv = _layout(layout)
     x = {k: conv(v) for k, v in scan_inputs(b, d, L, G, dtype, grad=False).items()}
 
     def fwd():
@@ -100,19 +99,34 @@ def time_scan(fn, b, d, L, G, dtype, layout="contiguous"):
 
     with torch.no_grad():
         t_f = do_bench(fwd, warmup=25, rep=100, return_mode="median")
-    xg = {k: conv(v) for k, v in scan_inputs(b, d, L, G, dtype, grad=True).items()}
-    gy = conv(torch.randn(b, d, L, device="cuda", dtype=dtype))
-
-    def fwdbwd():
-        for v in xg.values():
-            v.grad = None
-        y = fn(xg["u"], xg["delta"], xg["A"], xg["B"], xg["C"], xg["D"], xg["z"], xg["delta_bias"], True)
-        y.backward(gy)
-
-    t_fb = do_bench(fwdbwd, warmup=25, rep=100, return_mode="median", grad_to_none=None)
-    del x, xg
+    t_fb = do_bench(fwd_bwd(*scan_call(fn, b, d, L, G, dtype, layout)), warmup=25, rep=100, return_mode="median")
+    del x
     torch.cuda.empty_cache()
     return t_f, t_fb
+
+
+def _layout(layout):
+    """The conversion of scan_inputs' tensors to an input layout (module docstring)."""
+    if layout == "channels-last":
+        return lambda t: sst.channels_last(t.detach()).requires_grad_(t.requires_grad)
+    return lambda t: t
+
+
+def scan_call(fn, b, d, L, G, dtype=torch.float32, layout="channels-last"):
+    """(inputs requiring grad, output gradient, call) of one fn(u, delta, A, B, C, D, z, delta_bias, softplus)."""
+    conv = _layout(layout)
+    x = {k: conv(v) for k, v in scan_inputs(b, d, L, G, dtype, grad=True).items()}
+    gy = conv(torch.randn(b, d, L, device="cuda", dtype=dtype))
+    return x, gy, lambda: fn(*(x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), True)
+
+
+def fwd_bwd(x, gy, call):
+    """One forward + backward of call() with the gradients of the inputs x reset first."""
+    def run():
+        for v in x.values():
+            v.grad = None
+        call().backward(gy)
+    return run
 
 
 def triton_scan(u, delta, A, B, C, D, z, bias, sp):
@@ -152,20 +166,20 @@ def time_cross(fn, b, d, spatial, K, layout="contiguous"):
 
     with torch.no_grad():
         t_f = do_bench(fwd, warmup=25, rep=100, return_mode="median")
-    xg = cross_inputs(b, d, spatial, K, grad=True, layout=layout)
+    t_fb = do_bench(fwd_bwd(*cross_call(fn, b, d, spatial, K, layout)), warmup=25, rep=100, return_mode="median")
+    del x
+    torch.cuda.empty_cache()
+    return t_f, t_fb
+
+
+def cross_call(fn, b, d, spatial, K, layout="channels-last"):
+    """(inputs requiring grad, output gradient, call) of one fn(x, delta, A, B, C, D, bias, orders)."""
+    orders = cross_scan_orders(len(spatial), K)
+    x = cross_inputs(b, d, spatial, K, grad=True, layout=layout)
     gy = torch.randn(b, d, *spatial, device="cuda")
     if layout == "channels-last":
         gy = gy.movedim(1, -1).contiguous().movedim(-1, 1)
-
-    def fwdbwd():
-        for v in xg.values():
-            v.grad = None
-        fn(xg["x"], xg["delta"], xg["A"], xg["B"], xg["C"], xg["D"], xg["bias"], orders).backward(gy)
-
-    t_fb = do_bench(fwdbwd, warmup=25, rep=100, return_mode="median")
-    del x, xg
-    torch.cuda.empty_cache()
-    return t_f, t_fb
+    return x, gy, lambda: fn(x["x"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["bias"], orders)
 
 
 def triton_cross(x, delta, A, B, C, D, bias, orders):
@@ -227,22 +241,6 @@ def sweep(variants=SWEEP_VARIANTS, shapes=SWEEP_SHAPES):
     sst.set_tuning()
 
 
-def _cross_call(b, d, spatial, K):
-    """(inputs, output gradient, call) of one fp32 channels-last cross-scan forward+backward."""
-    orders = cross_scan_orders(len(spatial), K)
-    x = cross_inputs(b, d, spatial, K, grad=True, layout="channels-last")
-    gy = torch.randn(b, d, *spatial, device="cuda").movedim(1, -1).contiguous().movedim(-1, 1)
-    return x, gy, lambda: triton_cross(x["x"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["bias"], orders)
-
-
-def _scan_call(b, d, L, G):
-    """(inputs, output gradient, call) of one fp32 channels-last scan forward+backward."""
-    x = {k: sst.channels_last(t.detach()).requires_grad_(True)
-         for k, t in scan_inputs(b, d, L, G, torch.float32, grad=True).items()}
-    gy = sst.channels_last(torch.randn(b, d, L, device="cuda"))
-    return x, gy, lambda: triton_scan(*(x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), True)
-
-
 PARTS_SHAPES = [(2, 64, 64 ** 3, 1), (2, 64, 128 ** 3, 1)]
 
 
@@ -256,13 +254,8 @@ def parts(variants, shapes=PARTS_SHAPES):
     for shape in shapes:
         for v in variants:
             sst.set_tuning(**v)
-            x, gy, call = _cross_call(*shape[1:]) if shape[0] == "cross" else _scan_call(*shape)
-
-            def fwdbwd():
-                for t in x.values():
-                    t.grad = None
-                call().backward(gy)
-
+            fwdbwd = fwd_bwd(*(cross_call(triton_cross, *shape[1:]) if shape[0] == "cross"
+                               else scan_call(triton_scan, *shape)))
             t_fb = do_bench(fwdbwd, warmup=25, rep=100, return_mode="median")
             host = []
             for _ in range(20):
@@ -283,7 +276,7 @@ def parts(variants, shapes=PARTS_SHAPES):
             top = sorted(times.items(), key=lambda kv: -kv[1])[:8]
             print(f"PARTS {shape} {v}: median {t_fb:.3f} ms, host issue {1e3 * sorted(host)[10]:.3f} ms, "
                   f"kernels {total:.3f} ms | " + " | ".join(f"{k[:40]} {t:.3f}" for k, t in top), flush=True)
-            del x, gy, call
+            del fwdbwd
             torch.cuda.empty_cache()
     sst.set_tuning()
 
