@@ -28,7 +28,7 @@ class _SplitLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, sizes):
         ctx.save_for_backward(x, weight)
-        ctx.sizes, ctx.has_bias = sizes, bias is not None
+        ctx.sizes = sizes
         ctx.set_materialize_grads(False)
         return F.linear(x, weight, bias).split(sizes, dim=-1)
 
@@ -46,15 +46,15 @@ class _SplitLinearFn(torch.autograd.Function):
             start += n
             if g is None:  # a block that did not reach the loss: its dW / db rows stay 0
                 continue
-            g2 = _rows(g).to(weight.dtype)
+            g2 = _rows(g)
             if need_x:
                 dx = g2 @ weight[rows] if dx is None else dx.addmm_(g2, weight[rows])
             if need_w:
-                torch.mm(g2.t(), x2.to(weight.dtype), out=dw[rows])
+                torch.mm(g2.t(), x2, out=dw[rows])
             if need_b:
                 db[rows] = g2.sum(0)
         if need_x:
-            dx = torch.zeros_like(x) if dx is None else dx.reshape(x.shape).to(x.dtype)
+            dx = torch.zeros_like(x) if dx is None else dx.reshape(x.shape)
         return dx, dw, db, None
 
 
@@ -80,7 +80,6 @@ class _ChannelsFirstLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         y = x.new_empty(x.shape[0], weight.shape[0], x.shape[1])  # (B, C_out, L)
         for b in range(x.shape[0]):
             torch.mm(weight, x[b].t(), out=y[b])
@@ -100,7 +99,7 @@ class _ChannelsFirstLinearFn(torch.autograd.Function):
             dw = g[0] @ x[0]
             for b in range(1, x.shape[0]):
                 dw.addmm_(g[b], x[b])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False without a bias
             db = g.sum((0, 2))
         return dx, dw, db
 
