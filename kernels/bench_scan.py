@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from nnunet_mamba.kernels import selective_scan_triton as sst  # noqa: E402
+from nnunet_mamba.kernels import launch, selective_scan_triton as sst  # noqa: E402
 from nnunet_mamba.ops.scan import cross_scan_orders, cross_selective_scan_reference  # noqa: E402
 
 N = 16
@@ -244,11 +244,15 @@ def sweep(variants=SWEEP_VARIANTS, shapes=SWEEP_SHAPES):
 PARTS_SHAPES = [(2, 64, 64 ** 3, 1), (2, 64, 128 ** 3, 1)]
 
 
-def parts(variants, shapes=PARTS_SHAPES):
+def parts(variants, shapes=PARTS_SHAPES, host_profile=False):
     """Where one fp32 forward+backward (channels-last) spends its GPU time, per kernel (torch.profiler), for each
     shape ((b, d, L, G), or ("cross", b, d, spatial, K) for the fused cross-scan) and launch-plan variant
     (set_tuning keys): to see which kernel to work on. Also the median time (do_bench, as the table) and the host's
-    time to issue the call (no synchronisation): where it exceeds the GPU's, the call is host-bound."""
+    time to issue the call (no synchronisation), with cached launches and with Triton's own (kernels/launch.py):
+    where it exceeds the GPU's, the call is host-bound. host_profile: also where that host time goes (cProfile)."""
+    import cProfile
+    import io
+    import pstats
     import time
     from torch.profiler import ProfilerActivity, profile
     for shape in shapes:
@@ -257,13 +261,25 @@ def parts(variants, shapes=PARTS_SHAPES):
             fwdbwd = fwd_bwd(*(cross_call(triton_cross, *shape[1:]) if shape[0] == "cross"
                                else scan_call(triton_scan, *shape)))
             t_fb = do_bench(fwdbwd, warmup=25, rep=100, return_mode="median")
-            host = []
-            for _ in range(20):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
+            host = {}
+            for cached in (False, True):
+                launch.ENABLED = cached
                 fwdbwd()
-                host.append(time.perf_counter() - t0)
+                host[cached] = []
+                for _ in range(20):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    fwdbwd()
+                    host[cached].append(time.perf_counter() - t0)
             torch.cuda.synchronize()
+            if host_profile:
+                prof = cProfile.Profile()
+                for _ in range(10):
+                    torch.cuda.synchronize()
+                    prof.runcall(fwdbwd)
+                stats = io.StringIO()
+                pstats.Stats(prof, stream=stats).sort_stats("tottime").print_stats(14)
+                print(f"HOST PROFILE {shape} {v} (10 calls):" + stats.getvalue().split("\n", 6)[-1], flush=True)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     fwdbwd()
@@ -274,7 +290,8 @@ def parts(variants, shapes=PARTS_SHAPES):
                     times[e.key] = times.get(e.key, 0.0) + e.self_device_time_total / 5e3
             total = sum(times.values())
             top = sorted(times.items(), key=lambda kv: -kv[1])[:8]
-            print(f"PARTS {shape} {v}: median {t_fb:.3f} ms, host issue {1e3 * sorted(host)[10]:.3f} ms, "
+            print(f"PARTS {shape} {v}: median {t_fb:.3f} ms, host issue {1e3 * sorted(host[True])[10]:.3f} ms "
+                  f"(Triton's own launches {1e3 * sorted(host[False])[10]:.3f}), "
                   f"kernels {total:.3f} ms | " + " | ".join(f"{k[:40]} {t:.3f}" for k, t in top), flush=True)
             del fwdbwd
             torch.cuda.empty_cache()
@@ -292,6 +309,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fp32 only, no bf16 rows")
     ap.add_argument("--parts", nargs="?", const="[{}]", default=None, metavar="JSON",
                     help="per-kernel time of one forward+backward (profiler) for launch-plan variants (JSON list)")
+    ap.add_argument("--host-profile", action="store_true", help="with --parts: cProfile of the host's issue time")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -302,7 +320,8 @@ def main():
               [tuple(s) for s in json.loads(args.shapes)] if args.shapes else SWEEP_SHAPES)
         return
     if args.parts is not None:
-        parts(json.loads(args.parts), [tuple(s) for s in json.loads(args.shapes)] if args.shapes else PARTS_SHAPES)
+        parts(json.loads(args.parts), [tuple(s) for s in json.loads(args.shapes)] if args.shapes else PARTS_SHAPES,
+              args.host_profile)
         return
     bw = copy_bandwidth()
     print(f"{gpu}: device-to-device copy {bw / 1e12:.2f} TB/s; torch {torch.__version__}, triton {triton.__version__}",

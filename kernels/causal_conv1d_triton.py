@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cached_launch
 from .tuning import tuning_setter
 
 
@@ -56,6 +57,7 @@ def _pre_activation(x_base, w_ptr, bias_ptr, rl, rc, cm, L, s_xl, s_xc,
     return acc, rl < L
 
 
+@cached_launch
 @triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, C, s_xb, s_xl, s_xc, s_yb, s_yl, s_yc,
                      K: tl.constexpr, HAS_BIAS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr):
@@ -66,6 +68,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, L, C, s_xb, s_xl, s_xc, s_yb
     tl.store(y_ptr + b * s_yb + rl[:, None] * s_yl + rc[None, :] * s_yc, y, mask=inside[:, None] & cm[None, :])
 
 
+@cached_launch
 @triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, gy_ptr, gx_ptr, part_ptr, L, C, R,
                      s_xb, s_xl, s_xc, s_gb, s_gl, s_gc, s_hb, s_hl, s_hc, K: tl.constexpr, HAS_BIAS: tl.constexpr,

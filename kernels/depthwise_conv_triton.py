@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cached_launch
+
 FWD_TILE = 1024  # voxels x channels per forward / input-gradient program (half that above 3x3 taps a kernel plane)
 BWD_TILE = 8192  # voxels x channels x padded taps per weight-gradient program: its fp32 sums, 64 a thread
 BWD_PROGRAMS_PER_SM = 16  # weight-gradient programs per SM, all channel blocks together
@@ -77,6 +79,7 @@ def _inside(d, h, w, D, H, W):
     return (d >= 0) & (d < D) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
 
 
+@cached_launch
 @triton.jit
 def _dw_conv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, C, D, H, W, n_h, n_w,
                     s_xb, s_xc, s_xd, s_xh, s_xw, s_yb, s_yc, s_yd, s_yh, s_yw,
@@ -101,6 +104,7 @@ def _dw_conv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, C, D, H, W, n_h, n_w,
     tl.store(y_ptr + _offsets(b, d, h, w, rc, s_yb, s_yc, s_yd, s_yh, s_yw), acc, mask=m)
 
 
+@cached_launch
 @triton.jit
 def _dw_conv_wgrad_kernel(x_ptr, gy_ptr, part_ptr, C, D, H, W, n_h, n_w, n_tiles,
                           s_xb, s_xc, s_xd, s_xh, s_xw, s_gb, s_gc, s_gd, s_gh, s_gw,

@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cached_launch
+
 BLOCK = 4096  # elements a program handles per step (the next power of 2 >= S when rows are shorter)
 PROGRAMS_PER_SM = 4  # reduction programs in all (= partial sums per pass), per SM
 PROGRAMS_CPU = 8  # the same in all, for the interpreter on CPU
@@ -66,6 +68,7 @@ def _chunk(S, chunk, P):
     return pid, row, row.to(tl.int64) * S + start, tl.minimum(S - start, chunk)
 
 
+@cached_launch
 @triton.jit
 def _stats_kernel(x_ptr, part_ptr, S, chunk, P, BLOCK: tl.constexpr):
     """part[pid] = (k, mean(x) - k, M2) of this program's chunk, k = its first element."""
@@ -88,6 +91,7 @@ def _stats_kernel(x_ptr, part_ptr, S, chunk, P, BLOCK: tl.constexpr):
     tl.store(part_ptr + 3 * pid + 2, tl.sum(m2 + cnt * dev * dev, axis=0))
 
 
+@cached_launch
 @triton.jit
 def _grad_sums_kernel(gy_ptr, x_ptr, hi_ptr, lo_ptr, s_ptr, t_ptr, part_ptr, S, chunk, P, RELU: tl.constexpr,
                       BLOCK: tl.constexpr):
@@ -115,6 +119,7 @@ def _grad_sums_kernel(gy_ptr, x_ptr, hi_ptr, lo_ptr, s_ptr, t_ptr, part_ptr, S, 
     tl.store(part_ptr + 2 * pid + 1, tl.sum(sx, axis=0))
 
 
+@cached_launch
 @triton.jit
 def _affine_kernel(x_ptr, gy_ptr, hi_ptr, lo_ptr, s_ptr, t_ptr, a_ptr, ms_ptr, mt_ptr, out_ptr, S, n_blocks,
                    HAS_GY: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):

@@ -62,6 +62,7 @@ def loop_mix(sass: str, top: int = 2) -> list[str]:
 
 
 def compile_kernel(fn, constexprs: dict, num_warps: int, tag: str, out: pathlib.Path):
+    fn = fn.jit  # the @triton.jit function under @cached_launch
     names = list(inspect.signature(fn.fn).parameters)
     constexprs = {k: v for k, v in constexprs.items() if k in names}
     keep = {names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cached_launch
+
 TILE_ELEMS = 4096  # elements per tile (a program's rows x padded channels)
 BWD_PROGRAMS_PER_SM = 4  # backward programs (= rows of the dweight / dbias partial-sum buffer) per SM
 BWD_PROGRAMS_CPU = 4  # the same, for the interpreter on CPU
@@ -69,6 +71,7 @@ def _offs(t, rows, cols, R1, T1, s0, s1, sc, SPLIT: tl.constexpr, CF: tl.constex
     return roff[:, None] + cols.to(tl.int64)[None, :] * sc
 
 
+@cached_launch
 @triton.jit
 def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, C, inv_C, R1, T1, s0, s1, sc, eps,
                    SPLIT: tl.constexpr, CF: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -90,6 +93,7 @@ def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, C, in
     tl.store(rstd_ptr + rows, rstd, mask=rm)
 
 
+@cached_launch
 @triton.jit
 def _ln_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, n_rows, n_tiles, C, inv_C, R1, T1,
                    s0, s1, sc, t0, t1, tc, u0, u1, uc, SPLIT: tl.constexpr, CF: tl.constexpr, HAS_W: tl.constexpr,

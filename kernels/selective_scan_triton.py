@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cached_launch
 from .tuning import tuning_setter
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -229,6 +230,7 @@ def _walk_block(h, l0, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn,
 # kernels
 
 
+@cached_launch
 @triton.jit(do_not_specialize=["one", "T"])
 def _chunk_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr,
                   hin_ptr, hloc_ptr, sloc_ptr,
@@ -289,6 +291,7 @@ def _chunk_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, 
         tl.store(sloc_ptr + (b * d + c) * n_chunks + j, ssum, mask=cm)
 
 
+@cached_launch
 @triton.jit
 def _carry_kernel(A_ptr, hloc_ptr, sloc_ptr, hin_ptr, init_ptr, d, N, n_chunks,
                   REV: tl.constexpr, HAS_INIT: tl.constexpr, BD: tl.constexpr, BNC: tl.constexpr, KC: tl.constexpr,
@@ -331,6 +334,7 @@ def _carry_kernel(A_ptr, hloc_ptr, sloc_ptr, hin_ptr, init_ptr, d, N, n_chunks,
             H = ws[k] * H + hs[k]
 
 
+@cached_launch
 @triton.jit(do_not_specialize=["one", "T"])
 def _bsum_kernel(dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
                  L, d, dg, N, RK, n_chunks, cbg, one,
@@ -362,6 +366,7 @@ def _bsum_kernel(dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
     tl.store(q_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), an * G, mask=m2)
 
 
+@cached_launch
 @triton.jit(do_not_specialize=["one", "T"])
 def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr,
                 hin_ptr, rin_ptr, hf_ptr,
