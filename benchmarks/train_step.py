@@ -19,6 +19,7 @@ import os
 import re
 import statistics
 import sys
+import time
 import traceback
 
 import torch
@@ -125,6 +126,30 @@ def profile_step(step, name, top=12):
     print(f"[profile] {name}: kernel time per part of the step ({sum(sums.values()):.1f} ms in all)")
     for cat, ms in sorted(sums.items(), key=lambda kv: -kv[1]):
         print(f"  {ms:9.1f} ms  {cat}")
+    # the host's side: how long it takes to issue a step (no synchronisation; when that is near the step's wall time
+    # the GPU waits on Python), and the CUDA runtime calls that can stall the GPU's queue (allocations, syncs)
+    issue = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        issue.append(1e3 * (time.perf_counter() - t0))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+        torch.cuda.synchronize()
+    calls = [(e.key, e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages() if e.key.startswith("cu")]
+    print(f"[profile] {name}: host issue time of a step {statistics.median(issue):.1f} ms; CUDA runtime calls: "
+          + ", ".join(f"{k} {n}x {ms:.1f} ms" for k, n, ms in sorted(calls, key=lambda c: -c[2])[:8]))
+    if os.environ.get("NNUNET_MAMBA_HOST_PROFILE"):  # where the host's time goes, by Python function (cProfile)
+        import cProfile
+        import pstats
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.runcall(step)
+        torch.cuda.synchronize()
+        for key in ("tottime", "cumulative"):
+            pstats.Stats(prof).sort_stats(key).print_stats(int(os.environ["NNUNET_MAMBA_HOST_PROFILE"]))
 
 
 def measure(name, steps, warmup, profile=0):

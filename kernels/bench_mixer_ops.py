@@ -15,7 +15,8 @@
 
 Shapes: LightM-UNet 3D at 128^3 batch 2 (the Mamba layers' token counts and widths per stage), and the depthwise
 convs' maps of the networks' reference configurations. fp32, forward + backward with every input requiring grad,
-CUDA-event medians (``triton.testing.do_bench``). Writes ``BENCHMARK_mixer_ops.md`` (GPU, date) to --out (default:
+CUDA-event medians (``triton.testing.do_bench``: wall time of an isolated call) and GPU kernel time (profiler).
+Writes ``BENCHMARK_mixer_ops.md`` (GPU, date) to --out (default:
 this folder).
 """
 from __future__ import annotations
@@ -65,7 +66,20 @@ def fwd_bwd_ms(fn, *shape_and_params, channels_last=False):
 
     def run():
         fn(x, *params).backward(gy)
-    return do_bench(run, warmup=5, rep=40)
+    return do_bench(run, warmup=5, rep=40), gpu_ms(run)
+
+
+def gpu_ms(run, n=5):
+    """GPU kernel time of one run() (torch.profiler, summed over the kernels): what the op costs inside a GPU-bound
+    training step, where the host's launch work overlaps earlier kernels. do_bench's wall time of an isolated call
+    is the host's issue time instead wherever that is longer."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            run()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA) / (1e3 * n)
 
 
 def cases():
@@ -103,13 +117,14 @@ def main():
     lines = ["# Mamba-layer and feature-map ops: project kernels vs PyTorch (fp32, forward + backward)", "",
              f"GPU: {gpu}; torch {torch.__version__}; {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC. Produced by "
              "`python kernels/bench_mixer_ops.py`.", "",
-             "| op | where | tensor | PyTorch (ms) | project (ms) | speed-up |",
-             "|---|---|---|---|---|---|"]
+             "| op | where | tensor | PyTorch (ms) | project (ms) | speed-up | PyTorch GPU (ms) | project GPU (ms) "
+             "| GPU speed-up |", "|---|---|---|---|---|---|---|---|---|"]
     for where, shape, torch_fn, projects, params, cl in cases():
-        t0 = fwd_bwd_ms(torch_fn, shape, *params, channels_last=cl)
+        t0, k0 = fwd_bwd_ms(torch_fn, shape, *params, channels_last=cl)
         for op, project_fn in projects:
-            t1 = fwd_bwd_ms(project_fn, shape, *params, channels_last=cl)
-            row = f"| {op} | {where} | {'x'.join(map(str, shape))} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f}x |"
+            t1, k1 = fwd_bwd_ms(project_fn, shape, *params, channels_last=cl)
+            row = (f"| {op} | {where} | {'x'.join(map(str, shape))} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f}x "
+                   f"| {k0:.3f} | {k1:.3f} | {k0 / k1:.2f}x |")
             print(row, flush=True)
             lines.append(row)
     out = pathlib.Path(args.out) / "BENCHMARK_mixer_ops.md"

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .launch import cached_launch
-from .tuning import tuning_setter
+from .tuning import sm_count, tuning_setter
 
 
 @triton.jit
@@ -158,7 +158,7 @@ def _bwd_plan(b, L, C, K, device):
     T = o.get("T", 8)
     R = o.get("R")
     if R is None:
-        n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        n_sm = sm_count(device, 4)
         rows = b * triton.cdiv(C, BC) * L  # segment positions to cover, over all programs
         R = min(1024, max(32, rows // (T * o.get("per_sm", 16) * n_sm)))
     return T, BC, R, max(K - 1, o.get("U", 1)), o.get("warps", 4), o.get("stages", 3)

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .launch import cached_launch
+from .tuning import sm_count
 
 FWD_TILE = 1024  # voxels x channels per forward / input-gradient program (half that above 3x3 taps a kernel plane)
 BWD_TILE = 8192  # voxels x channels x padded taps per weight-gradient program: its fp32 sums, 64 a thread
@@ -194,10 +195,7 @@ def _weight_bias_grad(x, gy, ks, want_w):
     n_h, n_w, n_c = triton.cdiv(H, BH), triton.cdiv(W, BW), triton.cdiv(C, BC)
     n_tiles = B * D * n_h * n_w
     dev = x.device
-    if dev.type == "cuda":
-        P = BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(dev).multi_processor_count // n_c
-    else:
-        P = BWD_PROGRAMS_CPU
+    P = BWD_PROGRAMS_PER_SM * sm_count(dev, 0) // n_c if dev.type == "cuda" else BWD_PROGRAMS_CPU
     P = max(1, min(n_tiles, P))
     part = (torch.empty if x.numel() else torch.zeros)(P, C, T + 1, device=dev, dtype=torch.float32)
     if x.numel():

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from .launch import cached_launch
+from .tuning import sm_count
 
 BLOCK = 4096  # elements a program handles per step (the next power of 2 >= S when rows are shorter)
 PROGRAMS_PER_SM = 4  # reduction programs in all (= partial sums per pass), per SM
@@ -156,7 +157,7 @@ def _plan(R, S, dev):
     """Reduction plan for R rows of S elements: block, num_warps, chunk length (a multiple of the block) and chunks
     per row P, for about ``PROGRAMS_PER_SM`` programs per SM in all (at least one per row)."""
     block, warps = _block(S)
-    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
+    n_sm = sm_count(dev, 0)
     per_row = triton.cdiv(PROGRAMS_PER_SM * n_sm if n_sm else PROGRAMS_CPU, R)
     chunk = triton.cdiv(triton.cdiv(S, per_row), block) * block
     return block, warps, chunk, triton.cdiv(S, chunk)

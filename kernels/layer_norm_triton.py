@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .launch import cached_launch
+from .tuning import sm_count
 
 TILE_ELEMS = 4096  # elements per tile (a program's rows x padded channels)
 BWD_PROGRAMS_PER_SM = 4  # backward programs (= rows of the dweight / dbias partial-sum buffer) per SM
@@ -240,7 +241,7 @@ class _LayerNormFn(torch.autograd.Function):
                 x, dy = x.contiguous(), dy.contiguous()
                 lay = _row_layout(x.shape[:-1], x.stride()[:-1], dy.stride()[:-1])
         BLOCK_ROWS, BLOCK_C, T1, n_tiles = _grid(lay, C, n_rows, cf)
-        n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
+        n_sm = sm_count(dev, 0)
         P = max(1, min(n_tiles, BWD_PROGRAMS_PER_SM * n_sm if n_sm else BWD_PROGRAMS_CPU))
         want_dw = w is not None and ctx.needs_input_grad[1]
         want_db = b is not None and ctx.needs_input_grad[2]

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from .launch import cached_launch
-from .tuning import tuning_setter
+from .tuning import sm_count, tuning_setter
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -586,7 +586,7 @@ class _Plan:
         self.spread = o.get("spread", 2 * self.BN >= 32 * self.num_warps)
         T = o.get("T")
         if T is None:
-            n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+            n_sm = sm_count(device, 4)
             chunk = lambda k: triton.next_power_of_2(triton.cdiv(L, max(1, (k * n_sm) // (b * G * self.cbg))))
             T = chunk(o.get("per_sm", 16))
             if T < L and "per_sm" not in o:  # several chunks already (their summary pass is paid): per_sm of them

@@ -1,8 +1,24 @@
-"""Launch-plan overrides shared by the kernel modules (benchmark sweeps and tests set them; empty = each module's
-defaults)."""
+"""Launch-plan helpers shared by the kernel modules: the overrides benchmark sweeps and tests set (empty = each
+module's defaults), and the GPU's SM count the plans scale with."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device, cpu: int) -> int:
+    """The streaming multiprocessors of a CUDA device (looked up once per device); ``cpu`` for the CPU tensors of
+    Triton's interpreter."""
+    if device.type != "cuda":
+        return cpu
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def tuning_setter(overrides: dict, keys: Sequence[str]) -> Callable[..., None]:

@@ -85,17 +85,45 @@ def test_auto_resolves_to_the_fastest_usable_backend(monkeypatch):
     monkeypatch.setattr(autochoose, "load_table", lambda *a: table)
     for name in ("triton", "mamba_ssm"):
         monkeypatch.setattr(scan_mod._BACKENDS[name], "why_unavailable", lambda dev: None)
-    assert scan_mod._resolve("auto", torch.empty(2, 64, 200000), None).name == "triton"
-    assert scan_mod._resolve("auto", torch.empty(2, 640, 4096), None).name == "mamba_ssm"
+    assert scan_mod._choose("auto", torch.empty(2, 64, 200000), None).name == "triton"
+    assert scan_mod._choose("auto", torch.empty(2, 640, 4096), None).name == "mamba_ssm"
     monkeypatch.setattr(scan_mod._BACKENDS["mamba_ssm"], "why_unavailable", lambda dev: "absent")
-    assert scan_mod._resolve("auto", torch.empty(2, 640, 4096), None).name == "triton"
-    assert scan_mod._resolve("auto", torch.empty(2, 64, 200000), None).name == "triton"
+    assert scan_mod._choose("auto", torch.empty(2, 640, 4096), None).name == "triton"
+    assert scan_mod._choose("auto", torch.empty(2, 64, 200000), None).name == "triton"
     table["entries"][1]["torch_ms"] = 1.0  # a backend with a measured time takes part: fastest there, it runs
-    assert scan_mod._resolve("auto", torch.empty(2, 640, 4096), None).name == "torch"
+    assert scan_mod._choose("auto", torch.empty(2, 640, 4096), None).name == "torch"
     monkeypatch.setattr(autochoose, "load_table", lambda *a: {"entries": []})  # nothing measured: priority order
-    assert scan_mod._resolve("auto", torch.empty(2, 640, 4096), None).name == "triton"
+    assert scan_mod._choose("auto", torch.empty(2, 640, 4096), None).name == "triton"
     monkeypatch.setattr(scan_mod._BACKENDS["mamba_ssm"], "why_unavailable", lambda dev: None)
-    assert scan_mod._resolve("auto", torch.empty(2, 640, 4096), None).name == "mamba_ssm"
+    assert scan_mod._choose("auto", torch.empty(2, 640, 4096), None).name == "mamba_ssm"
+
+
+def test_auto_choice_is_made_once_per_kind_of_call(monkeypatch):
+    """_resolve keeps each kind of call's choice (the host time of resolving it again was ~0.1-0.4 ms per scan): the
+    same kind resolves once; another shape, dtype, layout, gradient mode or backend name resolves anew; registering a
+    backend forgets every choice."""
+    monkeypatch.setattr(scan_mod, "_CHOICES", {})
+    asked = []
+    monkeypatch.setattr(scan_mod, "_choose", lambda backend, u, B: asked.append(backend) or scan_mod._BACKENDS["torch"])
+    u = torch.empty(2, 64, 100)
+    for _ in range(3):
+        assert scan_mod._resolve("auto", u, u).name == "torch"
+    assert len(asked) == 1
+    scan_mod._resolve("auto", torch.empty(2, 64, 101), u)
+    scan_mod._resolve("auto", u.double(), u)
+    scan_mod._resolve("auto", u.transpose(1, 2).contiguous().transpose(1, 2), u)  # channels-last
+    with torch.no_grad():
+        scan_mod._resolve("auto", u, u)
+    scan_mod._resolve("auto", u, torch.empty(64, 16))  # constant B
+    scan_mod._resolve("torch", u, u)
+    assert len(asked) == 7
+    monkeypatch.setenv(scan_mod.ENV_BACKEND, "torch")  # the environment's backend is part of the kind
+    scan_mod._resolve("auto", u, u)
+    assert len(asked) == 7  # "torch" with these tensors was asked for above
+    monkeypatch.setitem(scan_mod._BACKENDS, "torch", scan_mod._BACKENDS["torch"])
+    scan_mod.register_backend("torch", *[getattr(scan_mod._BACKENDS["torch"], f) for f in ("fn", "why_unavailable")])
+    scan_mod._resolve("auto", u, u)
+    assert len(asked) == 8
 
 
 def test_committed_table_is_sane():

@@ -13,8 +13,8 @@ and on (B, C, *S) feature maps
   from ``VAR_MEAN_FROM`` elements statistics from ``torch.var_mean``; Triton (``kernels/group_norm_triton.py``):
   many programs per (sample, channel).
 
-``backend="auto"`` takes Triton for CUDA tensors (when installed) from the smallest size at which it measured faster
-than PyTorch (kernels/BENCHMARK_mixer_ops.md; ``TRITON_FROM``; at the smaller measured sizes PyTorch was faster),
+``backend="auto"`` takes Triton for CUDA tensors (when installed) from the smallest size at which its GPU time measured
+below PyTorch's (kernels/BENCHMARK_mixer_ops.md; ``TRITON_FROM``),
 except the depthwise conv of 2D channels-last maps (cuDNN measured faster), else PyTorch.
 ``NNUNET_MAMBA_TOKEN_OPS_BACKEND`` forces one (benchmarks, debugging). Both backends compute the same function
 (Triton: fp32 arithmetic, dense outputs; torch: the conv's output is a transposed view). Nothing here imports triton
@@ -32,13 +32,17 @@ from .scan import BackendUnavailable, _triton_unavailable
 ENV_BACKEND = "NNUNET_MAMBA_TOKEN_OPS_BACKEND"
 
 
-# smallest measured size (elements) at which the Triton kernel beat PyTorch, per op (kernels/BENCHMARK_mixer_ops.md)
-TRITON_FROM = {"causal-conv1d": 2 * 32768 * 256, "layer-norm": 2 * 262144 * 64, "group-norm": 2 * 32 * 128 ** 3,
+# smallest measured size (elements) from which the Triton kernel beat PyTorch in GPU kernel time, forward + backward
+# (kernels/BENCHMARK_mixer_ops.md, H200, session 10). Kernel time, not the wall time of an isolated call: inside a
+# GPU-bound training step the host issues each op while earlier ones run, and below ~1 ms the isolated calls only
+# measure the host (the Triton GroupNorm's wall time is ~2 ms at every size). The conv1d, the LayerNorm and the
+# depthwise conv won at every measured size (the smallest are listed); the GroupNorm from 2 x 64 x 64^3.
+TRITON_FROM = {"causal-conv1d": 2 * 4096 * 512, "layer-norm": 2 * 4096 * 256, "group-norm": 2 * 64 * 64 ** 3,
                "depthwise-conv": 2 * 128 * 32 ** 3}
-# group_norm's torch backend takes its statistics from var_mean from this size (below: F.group_norm). Against
-# F.group_norm it measured 2.8x faster at 2 x 64 x 64^3 and slower at 2 x 128 x 32^3 on the H100, 1.6x faster at
-# 2 x 128 x 32^3 and slower at 2 x 256 x 16^3 on the H200; against the Triton kernel faster up to 2 x 64 x 64^3.
-VAR_MEAN_FROM = 1 << 24
+# group_norm's torch backend takes its statistics from var_mean from this size (below: F.group_norm): in GPU time
+# 3.5x faster than F.group_norm at 2 x 128 x 32^3, 2.0x at 2 x 256 x 16^3 (the smallest measured) on the H200, and
+# faster than the Triton kernel below 2 x 64 x 64^3.
+VAR_MEAN_FROM = 2 * 256 * 16 ** 3
 
 
 def _use_triton(op: str, x: torch.Tensor, backend: str, measured_faster: bool = True) -> bool:
