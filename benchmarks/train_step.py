@@ -6,7 +6,10 @@ Each case builds a network as its nnU-Net trainer would for the reference plan (
 steps, then times `steps` training steps (forward, CE loss on the full-resolution logits, backward, optimizer
 step) with CUDA events and reports the median, the peak allocated memory and the eval-mode forward time. With
 `--nan-steps N`, each Mamba network also trains N steps under AMP (bf16 and fp16 with GradScaler) on a learnable
-synthetic target and reports whether any loss was not finite. Baselines are measured in the same call, so
+synthetic target and reports whether any loss was not finite. With `--cuda-graphs` the networks' forward and
+backward replay CUDA graphs captured before the timed steps (NNUNET_MAMBA_CUDA_GRAPHS in the trainers; the
+peak then includes the capture). `--profile` also prints the host's issue time of a step and the GPU's idle time
+inside it. Baselines are measured in the same call, so
 ratios are fair. Writes `train_step.md` and `train_step.json` to --out.
 """
 from __future__ import annotations
@@ -27,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from nnunet_mamba.graphs import graph_for_training  # noqa: E402
 
 
 def plain_conv_unet(nd, c_in, k, n_stages, max_feat=320):
@@ -126,6 +131,19 @@ def profile_step(step, name, top=12):
     print(f"[profile] {name}: kernel time per part of the step ({sum(sums.values()):.1f} ms in all)")
     for cat, ms in sorted(sums.items(), key=lambda kv: -kv[1]):
         print(f"  {ms:9.1f} ms  {cat}")
+    # the GPU's idle time inside the step (gaps between consecutive kernels): where it waited on the host
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    gaps, end = [], kernels[0][1] if kernels else 0
+    for start, stop, kname in kernels[1:]:
+        if start > end:
+            gaps.append((start - end, kname))
+        end = max(end, stop)
+    if kernels:
+        span = (end - kernels[0][0]) / 1e3
+        top = sorted(gaps, reverse=True)[:6]
+        print(f"[profile] {name}: first to last kernel {span:.1f} ms, GPU idle {sum(g for g, _ in gaps) / 1e3:.1f} ms "
+              f"in {len(gaps)} gaps; largest before: " + ", ".join(f"{k[:40]} {g / 1e3:.2f} ms" for g, k in top))
     # the host's side: how long it takes to issue a step (no synchronisation; when that is near the step's wall time
     # the GPU waits on Python), and the CUDA runtime calls that can stall the GPU's queue (allocations, syncs)
     issue = []
@@ -152,7 +170,7 @@ def profile_step(step, name, top=12):
             pstats.Stats(prof).sort_stats(key).print_stats(int(os.environ["NNUNET_MAMBA_HOST_PROFILE"]))
 
 
-def measure(name, steps, warmup, profile=0):
+def measure(name, steps, warmup, profile=0, cuda_graphs=False):
     build, shape, batch, k, precision, opt_kind = CASES[name]
     torch.manual_seed(0)
     net = build().cuda()
@@ -162,6 +180,10 @@ def measure(name, steps, warmup, profile=0):
     x, y = _batch(shape, batch, k)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    if cuda_graphs:  # the network's forward and backward captured once, then replayed (nnunet_mamba/graphs.py)
+        if precision != "fp32":
+            raise ValueError("--cuda-graphs: fp32 cases only (as NNUNET_MAMBA_CUDA_GRAPHS in the trainers)")
+        net = graph_for_training(net, x)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -241,6 +263,8 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--profile", type=int, nargs="?", const=12, default=0, metavar="TOP",
                    help="print each case's TOP (12) CUDA kernels by time (one extra step)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture each network's forward + backward as CUDA graphs (torch.cuda.make_graphed_callables)")
     args = p.parse_args()
     from nnunet_mamba.ops import available_backends
 
@@ -250,7 +274,7 @@ def main():
     for name in args.cases.split(","):
         print(f"[bench] {name} ...", flush=True)
         try:
-            rows.append(measure(name, args.steps, args.warmup, args.profile))
+            rows.append(measure(name, args.steps, args.warmup, args.profile, args.cuda_graphs))
             print(f"[bench] {rows[-1]}", flush=True)
         except Exception as e:  # reported in the table, not skipped
             traceback.print_exc()

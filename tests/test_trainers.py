@@ -46,3 +46,24 @@ def test_train_step(name, nd, tmp_path, monkeypatch):
                        else [])
     assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_cuda_graphs_request_is_refused_where_graphs_cannot_run(tmp_path, monkeypatch):
+    """NNUNET_MAMBA_CUDA_GRAPHS=1 (nnunet_mamba/graphs.py; replay checked against eager steps on the GPU in
+    tests/test_graphs.py): a CPU trainer or an AMP recipe refuses with the reason and the way out, before any work;
+    other values than 0/1 are errors."""
+    patch = (32, 32)
+    plans = make_plans(patch, [[1, 1]] + [[2, 2]] * 5, name="2d")
+    batch = {"data": torch.randn(2, 1, *patch), "target": torch.zeros(2, 1, *patch)}
+    for cls in (trainers.nnUNetTrainerLightMUNet, trainers.nnUNetTrainerLightMUNet_nnUNetRecipe):
+        trainer = make_trainer(cls, plans, tmp_path, monkeypatch)
+        monkeypatch.setenv("NNUNET_MAMBA_CUDA_GRAPHS", "1")
+        with pytest.raises(RuntimeError, match="CUDA device.*Unset NNUNET_MAMBA_CUDA_GRAPHS"):
+            trainer.train_step(batch)
+        monkeypatch.setenv("NNUNET_MAMBA_CUDA_GRAPHS", "yes")
+        with pytest.raises(ValueError, match="use 1"):
+            trainer.train_step(batch)
+    trainer.device = torch.device("cuda")  # as on a GPU machine: the AMP recipe is refused for its autocast
+    monkeypatch.setenv("NNUNET_MAMBA_CUDA_GRAPHS", "1")
+    with pytest.raises(RuntimeError, match="fp32 \\(NoAMP\\) recipes only"):
+        trainer.train_step(batch)

@@ -17,6 +17,9 @@ from torch._dynamo import OptimizedModule
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from ..graphs import ENV as ENV_CUDA_GRAPHS
+from ..graphs import graph_for_training
+
 # Quick runs (tests, demos): override the recipe's length without a new trainer class (the class name is
 # stored in checkpoints, so tests and demos exercise the real trainers).
 ENV_EPOCHS = "NNUNET_MAMBA_EPOCHS"
@@ -115,6 +118,7 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
         self.enable_deep_supervision = r.deep_supervision
         if not r.amp:
             self.grad_scaler = None
+        self._graphed_shape = None  # the batch shape the training graphs were captured for (NNUNET_MAMBA_CUDA_GRAPHS)
         for env, attr in ((ENV_EPOCHS, "num_epochs"), (ENV_ITERATIONS, "num_iterations_per_epoch"),
                           (ENV_VAL_ITERATIONS, "num_val_iterations_per_epoch")):
             n = _env_int(env)
@@ -169,12 +173,46 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
             self.network, self.loss = net, loss
 
     def train_step(self, batch: dict) -> dict:
+        if _cuda_graphs_requested():
+            self._use_training_graphs(batch["data"])
         with self._step_view():
             return super().train_step(batch)
+
+    def _use_training_graphs(self, data: torch.Tensor):
+        """NNUNET_MAMBA_CUDA_GRAPHS=1: capture the network's training forward + backward on the first batch, replay
+        them from then on (nnunet_mamba/graphs.py). Refuses, saying why, where graphs cannot reproduce the step."""
+        shape = tuple(data.shape)
+        if self._graphed_shape is not None:
+            if shape != self._graphed_shape:
+                raise RuntimeError(f"{ENV_CUDA_GRAPHS}=1: the training graphs were captured for batches of shape "
+                                   f"{self._graphed_shape}, this batch is {shape}; graphs need one batch shape "
+                                   f"(unset {ENV_CUDA_GRAPHS} for this run)")
+            return
+        why = None
+        if self.device.type != "cuda":
+            why = f"CUDA graphs need a CUDA device, this trainer runs on {self.device}"
+        elif self.is_ddp:
+            why = "single-GPU training only (DDP's gradient all-reduce runs in hooks outside the captured graphs)"
+        elif self.recipe.amp:
+            why = (f"fp32 (NoAMP) recipes only; {type(self).__name__} trains under nnU-Net's autocast, whose cast "
+                   "cache cannot be captured; use the network's upstream-recipe trainer")
+        if why:
+            raise RuntimeError(f"{ENV_CUDA_GRAPHS}=1: {why}. Unset {ENV_CUDA_GRAPHS} to train without graphs.")
+        graph_for_training(self._unwrapped_network(), data.to(self.device, non_blocking=True))
+        self._graphed_shape = shape
+        self.print_to_log_file(f"{ENV_CUDA_GRAPHS}=1: the network's training forward and backward are captured for "
+                               f"batches of shape {shape} and replayed every step")
 
     def validation_step(self, batch: dict) -> dict:
         with self._step_view():
             return super().validation_step(batch)
+
+
+def _cuda_graphs_requested() -> bool:
+    mode = os.environ.get(ENV_CUDA_GRAPHS, "0")
+    if mode not in ("0", "1"):
+        raise ValueError(f"{ENV_CUDA_GRAPHS}={mode!r}: use 1 (capture the training step as CUDA graphs) or 0")
+    return mode == "1"
 
 
 def plan_topology(configuration_manager):
