@@ -19,6 +19,15 @@ NETS = {  # (builder, input shape): recomputed Mamba layers; BatchNorm + paramet
 }
 
 
+def close(a, b, floor=0.0):
+    """Equal up to summation order, to 1 % of each tensor's largest value: the eager and the replayed kernels sum in
+    different orders where cuDNN or cuBLAS pick other algorithms (differences up to 0.13 % of a tensor's largest
+    value seen on the H200, BatchNorm running variances and conv weight gradients). A replay that read stale
+    weights (the steps below move each tensor by 10 % of its scale) or a stale input is far outside. ``floor``: for
+    gradients that are zero up to round-off (a conv bias before a norm), a bound from the step's largest gradient."""
+    torch.testing.assert_close(a.double(), b.double(), rtol=1e-2, atol=max(1e-2 * float(b.abs().max()), floor))
+
+
 def _first(out):
     return out[0] if isinstance(out, (list, tuple)) else out
 
@@ -30,9 +39,19 @@ def _step(net, x, target):
     return out.detach().clone(), [None if p.grad is None else p.grad.clone() for p in net.parameters()]
 
 
+@pytest.fixture
+def deterministic_cudnn():
+    """cuDNN's deterministic algorithms for both the eager and the captured steps (its default weight-gradient
+    algorithms are not repeatable from run to run, eager against eager included)."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", sorted(NETS))
-def test_replayed_steps_match_eager_steps(name):
+def test_replayed_steps_match_eager_steps(name, deterministic_cudnn):
     build, shape = NETS[name]
     torch.manual_seed(0)
     eager = build().cuda().train()
@@ -46,23 +65,24 @@ def test_replayed_steps_match_eager_steps(name):
     for x, t in zip(xs, targets):
         y0, g0 = _step(eager, x, t)
         y1, g1 = _step(graphed, x, t)
-        torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+        close(y1, y0)
         assert [g is None for g in g1] == [g is None for g in g0]
+        floor = 1e-5 * max(float(g.abs().max()) for g in g0 if g is not None)
         for a, b in zip(g1, g0):
             if b is not None:
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-        with torch.no_grad():  # an optimizer step in place: the next replay must read the new weights
-            for net in (eager, graphed):
-                for p in net.parameters():
-                    if p.grad is not None:
-                        p -= 1e-2 * p.grad
-    for a, b in zip(graphed.buffers(), eager.buffers()):  # the replays updated BN statistics as eager steps do
-        torch.testing.assert_close(a, b)
+                close(a, b, floor)
+        for a, b in zip(graphed.buffers(), eager.buffers()):  # the replay updated BN statistics as the eager step
+            close(a, b)
+        with torch.no_grad():  # an optimizer step in place, 10 % of each tensor's scale: the next replay must read
+            for p in graphed.parameters():  # the new weights; the eager copy restarts from the same state
+                if p.grad is not None:
+                    p -= 0.1 * p.grad / p.grad.abs().max().clamp(min=1e-12) * p.abs().max().clamp(min=1e-3)
+        eager.load_state_dict(graphed.state_dict())
     eager.eval()
     graphed.eval()
     with torch.no_grad():
         x = torch.randn(1, *shape[1:], device="cuda", generator=gen)  # another batch size: eval runs eagerly
-        torch.testing.assert_close(_first(graphed(x)), _first(eager(x)), rtol=1e-5, atol=1e-5)
+        close(_first(graphed(x)), _first(eager(x)))
 
 
 def test_refuses_a_cpu_input():
