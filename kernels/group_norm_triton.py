@@ -10,28 +10,32 @@ PyTorch's CUDA kernels give each (sample, group) (forward statistics) or each (s
 ``ComputeInternalGradientsCUDAKernel``) one thread block: 16 or 64 blocks, most of the GPU idle. Here each (n, c)
 row of S contiguous elements is split into P chunks, one reduction program per chunk, P chosen for about
 ``PROGRAMS_PER_SM`` programs per SM in all (so the partial-sum buffers stay small); a program walks its chunk in
-BLOCK-sized steps and writes one set of partial sums, reduced on the host (tiny (N, C, P) tensors; no atomics:
-bitwise repeatable for a given device and shape). Normalising and the input gradient are then one elementwise pass
-each, one program per BLOCK of a row.
+BLOCK-sized steps and writes one set of partial sums (tiny (N, C, P) buffers; no atomics: bitwise repeatable for a
+given device and shape), which a small kernel reduces into the per-row coefficients of the elementwise pass that
+follows (normalising, or the input gradient), one program per BLOCK of a row. The host only allocates buffers and
+launches (three kernels a pass, forward or backward, four with the input gradient): each small PyTorch op would cost
+it 5-12 us, and the network calls this op dozens of times a step.
 
 * **Forward**. Pass 1 (``_stats_kernel``): each lane keeps a running mean and M2 (sum of squared deviations from
   that mean, Welford's update) of x - k over its steps, k = the chunk's first element; the program merges its lanes
-  into the chunk's mean and M2. The host merges the chunks of a group's channels in fp64 with Chan's parallel
-  formula, mean = sum(n_i mean_i) / n and M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2), the counts n_i following
-  from the plan (the kernel stores none). Pass 2 (``_affine_kernel``): y = (x - mean) * scale + shift with
-  per-(n, c) scale = rstd w and shift = b. Saved for backward: x, mean (fp64, (N, G)), rstd (not y; with ``relu``
-  also the bias, a reference).
+  into the chunk's mean and M2. ``_coef_kernel`` (one program per (n, g)) merges the chunks of a group's channels
+  in fp64 with Chan's parallel formula, mean = sum(n_i mean_i) / n and M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2),
+  the counts n_i following from the plan (the stats kernel stores none), rstd = fp32(1 / sqrt(var + eps)) from
+  fp64, and writes per (n, c) row the mean as hi + lo (below), scale = rstd w and shift = b. Pass 2
+  (``_affine_kernel``): y = (x - mean) * scale + shift. Saved for backward: x, mean (fp64, (N, G)), rstd (fp32;
+  not y; with ``relu`` also the bias, a reference).
 * **Backward**. With xhat = (x - mean) rstd and g = gy w: pass 1 (``_grad_sums_kernel``) gives per-(n, c) sums
-  Sg = sum gy and Sx = sum gy (x - mean). On the host: dw[c] = sum_n rstd Sx, db[c] = sum_n Sg and, over group g of
-  M = S C / G elements, m1 = mean(g) = sum_c w Sg / M and m2 = mean(g xhat) = sum_c w rstd Sx / M; then
-  dx = rstd (g - m1 - xhat m2) = a gy + b' (x - mean) + c' with a = rstd w, b' = -rstd^2 m2, c' = -rstd m1 per
-  (n, c): pass 2 is the same elementwise kernel with the gy term.
+  Sg = sum gy and Sx = sum gy (x - mean), with the mean's hi + lo per row from ``_coef_kernel`` again (reading the
+  saved statistics). ``_grad_coef_kernel`` (one program per group, over the samples): dw[c] = sum_n rstd Sx,
+  db[c] = sum_n Sg and, over group g of M = S C / G elements, m1 = mean(g) = sum_c w Sg / M and
+  m2 = mean(g xhat) = sum_c w rstd Sx / M; then dx = rstd (g - m1 - xhat m2) = a gy + b' (x - mean) + c' with
+  a = rstd w, b' = -rstd^2 m2, c' = -rstd m1 per (n, c): pass 2 is the same elementwise kernel with the gy term.
 * **Fused ReLU** (``relu=True``; LightM-UNet's ``act(norm(x))``): the forward's pass 2 stores max(y, 0). The
   backward masks gy to gy [y_pre > 0] (relu'(0) = 0, as ``threshold_backward``) and then runs the GroupNorm backward
   above on it, with y_pre = (x - mean) scale + shift recomputed from x and the saved statistics inside both backward
   passes (the sums pass and the elementwise pass): no output or mask is saved and there is no extra pass over the
-  map. Both kernels compute y_pre as the same ``fma`` of the same fp32 operands, so the backward's mask is exactly
-  the forward's sign of y_pre.
+  map. ``_coef_kernel`` gives the backward the same fp32 scale and shift as the forward's, and both kernels compute
+  y_pre as the same ``fma`` of the same fp32 operands, so the backward's mask is exactly the forward's sign of y_pre.
 
 Precision: no ``E[x^2] - E[x]^2`` anywhere, and x is always centred before it is scaled or multiplied by gy (not
 ``x * scale + (b - mean * scale)`` or ``sum gy x - mean sum gy``, whose terms cancel for offset inputs). The mean
@@ -47,6 +51,7 @@ elements).
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import triton
@@ -144,6 +149,94 @@ def _affine_kernel(x_ptr, gy_ptr, hi_ptr, lo_ptr, s_ptr, t_ptr, a_ptr, ms_ptr, m
     tl.store(out_ptr + off, out, mask=j < S)
 
 
+@cached_launch
+@triton.jit
+def _coef_kernel(part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, hi_ptr, lo_ptr, s_ptr, t_ptr, C, cpg, S, chunk, P,
+                 eps_bits, MERGE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_L: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """One program per (n, g) (pid = n G + g). MERGE: the group's statistics from the partial triples
+    part[pid cpg P + j] = (k, mean - k, M2) of its cpg P (channel, chunk) pieces j, by Chan's merge in fp64 (the
+    piece counts from the plan), stored as mean[pid] (fp64) and rstd[pid] (fp32, rounded from the fp64 1 / sqrt(var +
+    eps), eps given by its fp64 bits); else both loaded from there. Then per row n C + c of the group's channels c
+    (dense fp32 (N C,) vectors): the mean as hi + lo (hi = fp32(mean), lo = fp32(mean - hi)), s = rstd w[c] and
+    t = b[c] (rstd and 0 without w, b)."""
+    pid = tl.program_id(0)
+    if MERGE:
+        j = tl.arange(0, BLOCK_L)
+        inside = j < cpg * P
+        piece = part_ptr + 3 * (pid * cpg * P + j)
+        mean_p = (tl.load(piece, mask=inside, other=0.0).to(tl.float64)
+                  + tl.load(piece + 1, mask=inside, other=0.0).to(tl.float64))
+        m2 = tl.load(piece + 2, mask=inside, other=0.0).to(tl.float64)
+        cnt = tl.where(inside, tl.minimum(S - (j % P).to(tl.int64) * chunk, chunk), 0).to(tl.float64)
+        n = tl.sum(cnt, axis=0)  # cpg S, exactly
+        mean = tl.sum(cnt * mean_p, axis=0) / n
+        dev = mean_p - mean
+        var = (tl.sum(m2, axis=0) + tl.sum(cnt * (dev * dev), axis=0)) / n
+        rstd = (1.0 / tl.sqrt(var + eps_bits.to(tl.int64).to(tl.float64, bitcast=True))).to(tl.float32)
+        tl.store(mean_ptr + pid, mean)
+        tl.store(rstd_ptr + pid, rstd)
+    else:
+        mean = tl.load(mean_ptr + pid)
+        rstd = tl.load(rstd_ptr + pid)
+    i = tl.arange(0, BLOCK_C)
+    inside_c = i < cpg
+    row = pid * cpg + i
+    hi = mean.to(tl.float32)
+    tl.store(hi_ptr + row, hi, mask=inside_c)
+    tl.store(lo_ptr + row, (mean - hi.to(tl.float64)).to(tl.float32), mask=inside_c)
+    if HAS_W:
+        tl.store(s_ptr + row, rstd * tl.load(w_ptr + row % C, mask=inside_c, other=0.0).to(tl.float32), mask=inside_c)
+    else:
+        tl.store(s_ptr + row, rstd, mask=inside_c)
+    if HAS_B:
+        tl.store(t_ptr + row, tl.load(b_ptr + row % C, mask=inside_c, other=0.0).to(tl.float32), mask=inside_c)
+    else:
+        tl.store(t_ptr + row, 0.0, mask=inside_c)
+
+
+@cached_launch
+@triton.jit
+def _grad_coef_kernel(part_ptr, rstd_ptr, w_ptr, a_ptr, s_ptr, t_ptr, dw_ptr, db_ptr, N, C, G, cpg, M, P,
+                      HAS_W: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One program per group g, over the samples n in turn. From the sums pass's partials part[(n C + c) P + p] =
+    (Sg, Sx): per (n, c) Sg and Sx summed over the P chunks; NEED_W / NEED_B: dw[c] = sum_n rstd Sx and
+    db[c] = sum_n Sg (stored in their buffers' dtypes); NEED_X: the input gradient's per-row coefficients a = rstd w,
+    s = -rstd^2 m2 and t = -rstd m1, m1 = sum_c w Sg / M and m2 = sum_c w rstd Sx / M over the group's M = cpg S
+    elements (w = 1 without HAS_W)."""
+    g = tl.program_id(0)
+    i = tl.arange(0, BLOCK_C)
+    inside = i < cpg
+    c = g * cpg + i
+    p = tl.arange(0, BLOCK_P)
+    both = inside[:, None] & (p < P)[None, :]
+    if HAS_W:
+        w = tl.load(w_ptr + c, mask=inside, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(inside, 1.0, 0.0)
+    dw = tl.zeros((BLOCK_C,), tl.float32)
+    db = tl.zeros((BLOCK_C,), tl.float32)
+    for n in range(N):
+        row = n * C + c
+        r = tl.load(rstd_ptr + n * G + g)
+        piece = part_ptr + 2 * (row[:, None] * P + p[None, :])
+        sg = tl.sum(tl.load(piece, mask=both, other=0.0), axis=1)
+        sx = tl.sum(tl.load(piece + 1, mask=both, other=0.0), axis=1)
+        dw += r * sx
+        db += sg
+        if NEED_X:
+            m1 = tl.sum(w * sg, axis=0) / M  # group mean of gy w
+            m2 = tl.sum(w * r * sx, axis=0) / M  # group mean of gy w xhat
+            tl.store(a_ptr + row, r * w, mask=inside)
+            tl.store(s_ptr + row, -r * r * m2, mask=inside)
+            tl.store(t_ptr + row, -r * m1, mask=inside)
+    if NEED_W:
+        tl.store(dw_ptr + c, dw, mask=inside)
+    if NEED_B:
+        tl.store(db_ptr + c, db, mask=inside)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # host side
 
@@ -163,45 +256,32 @@ def _plan(R, S, dev):
     return block, warps, chunk, triton.cdiv(S, chunk)
 
 
-def _rows(t, shape):
-    """A per-(n, c) coefficient as a dense fp32 (N C,) vector."""
-    return t.float().expand(shape).reshape(-1).contiguous()
-
-
-def _per_channel(t, cpg):
-    """(N, G) per-group values repeated over each group's channels: (N, C)."""
-    return t.repeat_interleave(cpg, dim=1)
-
-
-def _mean_hi_lo(mean, cpg):
-    """The (N, G) fp64 group means per channel as an unevaluated sum hi + lo of two fp32 (N, C) tensors."""
-    mean = _per_channel(mean, cpg)
-    hi = mean.float()
-    return hi, (mean - hi.double()).float()
+def _coefficients(part, mean, rstd, weight, bias, hi, lo, s, t, S=1, chunk=1, P=1, eps=0.0):
+    """``_coef_kernel``: with ``part`` the statistics merged from it into ``mean`` / ``rstd`` first (forward), else
+    read from them (backward). Writes the dense fp32 (N C,) rows hi, lo, s, t."""
+    N, G = mean.shape
+    cpg = hi.numel() // (N * G)
+    _coef_kernel[(N * G,)](mean if part is None else part, mean, rstd, rstd if weight is None else weight,
+                           rstd if bias is None else bias, hi, lo, s, t, G * cpg, cpg, S, chunk, P,
+                           struct.unpack("<q", struct.pack("<d", eps))[0], MERGE=part is not None,
+                           HAS_W=weight is not None, HAS_B=bias is not None,
+                           BLOCK_L=triton.next_power_of_2(cpg * P) if part is not None else 1,
+                           BLOCK_C=triton.next_power_of_2(cpg), enable_fp_fusion=False)
 
 
 def _affine(x, gy, out, hi, lo, s, t, a=None, relu=False, mask=None):
-    """out = (x - (hi + lo)) s + t [+ a gy] with per-(n, c) coefficients (broadcastable to (N, C)); a with gy.
+    """out = (x - (hi + lo)) s + t [+ a gy] with per-(n, c) coefficients as dense fp32 (N C,) rows; a with gy.
     Forward (no gy): ``relu`` clamps out at 0. Backward: ``mask`` = (ms, mt) zeroes gy where the pre-activation
     (x - (hi + lo)) ms + mt is <= 0."""
     N, C = x.shape[:2]
     S = x.numel() // (N * C)
     block, warps = _block(S)
     n_blocks = triton.cdiv(S, block)
-    hi, lo, s, t = (_rows(v, (N, C)) for v in (hi, lo, s, t))
     has_gy = gy is not None
-    ms, mt = (_rows(v, (N, C)) for v in mask) if mask is not None else (s, t)
-    _affine_kernel[(N * C * n_blocks,)](x, gy if has_gy else x, hi, lo, s, t, _rows(a, (N, C)) if has_gy else s, ms, mt,
-                                        out, S, n_blocks, HAS_GY=has_gy, RELU=bool(relu or mask is not None),
-                                        BLOCK=block, num_warps=warps)
-
-
-def _pre_coefficients(x, weight, bias, rstd, cpg):
-    """Per-(n, c) scale rstd w and shift b of the pre-activation (x - mean) scale + shift, as the forward's affine
-    pass gets them (the backward recomputes the same fp32 values for its ReLU mask)."""
-    scale = _per_channel(rstd, cpg)
-    return (scale * weight.float() if weight is not None else scale,
-            bias if bias is not None else torch.zeros((), device=x.device))
+    ms, mt = mask if mask is not None else (s, t)
+    _affine_kernel[(N * C * n_blocks,)](x, gy if has_gy else x, hi, lo, s, t, a if has_gy else s, ms, mt, out, S,
+                                        n_blocks, HAS_GY=has_gy, RELU=bool(relu or mask is not None), BLOCK=block,
+                                        num_warps=warps)
 
 
 class _GroupNormFn(torch.autograd.Function):
@@ -209,20 +289,19 @@ class _GroupNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, G, eps, relu):
         x = x.contiguous()
+        weight = weight.contiguous() if weight is not None else None
+        bias = bias.contiguous() if bias is not None else None
         N, C = x.shape[:2]
-        S, cpg = math.prod(x.shape[2:]), C // G
+        S = math.prod(x.shape[2:])
         block, warps, chunk, P = _plan(N * C, S, x.device)
         part = torch.empty(N * C * P, 3, device=x.device, dtype=torch.float32)
         _stats_kernel[(N * C * P,)](x, part, S, chunk, P, BLOCK=block, num_warps=warps)
-        # Chan's merge, in fp64, of the (channel, chunk) pieces of each group; the piece counts follow from the plan
-        k, dmean, m2 = part.double().view(N, G, cpg * P, 3).unbind(-1)
-        cnt = (S - torch.arange(P, device=x.device, dtype=torch.float64) * chunk).clamp(max=chunk).repeat(cpg)
-        mean_p = k + dmean
-        mean = (cnt * mean_p).sum(-1) / (cpg * S)
-        var = (m2.sum(-1) + (cnt * (mean_p - mean[..., None]).square()).sum(-1)) / (cpg * S)
-        rstd = (var + eps).rsqrt().float()
+        mean = torch.empty(N, G, device=x.device, dtype=torch.float64)
+        rstd = torch.empty(N, G, device=x.device, dtype=torch.float32)
+        hi, lo, s, t = torch.empty(4, N * C, device=x.device, dtype=torch.float32)
+        _coefficients(part, mean, rstd, weight, bias, hi, lo, s, t, S, chunk, P, eps)
         y = torch.empty_like(x)
-        _affine(x, None, y, *_mean_hi_lo(mean, cpg), *_pre_coefficients(x, weight, bias, rstd, cpg), relu=relu)
+        _affine(x, None, y, hi, lo, s, t, relu=relu)
         ctx.save_for_backward(x, weight, bias if relu else None, mean, rstd)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.relu = relu
@@ -234,28 +313,27 @@ class _GroupNormFn(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gy = gy.contiguous()
         N, C = x.shape[:2]
-        S, cpg = math.prod(x.shape[2:]), C // mean.shape[1]
+        G = mean.shape[1]
+        S, cpg = math.prod(x.shape[2:]), C // G
         block, warps, chunk, P = _plan(N * C, S, x.device)
-        hi, lo = _mean_hi_lo(mean, cpg)
-        # with relu: gy masked where the forward's pre-activation was <= 0, in both passes (the same fp32 scale and
-        # shift as the forward's)
-        mask = _pre_coefficients(x, weight, bias, rstd, cpg) if ctx.relu else None
-        hi_r, lo_r = _rows(hi, (N, C)), _rows(lo, (N, C))
-        ms, mt = (_rows(v, (N, C)) for v in mask) if mask is not None else (hi_r, lo_r)
-        part = torch.empty(N * C, P, 2, device=x.device, dtype=torch.float32)
-        _grad_sums_kernel[(N * C * P,)](gy, x, hi_r, lo_r, ms, mt, part, S, chunk, P, RELU=ctx.relu, BLOCK=block,
+        # per row: the mean as hi + lo, the forward's scale and shift (ms, mt: the same fp32 values, for the relu
+        # mask in both passes) and the input gradient's coefficients a, s, t
+        hi, lo, ms, mt, a, s, t = torch.empty(7, N * C, device=x.device, dtype=torch.float32)
+        _coefficients(None, mean, rstd, weight, bias, hi, lo, ms, mt)
+        part = torch.empty(N * C * P, 2, device=x.device, dtype=torch.float32)
+        _grad_sums_kernel[(N * C * P,)](gy, x, hi, lo, ms, mt, part, S, chunk, P, RELU=ctx.relu, BLOCK=block,
                                         num_warps=warps)
-        sg, sx = part.sum(1).view(N, C, 2).unbind(-1)  # sum gy, sum gy (x - mean) per (n, c), gy masked
-        r = _per_channel(rstd, cpg)
+        dw = torch.empty(C, device=x.device, dtype=weight.dtype) if need_w else None
+        db = torch.empty(C, device=x.device, dtype=ctx.bias_dtype) if need_b else None
+        _grad_coef_kernel[(G,)](part, rstd, rstd if weight is None else weight, a, s, t, rstd if dw is None else dw,
+                                rstd if db is None else db, N, C, G, cpg, cpg * S, P, HAS_W=weight is not None,
+                                NEED_X=need_x, NEED_W=need_w, NEED_B=need_b, BLOCK_C=triton.next_power_of_2(cpg),
+                                BLOCK_P=triton.next_power_of_2(P))
         gx = None
         if need_x:
-            w = weight.float() if weight is not None else torch.ones(C, device=x.device)
-            m1 = (w * sg).view(N, -1, cpg).sum(-1) / (cpg * S)  # group mean of g = gy w
-            m2 = (w * r * sx).view(N, -1, cpg).sum(-1) / (cpg * S)  # group mean of g xhat
             gx = torch.empty_like(x)
-            _affine(x, gy, gx, hi, lo, -r * r * _per_channel(m2, cpg), -r * _per_channel(m1, cpg), r * w, mask=mask)
-        return (gx, (r * sx).sum(0).to(weight.dtype) if need_w else None,
-                sg.sum(0).to(ctx.bias_dtype) if need_b else None, None, None, None)
+            _affine(x, gy, gx, hi, lo, s, t, a, mask=(ms, mt) if ctx.relu else None)
+        return gx, dw, db, None, None, None
 
 
 def group_norm_triton(x, weight, bias, num_groups, eps=1e-5, relu=False):
