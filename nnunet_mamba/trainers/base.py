@@ -194,8 +194,8 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
         elif self.is_ddp:
             why = "single-GPU training only (DDP's gradient all-reduce runs in hooks outside the captured graphs)"
         elif self.recipe.amp:
-            why = (f"fp32 (NoAMP) recipes only; {type(self).__name__} trains under nnU-Net's autocast, whose cast "
-                   "cache cannot be captured; use the network's upstream-recipe trainer")
+            why = (f"fp32 (NoAMP) recipes only; {type(self).__name__} trains under nnU-Net's autocast, which the "
+                   "captured step does not reproduce yet; use the network's upstream-recipe (fp32) trainer")
         if why:
             raise RuntimeError(f"{ENV_CUDA_GRAPHS}=1: {why}. Unset {ENV_CUDA_GRAPHS} to train without graphs.")
         graph_for_training(self._unwrapped_network(), data.to(self.device, non_blocking=True))
