@@ -112,7 +112,7 @@ def kernel_category(name: str) -> str:
     return next((cat for cat, rx in KERNEL_CATEGORIES if re.search(rx, name, re.IGNORECASE)), "other")
 
 
-def profile_step(step, name, top=12):
+def profile_step(step, name, top=12, host_top=0):
     """Print the CUDA kernels that take the time of one step (torch.profiler) and their sums per part of the step
     (``KERNEL_CATEGORIES``), to find what to fix."""
     from torch.profiler import ProfilerActivity, profile
@@ -159,7 +159,7 @@ def profile_step(step, name, top=12):
     calls = [(e.key, e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages() if e.key.startswith("cu")]
     print(f"[profile] {name}: host issue time of a step {statistics.median(issue):.1f} ms; CUDA runtime calls: "
           + ", ".join(f"{k} {n}x {ms:.1f} ms" for k, n, ms in sorted(calls, key=lambda c: -c[2])[:8]))
-    if os.environ.get("NNUNET_MAMBA_HOST_PROFILE"):  # where the host's time goes, by Python function (cProfile)
+    if host_top:  # where the host's time goes, by Python function (cProfile)
         import cProfile
         import pstats
         torch.cuda.synchronize()
@@ -167,10 +167,10 @@ def profile_step(step, name, top=12):
         prof.runcall(step)
         torch.cuda.synchronize()
         for key in ("tottime", "cumulative"):
-            pstats.Stats(prof).sort_stats(key).print_stats(int(os.environ["NNUNET_MAMBA_HOST_PROFILE"]))
+            pstats.Stats(prof).sort_stats(key).print_stats(host_top)
 
 
-def measure(name, steps, warmup, profile=0, cuda_graphs=False):
+def measure(name, steps, warmup, profile=0, cuda_graphs=False, host_profile=0):
     build, shape, batch, k, precision, opt_kind = CASES[name]
     torch.manual_seed(0)
     net = build().cuda()
@@ -211,7 +211,7 @@ def measure(name, steps, warmup, profile=0, cuda_graphs=False):
             times.append(t0.elapsed_time(t1))
     peak = torch.cuda.max_memory_allocated() / 2**30
     if profile:
-        profile_step(step, name, profile)
+        profile_step(step, name, profile, host_profile)
     net.eval()
     eval_times = []
     with torch.no_grad(), torch.autocast("cuda", enabled=precision == "amp"):
@@ -263,6 +263,8 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--profile", type=int, nargs="?", const=12, default=0, metavar="TOP",
                    help="print each case's TOP (12) CUDA kernels by time (one extra step)")
+    p.add_argument("--host-profile", type=int, default=0, metavar="TOP",
+                   help="with --profile: also the TOP Python functions of one step's host time (cProfile)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture each network's forward + backward as CUDA graphs (torch.cuda.make_graphed_callables)")
     args = p.parse_args()
@@ -274,7 +276,7 @@ def main():
     for name in args.cases.split(","):
         print(f"[bench] {name} ...", flush=True)
         try:
-            rows.append(measure(name, args.steps, args.warmup, args.profile, args.cuda_graphs))
+            rows.append(measure(name, args.steps, args.warmup, args.profile, args.cuda_graphs, args.host_profile))
             print(f"[bench] {rows[-1]}", flush=True)
         except Exception as e:  # reported in the table, not skipped
             traceback.print_exc()

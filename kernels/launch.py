@@ -1,10 +1,11 @@
 """Launching the project's Triton kernels with less host work per call.
 
-``kernel[grid](*args, **meta)`` costs Triton 3.x tens of microseconds of Python on every call before the GPU sees
-anything: it specialises every argument, builds a cache key from the specialisation and a string of the options,
-looks the compiled kernel up and only then calls the launcher. The scan kernels take ~60 arguments; a short scan's
-forward + backward (six launches) was bound by that host time, not by its GPU work (kernels/BENCHMARK.md,
-"Session 9").
+``kernel[grid](*args, **meta)`` runs Triton 3.x's Python on every call before the compiled kernel's launcher: it
+specialises every argument, builds a cache key from the specialisation and a string of the options and looks the
+compiled kernel up. For the scan kernels' ~65 arguments that is ~15 us of the ~66 us a launch costs the H200
+machine's host (kernels/bench_host.py); the launcher itself, ~0.8 us per argument, is the rest. A short scan's
+forward + backward (six launches) is bound by host time, not GPU work (kernels/BENCHMARK.md, "Session 9", "Session
+10").
 
 ``@cached_launch`` (above ``@triton.jit``) keeps that call syntax. The first call of a specialisation goes through
 Triton as before; its compiled kernel is kept under a key that determines Triton's own specialisation (the dtype
