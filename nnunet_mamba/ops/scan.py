@@ -64,7 +64,8 @@ _CHOICES: dict = {}
 def _resolve(backend: str, u: torch.Tensor, B: torch.Tensor) -> _Backend:
     if backend == "auto" and os.environ.get(ENV_BACKEND):
         backend = os.environ[ENV_BACKEND]
-    key = (backend, u.device, u.dtype, u.shape, u.stride(1) == 1, torch.is_grad_enabled(), None if B is None else B.dim())
+    key = (backend, u.device, u.dtype, u.shape, u.stride(1) == 1, torch.is_grad_enabled(),
+           None if B is None else B.dim())
     be = _CHOICES.get(key)
     if be is None:
         be = _CHOICES[key] = _choose(backend, u, B)
