@@ -19,7 +19,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from nnunet_mamba.kernels import launch  # noqa: E402
-from nnunet_mamba.kernels import selective_scan_triton as sst  # noqa: E402
+from nnunet_mamba.kernels.bench_scan import fwd_bwd, scan_call, triton_scan  # noqa: E402
 
 
 @triton.jit
@@ -75,15 +75,9 @@ def main():
         ("cached launch, 65 arguments", lambda: c60[(1, 1, 1)](*ptrs, *ints, **flags)),
     ]
     b, d, L = 2, 512, 512
-    g = lambda *s: torch.randn(*s, device="cuda")
-    u, dt, z = (sst.channels_last(g(b, d, L)).requires_grad_() for _ in range(3))
-    A = (-torch.rand(d, 16, device="cuda")).requires_grad_()
-    B, C = (sst.channels_last(g(b, 16, L)).requires_grad_() for _ in range(2))
-    D, bias = g(d).requires_grad_(), g(d).requires_grad_()
-    gy = sst.channels_last(g(b, d, L))
-    scan = lambda: sst.selective_scan_triton(u, dt, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True)
+    x_scan, gy, scan = scan_call(triton_scan, b, d, L, 1)  # fp32, channels-last, as bench_scan.py --parts
     rows.append((f"scan forward, no grad ({b}, {d}, {L})", torch.no_grad()(scan)))
-    rows.append((f"scan forward + backward ({b}, {d}, {L})", lambda: scan().backward(gy)))
+    rows.append((f"scan forward + backward ({b}, {d}, {L})", fwd_bwd(x_scan, gy, scan)))
     print(f"{torch.cuda.get_device_name(0)}; torch {torch.__version__}, triton {triton.__version__}")
     for name, fn in rows:
         n = 200 if name.startswith("scan") else 2000
