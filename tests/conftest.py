@@ -18,15 +18,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_scan_choices():
-    """Tests swap scan backends in and out (monkeypatch): no test sees another's cached "auto" choice."""
-    from nnunet_mamba.ops import scan
-    scan._CHOICES.clear()
-    yield
-    scan._CHOICES.clear()
-
-
 def _nnunet_bin(name):
     exe = os.path.join(os.path.dirname(sys.executable), name)
     return exe if os.path.exists(exe) else name

@@ -37,12 +37,3 @@ def tuning(tk):
     """Set plan overrides for one test; reset afterwards."""
     yield tk.set_tuning
     tk.set_tuning()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_scan_choices():
-    """Tests swap scan backends in and out (monkeypatch): no test sees another's cached "auto" choice."""
-    from nnunet_mamba.ops import scan
-    scan._CHOICES.clear()
-    yield
-    scan._CHOICES.clear()
