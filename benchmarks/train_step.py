@@ -141,9 +141,9 @@ def profile_step(step, name, top=12, host_top=0):
         end = max(end, stop)
     if kernels:
         span = (end - kernels[0][0]) / 1e3
-        top = sorted(gaps, reverse=True)[:6]
+        largest = sorted(gaps, reverse=True)[:6]
         print(f"[profile] {name}: first to last kernel {span:.1f} ms, GPU idle {sum(g for g, _ in gaps) / 1e3:.1f} ms "
-              f"in {len(gaps)} gaps; largest before: " + ", ".join(f"{k[:40]} {g / 1e3:.2f} ms" for g, k in top))
+              f"in {len(gaps)} gaps; largest before: " + ", ".join(f"{k[:40]} {g / 1e3:.2f} ms" for g, k in largest))
     # the host's side: how long it takes to issue a step (no synchronisation; when that is near the step's wall time
     # the GPU waits on Python), and the CUDA runtime calls that can stall the GPU's queue (allocations, syncs)
     issue = []
