@@ -28,16 +28,6 @@ def _key(args):
     return tuple((a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-class _Launcher:
-    __slots__ = ("owner", "grid")
-
-    def __init__(self, owner, grid):
-        self.owner, self.grid = owner, grid
-
-    def __call__(self, *args, **meta):
-        return self.owner.launch(self.grid, args, meta)
-
-
 class CachedLaunch:
     """A ``@triton.jit`` kernel whose launches skip Triton's per-call specialisation once a key has compiled."""
 
@@ -47,7 +37,7 @@ class CachedLaunch:
         self.fast = isinstance(fn, JITFunction)  # not under TRITON_INTERPRET=1
 
     def __getitem__(self, grid):
-        return _Launcher(self, grid)
+        return lambda *args, **meta: self.launch(grid, args, meta)
 
     def __getattr__(self, name):  # fn, params, do_not_specialize, ...: the JITFunction's
         return getattr(self.jit, name)
