@@ -752,9 +752,14 @@ def _grouped_bc(X):
 
 
 class _ScanFn(torch.autograd.Function):
+    """The plain scan. With a low-rank delta (``W``) the (b, d, L) delta is formed by the kernels (``W_in_kernels``)
+    or multiplied out here; multiplied out it is this op's own buffer, and the backward writes d(delta) over it.
+    ``reuse``: the caller reads neither z after the backward nor the output's gradient after this op's backward, so
+    dz is written over z and du over the output gradient (where their layouts allow). Each saves a (b, d, L) buffer
+    at the backward's memory peak (docs/kernels.md, "Memory")."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, W):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, W, W_in_kernels, reuse):
         b, d, L = u.shape
         Bg, Cg = _grouped_bc(B), _grouped_bc(C)
         G = Bg.shape[1] if Bg.dim() == 4 else (Cg.shape[1] if Cg.dim() == 4 else 1)
@@ -767,28 +772,71 @@ class _ScanFn(torch.autograd.Function):
         bf = delta_bias.float().contiguous() if delta_bias is not None else None
         plan = _Plan(b, d, G, L, A.shape[1], u.device)
         out = _empty_in_order(u)
-        Wt = W.float().t().contiguous() if W is not None else None
-        hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True, Wt)
-        ctx.save_for_backward(u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt)
-        ctx.cfg = (softplus, plan)
+        Wt = W.float().t().contiguous() if W is not None else None  # (R, d)
+        v = None
+        if W is not None and not W_in_kernels:
+            v, delta = delta, _low_rank_product(delta, Wt)
+        hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True,
+                                   Wt if W_in_kernels else None)
+        ctx.save_for_backward(u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt, v)
+        ctx.cfg = (softplus, plan, W_in_kernels, reuse)
+        ctx.backward_ran = False
         ctx.set_materialize_grads(False)
         return out, last
 
     @staticmethod
     def backward(ctx, gout, glast):
-        u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt = ctx.saved_tensors
-        softplus, plan = ctx.cfg
-        gout = gout if gout is not None else torch.zeros_like(u)
-        gu = _empty_in_order(u)
-        gdt = _empty_in_order(delta) if W is None else None
-        gz = _empty_in_order(z) if z is not None else None
+        u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt, v = ctx.saved_tensors
+        softplus, plan, W_in_kernels, reuse = ctx.cfg
+        if ctx.backward_ran and (reuse or v is not None):
+            if reuse:
+                raise RuntimeError(
+                    "selective_scan (triton): a second backward pass through a scan called with reuse_buffers=True "
+                    "(retain_graph=True); its first backward wrote the gradients over z. Call it with "
+                    "reuse_buffers=False to backpropagate through it more than once.")
+            delta = _low_rank_product(v, Wt)  # the first backward wrote d(delta) over the multiplied-out delta
+        ctx.backward_ran = True
+        if gout is None:
+            gout, gout_own = torch.zeros_like(u), True
+        else:
+            gout_own = reuse and gout.dtype == u.dtype and _no_overlap(gout)
+        gu = gout if gout_own else _empty_in_order(u)
+        gdt = None if W_in_kernels else (delta if v is not None else _empty_in_order(delta))
+        gz = None if z is None else (z if reuse and _no_overlap(z) else _empty_in_order(z))
         gA, gB, gC, gD, gbias, glow, gW = _backward(
             u, delta, z, gout, Af, Df, _grouped_bc(B), _grouped_bc(C), bf, softplus, hin, sloc,
-            glast.contiguous() if glast is not None else None, plan, _IDENTITY, gu, gdt, gz, False, Wt)
-        if W is not None:
-            gdt, gW = glow.to(delta.dtype), gW.to(W.dtype)
-        return (gu, gdt, gA, gB.reshape(B.shape).to(B.dtype), gC.reshape(C.shape).to(C.dtype), gD, gz, gbias, None,
-                gW)
+            glast.contiguous() if glast is not None else None, plan, _IDENTITY, gu, gdt, gz, False,
+            Wt if W_in_kernels else None)
+        if W is None:
+            gv = gdt
+        elif W_in_kernels:
+            gv, gW = glow.to(delta.dtype), gW.to(W.dtype)
+        else:  # the gradients of the product delta = (v^T Wt)^T
+            g_tokens = gdt.transpose(1, 2)  # (b, L, d), dense
+            gv = (g_tokens @ Wt.t()).transpose(1, 2).to(v.dtype)
+            R = v.shape[1]
+            gW = (v.transpose(1, 2).reshape(-1, R).t().float() @ g_tokens.reshape(-1, g_tokens.shape[-1])).t()
+            gW = gW.to(W.dtype)
+        return (gu, gv, gA, gB.reshape(B.shape).to(B.dtype), gC.reshape(C.shape).to(C.dtype), gD, gz, gbias, None,
+                gW, None, None)
+
+
+def _low_rank_product(v, Wt):
+    """delta = (v^T Wt)^T for v (b, R, L) and Wt (R, d): one fp32 token-major GEMM, (b, L, R) @ (R, d), returned as
+    the channels-last (b, d, L) view of the dense (b, L, d) result."""
+    with torch.autocast(v.device.type, enabled=False):
+        return (v.transpose(1, 2).float() @ Wt).transpose(1, 2)
+
+
+def _no_overlap(t):
+    """True when no two elements of t share memory (a stride-0 expanded gradient does): it can be written in place
+    element by element."""
+    span = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < span:
+            return False
+        span = stride * size
+    return True
 
 
 def _empty_in_order(t, dtype=None):
@@ -809,11 +857,15 @@ def channels_last(t):
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, delta_proj_weight=None):
+                          return_last_state=False, delta_proj_weight=None, delta_in_kernels=True, reuse_buffers=False):
     """mamba-ssm ``selective_scan_fn`` semantics on the Triton kernels (see module docstring).
 
     ``delta_proj_weight`` W (d, R): delta is then (b, R, L) and the scan uses W @ delta (the Mamba mixer's dt_proj
-    without bias), formed per step inside the kernels; the (b, d, L) delta and its gradient are never stored.
+    without bias): formed per step inside the kernels (``delta_in_kernels``: the (b, d, L) delta and its gradient are
+    never stored; slower), or multiplied out by this op into a buffer of its own, which its backward overwrites with
+    d(delta). ``reuse_buffers``: the caller reads neither z after the backward pass nor the output's gradient after
+    this op's backward (the Mamba mixer: z is its own view of in_proj's output and the output goes to out_proj
+    alone); dz and du are then written over them. A second backward through the same graph is then an error.
     u, delta, z and time-varying B/C are used channels-last (copied to that layout where they are not; a Linear's
     output viewed as (b, d, L) already is); the output and the input gradients come back in that layout."""
     if u.dim() != 3:
@@ -829,7 +881,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         raise ValueError(f"selective_scan: delta must be {tuple(dshape)} and z {tuple(u.shape)} (u's shape), got "
                          f"{tuple(delta.shape)} and {None if z is None else tuple(z.shape)}")
     u, delta, z, B, C = (channels_last(t) for t in (u, delta, z, B, C))
-    out, last = _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), W)
+    out, last = _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), W,
+                              W is not None and bool(delta_in_kernels), bool(reuse_buffers))
     return (out, last) if return_last_state else out
 
 

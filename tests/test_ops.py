@@ -78,11 +78,12 @@ def test_low_rank_delta_multiplied_out_or_fused(monkeypatch):
         torch.testing.assert_close(inp[k].grad.double(), ref[k].grad, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(W.grad.double(), W0.grad, atol=2e-3, rtol=2e-3)
 
-    # a backend that fuses it gets W and the low-rank delta when NNUNET_MAMBA_FUSED_DELTA=1 (default 0)
+    # a backend that takes it gets W and the low-rank delta, and forms delta in its kernels when
+    # NNUNET_MAMBA_FUSED_DELTA=1 (default 0); reuse_buffers reaches only a backend that declares it
     seen = {}
     monkeypatch.setitem(ops.scan._BACKENDS, "fusing", ops.scan._Backend(
         "fusing", lambda u, delta, *a, **kw: seen.update(delta=delta, **kw) or u, lambda dev: None, -100,
-        fuses_delta_proj=True))
+        fuses_delta_proj=True, reuses_buffers=True))
 
     def fused(mode):
         if mode is None:
@@ -90,12 +91,10 @@ def test_low_rank_delta_multiplied_out_or_fused(monkeypatch):
         else:
             monkeypatch.setenv("NNUNET_MAMBA_FUSED_DELTA", mode)
         seen.clear()
-        selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], backend="fusing", delta_proj_weight=W)
-        if "delta_proj_weight" in seen:
-            assert seen["delta_proj_weight"] is W and seen["delta"] is inp["delta"]
-            return True
-        assert seen["delta"].shape == inp["u"].shape  # multiplied out
-        return False
+        selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], backend="fusing", delta_proj_weight=W,
+                       reuse_buffers=True)
+        assert seen["delta_proj_weight"] is W and seen["delta"] is inp["delta"] and seen["reuse_buffers"] is True
+        return seen["delta_in_kernels"]
 
     assert fused("1") and not fused("0") and not fused(None)
     with pytest.raises(ValueError, match="NNUNET_MAMBA_FUSED_DELTA='yes': use 1"):

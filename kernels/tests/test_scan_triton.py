@@ -37,8 +37,9 @@ def leaves(inp, dtype=None):
             if v is not None else None for k, v in inp.items()}
 
 
-def call(fn, inp, softplus, last, use=("D", "z", "delta_bias")):
+def call(fn, inp, softplus, last, use=("D", "z", "delta_bias"), **extra):
     kw = {k: inp[k] for k in ("D", "z", "delta_bias") if k in use}
+    kw.update(extra)
     if "W" in inp:  # low-rank delta: (b, R, L) and W (d, R)
         kw["delta_proj_weight"] = inp["W"]
     return fn(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], delta_softplus=softplus,
@@ -53,10 +54,11 @@ def oracle(u, delta, A, B, C, delta_proj_weight=None, **kw):
 
 
 def check_against_oracle(tk, inp, softplus=True, use=("D", "z", "delta_bias"), tol=2e-5, gtol=1e-4,
-                         with_last=True, grad_last=True):
+                         with_last=True, grad_last=True, **extra):
+    """``extra``: keyword arguments for the Triton call only (delta_in_kernels, reuse_buffers)."""
     ours = leaves(inp)
     ref = leaves(inp, torch.float64)
-    res = call(tk.selective_scan_triton, ours, softplus, with_last, use)
+    res = call(tk.selective_scan_triton, ours, softplus, with_last, use, **extra)
     res0 = call(oracle, ref, softplus, with_last, use)
     y, y0 = (res[0], res0[0]) if with_last else (res, res0)
     assert y.dtype == inp["u"].dtype and y.shape == y0.shape
@@ -139,11 +141,20 @@ def test_low_rank_delta_matches_oracle(tk, tuning, dev, b, d, L, N, R, layout, g
     check_against_oracle(tk, inp)
 
 
+@pytest.mark.parametrize("b,d,L,N,R,layout,groups,tune", LOW_RANK_CASES)
+def test_low_rank_delta_multiplied_out_matches_oracle(tk, tuning, dev, b, d, L, N, R, layout, groups, tune):
+    """delta_in_kernels=False: the op multiplies delta out into its own buffer and writes d(delta) over it."""
+    tuning(**tune)
+    inp = with_low_rank_delta(make_inputs(b, d, L, N, layout, groups=groups, seed=L + R, device=dev), R, seed=R)
+    check_against_oracle(tk, inp, delta_in_kernels=False)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_rank_delta_half_inputs(tk, tuning, dev, dtype):
     tuning(T=16, BD=2)
     inp = with_low_rank_delta(make_inputs(2, 4, 40, 4, "shared", dtype=dtype, seed=6, device=dev), 2, 3)
     check_against_oracle(tk, inp, tol=1e-2, gtol=1.5e-2)
+    check_against_oracle(tk, inp, tol=1e-2, gtol=1.5e-2, delta_in_kernels=False)
 
 
 def test_low_rank_delta_shape_errors(tk, dev):
@@ -254,6 +265,59 @@ def test_views_with_gaps_as_the_mamba_mixer_passes_them(tk, tuning, dev):
     inp["delta"], inp["B"], inp["C"] = dbl[:, :d], dbl[:, d:d + N], dbl[:, d + N:]
     assert not inp["z"].is_contiguous() and inp["z"].stride() == (2 * d * L, 1, 2 * d)
     check_against_oracle(tk, inp)
+
+
+def _mixer_like(tk, dev, seed, R=2):
+    """The Mamba mixer's call as leaf tensors' views: u and z as halves of one (b, L, 2d) in_proj-like output, a
+    low-rank delta (b, R, L) and B/C as columns of one x_proj-like output (b, L, R + 2N), W (d, R)."""
+    b, d, L, N = 2, 8, 45, 4
+    inp = with_low_rank_delta(make_inputs(b, d, L, N, "shared", seed=seed, device=dev), R, seed)
+    xz = torch.cat([inp["u"], inp["z"]], 1).transpose(1, 2).contiguous().requires_grad_().transpose(1, 2)
+    dbl = torch.cat([inp["delta"], inp["B"], inp["C"]], 1).transpose(1, 2).contiguous().requires_grad_()
+    dbl = dbl.transpose(1, 2)
+    return dict(u=xz[:, :d], z=xz[:, d:], delta=dbl[:, :R], B=dbl[:, R:R + N], C=dbl[:, R + N:],
+                **leaves({k: inp[k] for k in ("A", "D", "delta_bias", "W")}))
+
+
+@pytest.mark.parametrize("expanded", [False, True])
+def test_reuse_buffers_writes_dz_and_du_in_place(tk, tuning, dev, expanded):
+    """reuse_buffers=True (the Mamba mixer's call): dz is written over z, du over the output's gradient and d(delta)
+    over the op's multiplied-out delta, and the gradients match the float64 oracle. ``expanded``: the gradient
+    ``y.sum()`` passes, a stride-0 tensor that must not be written to (du then gets a buffer of its own)."""
+    tuning(T=16, BD=4, F=2, S=4)
+    x = _mixer_like(tk, dev, seed=31)
+    ref = leaves(x, torch.float64)  # before the backward overwrites z
+    y = call(tk.selective_scan_triton, x, True, False, delta_in_kernels=False, reuse_buffers=True)
+    if expanded:
+        gy = torch.ones((), device=dev).expand(y.shape)
+    else:  # a fresh token-major gradient, as out_proj's backward gives
+        gy = torch.randn(y.shape[0], y.shape[2], y.shape[1], generator=torch.Generator().manual_seed(2))
+        gy = gy.to(dev).transpose(1, 2)
+    gy0 = gy.double()
+    names = ["u", "delta", "z", "B", "W", "D"]
+    grads = torch.autograd.grad(y, [x[k] for k in names], gy)
+    assert grads[2].data_ptr() == x["z"].data_ptr(), "dz was not written over z"
+    assert (grads[0].data_ptr() == gy.data_ptr()) != expanded
+    assert bool((gy == 1).all()) == expanded
+    grads0 = torch.autograd.grad(call(oracle, ref, True, False), [ref[k] for k in names], gy0)
+    for k, g, g0 in zip(names, grads, grads0):
+        assert rel_err(g, g0) < 1e-4, (k, rel_err(g, g0))
+
+
+def test_second_backward_through_a_reused_buffer(tk, tuning, dev):
+    """retain_graph: the overwritten multiplied-out delta is formed again (same gradients); a scan whose z and output
+    gradient were reused refuses, with what to do instead."""
+    tuning(T=16, BD=4)
+    x = _mixer_like(tk, dev, seed=5)
+    y = call(tk.selective_scan_triton, x, True, False, delta_in_kernels=False)
+    first = torch.autograd.grad(y.square().sum(), [x["u"], x["delta"], x["W"]], retain_graph=True)
+    second = torch.autograd.grad(y.square().sum(), [x["u"], x["delta"], x["W"]])
+    for g1, g2 in zip(first, second):
+        assert torch.equal(g1, g2)
+    y = call(tk.selective_scan_triton, _mixer_like(tk, dev, seed=5), True, False, reuse_buffers=True)
+    y.square().sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="reuse_buffers=False"):
+        y.square().sum().backward()
 
 
 def test_default_plan_bounds_the_block_state_scratch(tk, dev):

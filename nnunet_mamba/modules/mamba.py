@@ -82,11 +82,12 @@ class Mamba(nn.Module):
         x_dbl = self.x_proj(x)  # (b, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj goes to the scan op: its weight as the low-rank delta's W (multiplied out there, or formed inside
-        # the Triton kernels with NNUNET_MAMBA_FUSED_DELTA=1, docs/ops.md), its bias as delta_bias
+        # the Triton kernels with NNUNET_MAMBA_FUSED_DELTA=1, docs/ops.md), its bias as delta_bias. z is this
+        # layer's own view and y goes to out_proj alone, so the scan may write dz over z and du over y's gradient.
         y = selective_scan(x.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
                            C.transpose(1, 2), D=self.D.float(), z=z.transpose(1, 2),
                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.scan_backend,
-                           delta_proj_weight=self.dt_proj.weight)
+                           delta_proj_weight=self.dt_proj.weight, reuse_buffers=True)
         if channels_first:
             return linear_channels_first(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
         return self.out_proj(y.transpose(1, 2))

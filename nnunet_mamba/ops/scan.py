@@ -28,7 +28,8 @@ class _Backend:
     cross_fn: Optional[Callable] = None  # fused multi-direction scan (cross_selective_scan semantics)
     timings: Optional[Callable] = None  # u -> {backend name: ms}: measured times of backends for this shape
     unsupported: Optional[Callable] = None  # (B) -> None, or why this backend cannot take that B/C layout
-    fuses_delta_proj: bool = False  # fn takes delta_proj_weight (a low-rank delta) itself
+    fuses_delta_proj: bool = False  # fn takes delta_proj_weight (a low-rank delta) and delta_in_kernels itself
+    reuses_buffers: bool = False  # fn takes reuse_buffers
 
 
 _BACKENDS: dict[str, _Backend] = {}
@@ -36,9 +37,10 @@ _ANNOUNCED: set = set()
 
 
 def register_backend(name, fn, why_unavailable, priority=0, cross_fn=None, timings=None, unsupported=None,
-                     fuses_delta_proj=False):
+                     fuses_delta_proj=False, reuses_buffers=False):
     """Add a backend. ``why_unavailable(device)`` returns None when usable, otherwise an install hint."""
-    _BACKENDS[name] = _Backend(name, fn, why_unavailable, priority, cross_fn, timings, unsupported, fuses_delta_proj)
+    _BACKENDS[name] = _Backend(name, fn, why_unavailable, priority, cross_fn, timings, unsupported, fuses_delta_proj,
+                               reuses_buffers)
     _CHOICES.clear()
 
 
@@ -151,7 +153,7 @@ def _fuse_delta_proj(be: _Backend) -> bool:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, backend="auto", delta_proj_weight=None):
+                   return_last_state=False, backend="auto", delta_proj_weight=None, reuse_buffers=False):
     """mamba-ssm ``selective_scan_fn`` semantics; see docs/ops.md.
 
     u, delta, z: (b, d, L); A: (d, N) fp32; B, C: (d, N), (b, N, L) or grouped (b, G, N, L);
@@ -159,17 +161,25 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     All arithmetic is fp32 whatever the input dtype.
 
     ``delta_proj_weight`` W (d, R): delta is given low-rank, (b, R, L), and the scan uses W @ delta (the Mamba
-    mixer's dt_proj, its bias being delta_bias). A backend that fuses it (Triton) forms each step's delta in the
+    mixer's dt_proj, its bias being delta_bias). A backend that takes it (Triton) forms each step's delta in the
     kernels and never stores the (b, d, L) delta or its gradient when ``NNUNET_MAMBA_FUSED_DELTA=1`` (less memory,
-    slower); otherwise it is multiplied out here.
+    slower), and otherwise multiplies it out into a buffer of its own that its backward overwrites with d(delta);
+    for the other backends it is multiplied out here.
+
+    ``reuse_buffers``: a promise that z is not read after the backward pass and that the output's gradient is not
+    read after this op's backward (the Mamba mixer: z is a view of its own in_proj output, and the output feeds
+    out_proj alone). A backend that can (Triton) then writes dz and du over them: two (b, d, L) buffers less at the
+    backward's memory peak. Other backends ignore it.
     """
     be = _resolve(backend, u, B)
     if _RECORDERS:
         _record(be.name, u, A, D, z)
     kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, return_last_state=return_last_state)
+    if be.reuses_buffers:
+        kw["reuse_buffers"] = reuse_buffers
     if delta_proj_weight is not None:
-        if _fuse_delta_proj(be):
-            kw["delta_proj_weight"] = delta_proj_weight
+        if be.fuses_delta_proj:
+            kw.update(delta_proj_weight=delta_proj_weight, delta_in_kernels=_fuse_delta_proj(be))
         else:  # token-major product viewed as (b, d, L): the layout a Linear gives (what the mixer passed before).
             # x @ (a row-major W^T) rather than F.linear: the weight's gradient is then the GEMM
             # (R x tokens) @ (tokens x d), not F.linear's (d x tokens) @ (tokens x R), which cuBLAS runs slowly for
@@ -353,4 +363,5 @@ def _triton_timings(u):
 # benchmarks/results/logs/session8_h200.log), so on CUDA it runs only when no GPU backend is usable.
 # NNUNET_MAMBA_SCAN_BACKEND=triton or backend="triton" selects it explicitly.
 register_backend("triton", _selective_scan_triton, _triton_unavailable, priority=5,
-                 cross_fn=_cross_selective_scan_triton, timings=_triton_timings, fuses_delta_proj=True)
+                 cross_fn=_cross_selective_scan_triton, timings=_triton_timings, fuses_delta_proj=True,
+                 reuses_buffers=True)
