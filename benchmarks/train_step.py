@@ -181,9 +181,7 @@ def measure(name, steps, warmup, profile=0, cuda_graphs=False, host_profile=0):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     if cuda_graphs:  # the network's forward and backward captured once, then replayed (nnunet_mamba/graphs.py)
-        if precision != "fp32":
-            raise ValueError("--cuda-graphs: fp32 cases only (as NNUNET_MAMBA_CUDA_GRAPHS in the trainers)")
-        net = graph_for_training(net, x)
+        net = graph_for_training(net, x, autocast_dtype=torch.float16 if precision == "amp" else None)
 
     def step():
         opt.zero_grad(set_to_none=True)

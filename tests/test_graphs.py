@@ -19,23 +19,27 @@ NETS = {  # (builder, input shape): recomputed Mamba layers; BatchNorm + paramet
 }
 
 
-def close(a, b, floor=0.0):
+def close(a, b, floor=0.0, tol=1e-2, what=""):
     """Equal up to summation order, to 1 % of each tensor's largest value: the eager and the replayed kernels sum in
     different orders where cuDNN or cuBLAS pick other algorithms (differences up to 0.13 % of a tensor's largest
     value seen on the H200, BatchNorm running variances and conv weight gradients). A replay that read stale
     weights (the steps below move each tensor by 10 % of its scale) or a stale input is far outside. ``floor``: for
     gradients that are zero up to round-off (a conv bias before a norm), a bound from the step's largest gradient."""
-    torch.testing.assert_close(a.double(), b.double(), rtol=1e-2, atol=max(1e-2 * float(b.abs().max()), floor))
+    torch.testing.assert_close(a.detach().double(), b.detach().double(), rtol=tol,
+                               atol=max(tol * float(b.detach().abs().max()), floor), msg=lambda m: f"{what}: {m}")
 
 
 def _first(out):
     return out[0] if isinstance(out, (list, tuple)) else out
 
 
-def _step(net, x, target):
+def _step(net, x, target, amp=False):
+    """One step as nnU-Net runs it: forward and loss under autocast (float16) for AMP, backward outside it."""
     net.zero_grad(set_to_none=True)
-    out = _first(net(x))
-    torch.nn.functional.cross_entropy(out, target).backward()
+    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        out = _first(net(x))
+        loss = torch.nn.functional.cross_entropy(out, target)
+    loss.backward()
     return out.detach().clone(), [None if p.grad is None else p.grad.clone() for p in net.parameters()]
 
 
@@ -50,9 +54,13 @@ def deterministic_cudnn():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp_fp16"])
 @pytest.mark.parametrize("name", sorted(NETS))
-def test_replayed_steps_match_eager_steps(name, deterministic_cudnn):
+def test_replayed_steps_match_eager_steps(name, amp, deterministic_cudnn):
+    """``amp``: the forward captured under float16 autocast; equal to 3 % of each tensor's scale (float16 rounding
+    where the eager and replayed kernels sum in different orders)."""
     build, shape = NETS[name]
+    tol = 3e-2 if amp else 1e-2
     torch.manual_seed(0)
     eager = build().cuda().train()
     graphed = copy.deepcopy(eager)
@@ -60,19 +68,20 @@ def test_replayed_steps_match_eager_steps(name, deterministic_cudnn):
     xs = [torch.randn(shape, device="cuda", generator=gen) for _ in range(3)]
     targets = [torch.randint(0, 3, (shape[0], *shape[2:]), device="cuda", generator=gen) for _ in range(3)]
     buffers = [b.clone() for b in graphed.buffers()]
-    graph_for_training(graphed, xs[0])
+    graph_for_training(graphed, xs[0], autocast_dtype=torch.float16 if amp else None)
     assert all(torch.equal(a, b) for a, b in zip(buffers, graphed.buffers()))  # warm-up left BN statistics alone
     for x, t in zip(xs, targets):
-        y0, g0 = _step(eager, x, t)
-        y1, g1 = _step(graphed, x, t)
-        close(y1, y0)
+        y0, g0 = _step(eager, x, t, amp)
+        y1, g1 = _step(graphed, x, t, amp)
+        assert y1.dtype == y0.dtype
+        close(y1, y0, tol=tol, what="output")
         assert [g is None for g in g1] == [g is None for g in g0]
         floor = 1e-5 * max(float(g.abs().max()) for g in g0 if g is not None)
-        for a, b in zip(g1, g0):
+        for (n, _), a, b in zip(graphed.named_parameters(), g1, g0):
             if b is not None:
-                close(a, b, floor)
-        for a, b in zip(graphed.buffers(), eager.buffers()):  # the replay updated BN statistics as the eager step
-            close(a, b)
+                close(a, b, floor, tol, what=f"gradient of {n}")
+        for (n, a), b in zip(graphed.named_buffers(), eager.buffers()):  # BN statistics updated as the eager step
+            close(a, b, tol=tol, what=n)
         with torch.no_grad():  # an optimizer step in place, 10 % of each tensor's scale: the next replay must read
             for p in graphed.parameters():  # the new weights; the eager copy restarts from the same state
                 if p.grad is not None:
@@ -83,6 +92,10 @@ def test_replayed_steps_match_eager_steps(name, deterministic_cudnn):
     with torch.no_grad():
         x = torch.randn(1, *shape[1:], device="cuda", generator=gen)  # another batch size: eval runs eagerly
         close(_first(graphed(x)), _first(eager(x)))
+    graphed.train()
+    eager.train()
+    with torch.autocast("cuda", dtype=torch.float16, enabled=not amp):  # the other autocast state: eagerly too
+        close(_first(graphed(x)), _first(eager(x)), tol=3e-2)
 
 
 def test_refuses_a_cpu_input():

@@ -7,6 +7,7 @@ import torch
 
 from helpers import make_plans, make_trainer
 from nnunet_mamba import trainers
+from nnunet_mamba.trainers import base
 
 SCRATCH = [n for n in trainers.__all__ if n.startswith("nnUNetTrainer") and "Pretrained" not in n
            and n != "nnUNetTrainerMambaBase"]
@@ -50,11 +51,22 @@ def test_train_step(name, nd, tmp_path, monkeypatch):
 
 def test_cuda_graphs_request_is_refused_where_graphs_cannot_run(tmp_path, monkeypatch):
     """NNUNET_MAMBA_CUDA_GRAPHS=1 (nnunet_mamba/graphs.py; replay checked against eager steps on the GPU in
-    tests/test_graphs.py): a CPU trainer or an AMP recipe refuses with the reason and the way out, before any work;
-    other values than 0/1 are errors."""
+    tests/test_graphs.py): a CPU trainer refuses with the reason and the way out, before any work; other values than
+    0/1 are errors. On a GPU the fp32 recipe captures the forward without autocast and nnU-Net's AMP recipe under
+    autocast's float16, as its train_step runs it."""
     patch = (32, 32)
     plans = make_plans(patch, [[1, 1]] + [[2, 2]] * 5, name="2d")
     batch = {"data": torch.randn(2, 1, *patch), "target": torch.zeros(2, 1, *patch)}
+    captures = []
+
+    class Captured(Exception):
+        pass
+
+    def fake_capture(module, sample, autocast_dtype=None):
+        captures.append(autocast_dtype)
+        raise Captured
+
+    monkeypatch.setattr(base, "graph_for_training", fake_capture)
     for cls in (trainers.nnUNetTrainerLightMUNet, trainers.nnUNetTrainerLightMUNet_nnUNetRecipe):
         trainer = make_trainer(cls, plans, tmp_path, monkeypatch)
         monkeypatch.setenv("NNUNET_MAMBA_CUDA_GRAPHS", "1")
@@ -63,7 +75,9 @@ def test_cuda_graphs_request_is_refused_where_graphs_cannot_run(tmp_path, monkey
         monkeypatch.setenv("NNUNET_MAMBA_CUDA_GRAPHS", "yes")
         with pytest.raises(ValueError, match="use 1"):
             trainer.train_step(batch)
-    trainer.device = torch.device("cuda")  # as on a GPU machine: the AMP recipe is refused for its autocast
-    monkeypatch.setenv("NNUNET_MAMBA_CUDA_GRAPHS", "1")
-    with pytest.raises(RuntimeError, match="fp32 \\(NoAMP\\) recipes only"):
-        trainer.train_step(batch)
+        trainer.device = torch.device("cuda")  # as on a GPU machine (the batch stays where it is)
+        monkeypatch.setenv("NNUNET_MAMBA_CUDA_GRAPHS", "1")
+        with monkeypatch.context() as m, pytest.raises(Captured):
+            m.setattr(torch.Tensor, "to", lambda t, *args, **kwargs: t)
+            trainer.train_step(batch)
+    assert captures == [None, torch.float16]

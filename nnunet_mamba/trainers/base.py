@@ -193,12 +193,11 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
             why = f"CUDA graphs need a CUDA device, this trainer runs on {self.device}"
         elif self.is_ddp:
             why = "single-GPU training only (DDP's gradient all-reduce runs in hooks outside the captured graphs)"
-        elif self.recipe.amp:
-            why = (f"fp32 (NoAMP) recipes only; {type(self).__name__} trains under nnU-Net's autocast, which the "
-                   "captured step does not reproduce yet; use the network's upstream-recipe (fp32) trainer")
         if why:
             raise RuntimeError(f"{ENV_CUDA_GRAPHS}=1: {why}. Unset {ENV_CUDA_GRAPHS} to train without graphs.")
-        graph_for_training(self._unwrapped_network(), data.to(self.device, non_blocking=True))
+        # AMP recipes: nnU-Net's train_step runs the forward under autocast's default dtype (float16 on CUDA)
+        graph_for_training(self._unwrapped_network(), data.to(self.device, non_blocking=True),
+                           autocast_dtype=torch.get_autocast_dtype("cuda") if self.recipe.amp else None)
         self._graphed_shape = shape
         self.print_to_log_file(f"{ENV_CUDA_GRAPHS}=1: the network's training forward and backward are captured for "
                                f"batches of shape {shape} and replayed every step")
