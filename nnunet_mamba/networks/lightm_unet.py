@@ -32,21 +32,12 @@ def dw_conv(nd, a, b, k, bias=False) -> nn.Sequential:
     return nn.Sequential(ConvOnly(nd, a, a, k, bias, depthwise=True), ConvOnly(nd, a, b, 1, bias))
 
 
-# MambaLayer(recompute=None) recomputes on CUDA where its input has more elements than this. Smaller layers keep their
-# activations: at the reference plan (128^3, batch 2) the eight 16^3 x 256 layers, whose activations are gone before
-# the peak (the full-resolution layers' backward). H200, same call (benchmarks/results/logs/session11_h200.log, call
-# 8): eager steps 346.7 / 360.5 ms -> 313.2 ms, peak 11.30 GiB either way; storing the 32^3 layers as well took the
-# peak to 12.72 GiB.
-RECOMPUTE_ABOVE = 2 ** 21
-
-
 class MambaLayer(nn.Module):
     """RVM layer: LN -> Mamba -> scaled residual -> the same LN again -> Linear(a -> b). fp32 core.
 
-    ``recompute``: recompute the layer in the backward pass instead of storing its activations (None: on CUDA, for
-    inputs of more than ``RECOMPUTE_ABOVE`` elements). At full resolution its activations are ~20 fp32 copies of
-    (tokens x 2·d_inner); this is what made the upstream network need 60 GiB at 128^3. The function computed is the
-    same.
+    ``recompute``: recompute the layer in the backward pass instead of storing its activations (None: on CUDA).
+    At full resolution its activations are ~20 fp32 copies of (tokens x 2·d_inner); this is what made the upstream
+    network need 60 GiB at 128^3. The function computed is the same.
     """
 
     def __init__(self, in_channels, out_channels, d_state=16, d_conv=4, expand=2, recompute=None):
@@ -60,10 +51,7 @@ class MambaLayer(nn.Module):
     def forward(self, x, pre=None):
         """``pre``: a function applied to x first, inside the recomputed region, so that its output is not stored
         either (ResMambaBlock passes its GroupNorm + ReLU: 2 fewer stored maps per block)."""
-        recompute = self.recompute
-        if recompute is None:
-            recompute = x.is_cuda and x.numel() > RECOMPUTE_ABOVE
-        return recomputed(self, functools.partial(self._forward, pre=pre), x, recompute)
+        return recomputed(self, functools.partial(self._forward, pre=pre), x, self.recompute)
 
     @fp32_core
     def _forward(self, x, pre=None):
