@@ -797,10 +797,10 @@ class _ScanFn(torch.autograd.Function):
             delta = _low_rank_product(v, Wt)  # the first backward wrote d(delta) over the multiplied-out delta
         ctx.backward_ran = True
         if gout is None:
-            gout, gout_own = torch.zeros_like(u), True
+            gout, into_gout = torch.zeros_like(u), True
         else:
-            gout_own = reuse and gout.dtype == u.dtype and _no_overlap(gout)
-        gu = gout if gout_own else _empty_in_order(u)
+            into_gout = reuse and gout.dtype == u.dtype and _no_overlap(gout)
+        gu = gout if into_gout else _empty_in_order(u)
         gdt = None if W_in_kernels else (delta if v is not None else _empty_in_order(delta))
         gz = None if z is None else (z if reuse and _no_overlap(z) else _empty_in_order(z))
         gA, gB, gC, gD, gbias, glow, gW = _backward(

@@ -81,7 +81,7 @@ class Mamba(nn.Module):
         x = causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)  # (b, L, D)
         x_dbl = self.x_proj(x)  # (b, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # dt_proj goes to the scan op: its weight as the low-rank delta's W (multiplied out there, or formed inside
+        # dt_proj goes to the scan op: its weight as the low-rank delta's W (multiplied out by the op, or formed inside
         # the Triton kernels with NNUNET_MAMBA_FUSED_DELTA=1, docs/ops.md), its bias as delta_bias. z is this
         # layer's own view and y goes to out_proj alone, so the scan may write dz over z and du over y's gradient.
         y = selective_scan(x.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
