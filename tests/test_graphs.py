@@ -19,14 +19,24 @@ NETS = {  # (builder, input shape): recomputed Mamba layers; BatchNorm + paramet
 }
 
 
-def close(a, b, floor=0.0, tol=1e-2, what=""):
+def close(a, b, floor=0.0, tol=1e-2, what="", amp=False):
     """Equal up to summation order, to 1 % of each tensor's largest value: the eager and the replayed kernels sum in
     different orders where cuDNN or cuBLAS pick other algorithms (differences up to 0.13 % of a tensor's largest
     value seen on the H200, BatchNorm running variances and conv weight gradients). A replay that read stale
     weights (the steps below move each tensor by 10 % of its scale) or a stale input is far outside. ``floor``: for
-    gradients that are zero up to round-off (a conv bias before a norm), a bound from the step's largest gradient."""
-    torch.testing.assert_close(a.detach().double(), b.detach().double(), rtol=tol,
-                               atol=max(tol * float(b.detach().abs().max()), floor), msg=lambda m: f"{what}: {m}")
+    gradients that are zero up to round-off (a conv bias before a norm), a bound from the step's largest gradient.
+
+    ``amp``: float16 steps are compared by the norm of the difference, within ``tol`` of the tensor's norm (plus
+    ``floor`` per element): an element of a weight gradient that sums 65,536 float16 products of both signs can
+    differ by more than 3 % of the tensor's largest value with the summation order (H200: LightM-UNet's first conv,
+    1 of 27 elements, in 2 of 11 runs of this file)."""
+    a, b = a.detach().double(), b.detach().double()
+    if amp:
+        diff, bound = float((a - b).norm()), tol * float(b.norm()) + floor * b.numel() ** 0.5
+        assert diff <= bound, f"{what}: |difference| {diff:.3e} > {bound:.3e} ({tol} of |eager| {float(b.norm()):.3e})"
+        return
+    torch.testing.assert_close(a, b, rtol=tol, atol=max(tol * float(b.abs().max()), floor),
+                               msg=lambda m: f"{what}: {m}")
 
 
 def _first(out):
@@ -57,10 +67,8 @@ def deterministic_cudnn():
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp_fp16"])
 @pytest.mark.parametrize("name", sorted(NETS))
 def test_replayed_steps_match_eager_steps(name, amp, deterministic_cudnn):
-    """``amp``: the forward captured under float16 autocast; equal to 3 % of each tensor's scale (float16 rounding
-    where the eager and replayed kernels sum in different orders)."""
+    """``amp``: the forward captured under float16 autocast (compared by norms, see ``close``)."""
     build, shape = NETS[name]
-    tol = 3e-2 if amp else 1e-2
     torch.manual_seed(0)
     eager = build().cuda().train()
     graphed = copy.deepcopy(eager)
@@ -74,14 +82,14 @@ def test_replayed_steps_match_eager_steps(name, amp, deterministic_cudnn):
         y0, g0 = _step(eager, x, t, amp)
         y1, g1 = _step(graphed, x, t, amp)
         assert y1.dtype == y0.dtype
-        close(y1, y0, tol=tol, what="output")
+        close(y1, y0, what="output", amp=amp)
         assert [g is None for g in g1] == [g is None for g in g0]
         floor = 1e-5 * max(float(g.abs().max()) for g in g0 if g is not None)
         for (n, _), a, b in zip(graphed.named_parameters(), g1, g0):
             if b is not None:
-                close(a, b, floor, tol, what=f"gradient of {n}")
+                close(a, b, floor, what=f"gradient of {n}", amp=amp)
         for (n, a), b in zip(graphed.named_buffers(), eager.buffers()):  # BN statistics updated as the eager step
-            close(a, b, tol=tol, what=n)
+            close(a, b, what=n, amp=amp)
         with torch.no_grad():  # an optimizer step in place, 10 % of each tensor's scale: the next replay must read
             for p in graphed.parameters():  # the new weights; the eager copy restarts from the same state
                 if p.grad is not None:
@@ -95,7 +103,7 @@ def test_replayed_steps_match_eager_steps(name, amp, deterministic_cudnn):
     graphed.train()
     eager.train()
     with torch.autocast("cuda", dtype=torch.float16, enabled=not amp):  # the other autocast state: eagerly too
-        close(_first(graphed(x)), _first(eager(x)), tol=3e-2)
+        close(_first(graphed(x)), _first(eager(x)), amp=True)
 
 
 def test_refuses_a_cpu_input():
