@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnunet_mamba.ops import linear_channels_first, linear_split
+from nnunet_mamba.ops import linear_channels_first, linear_split, linear_tokens
 from oracle import rel_err
 
 
@@ -67,12 +67,31 @@ def test_linear_channels_first_matches_linear(bias):
             assert rel_err(a.grad, r.grad) < 1e-6
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_tokens_matches_linear(bias):
+    """``linear_tokens`` (the mixer's x_proj; its fp32 CUDA products on the Triton GEMM, tested in
+    kernels/tests/test_kernel_linear.py) against F.linear in float64: output and every gradient."""
+    x, w, b = _inputs((2, 37, 20), 34, bias)
+    xs, ws, bs = _leaves(x, w, b)
+    xr, wr, br = _leaves(*(t.double() if t is not None else None for t in (x, w, b)))
+    y, y0 = linear_tokens(xs, ws, bs), F.linear(xr, wr, br)
+    assert y.shape == y0.shape and rel_err(y, y0) < 1e-6
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    (y * gy).sum().backward()
+    (y0 * gy.double()).sum().backward()
+    for a, r in ((xs, xr), (ws, wr), (bs, br)):
+        if a is not None:
+            assert a.grad.dtype == a.dtype and rel_err(a.grad, r.grad) < 1e-6
+
+
 def test_linear_ops_follow_autocast():
     x, w, b = _inputs((2, 9, 8), 6, True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         parts = linear_split(x, w, b, (2, 4))
         y = linear_channels_first(x, w, b)
+        y2 = linear_tokens(x, w.requires_grad_(), b)
         ref = F.linear(x, w, b)
+    assert y2.dtype == torch.bfloat16 and torch.equal(y2, ref)
     assert all(p.dtype == ref.dtype == torch.bfloat16 for p in (*parts, y))
     torch.testing.assert_close(torch.cat(parts, -1), ref)
     torch.testing.assert_close(y, ref.transpose(1, 2), atol=1e-2, rtol=2e-2)  # the bias added after rounding

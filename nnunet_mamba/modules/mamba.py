@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..ops import causal_conv1d_silu, linear_channels_first, linear_split, selective_scan
+from ..ops import causal_conv1d_silu, linear_channels_first, linear_split, linear_tokens, selective_scan
 
 
 def dt_bias_init(n: int, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4) -> torch.Tensor:
@@ -40,9 +40,9 @@ def a_log_init(rows: int, d_state: int) -> torch.Tensor:
 class Mamba(nn.Module):
     """``Mamba(d_model, d_state=16, d_conv=4, expand=2)``: (B, L, d_model) -> (B, L, d_model).
 
-    The weights of ``in_proj`` (and of ``out_proj`` for a channels-first output) are applied through
-    ``ops.linear_split`` / ``ops.linear_channels_first``: same parameters and arithmetic, but those submodules'
-    ``forward`` (and hooks on it) are not called."""
+    The weights of ``in_proj``, ``x_proj`` (and of ``out_proj`` for a channels-first output) are applied through
+    ``ops.linear_split`` / ``ops.linear_tokens`` / ``ops.linear_channels_first``: same parameters and function, but those
+    submodules' ``forward`` (and hooks on it) are not called."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
                  dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
@@ -79,7 +79,7 @@ class Mamba(nn.Module):
         # slower than concatenating its gradient).
         x, z = linear_split(hidden_states, self.in_proj.weight, self.in_proj.bias, (self.d_inner, self.d_inner))
         x = causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)  # (b, L, D)
-        x_dbl = self.x_proj(x)  # (b, L, R + 2N)
+        x_dbl = linear_tokens(x, self.x_proj.weight, self.x_proj.bias)  # (b, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj goes to the scan op: its weight as the low-rank delta's W (multiplied out by the op, or formed inside
         # the Triton kernels with NNUNET_MAMBA_FUSED_DELTA=1, docs/ops.md), its bias as delta_bias. z is this

@@ -8,7 +8,13 @@
   (B, C_out, L) tensor (``W x_b^T`` per batch element), the layout of the feature maps around a Mamba layer; its
   backward returns dx token-major (the layout the layer's LayerNorm and the scan read coalesced).
 
-Both are plain cuBLAS matrix products in the inputs' dtype (autocast applies as it does to ``F.linear``).
+* ``linear_tokens(x, weight, bias)`` - ``F.linear`` (the mixer's ``x_proj``).
+
+Under autocast they run in the autocast dtype as ``F.linear`` would (cuBLAS). In fp32 on CUDA, the products of the
+forward and of the input's gradient whose operand has at least ``TRITON_FROM["linear"]`` elements (ops/token_ops.py)
+and 16-256 columns run the Triton 3xTF32 GEMM (kernels/linear_triton.py: as accurate as cuBLAS's SGEMM on these
+tall-skinny shapes, 1.3-1.7x faster on the H200); the weights' gradients (reductions over all tokens) stay on cuBLAS.
+``NNUNET_MAMBA_TOKEN_OPS_BACKEND=torch`` keeps every product on cuBLAS.
 """
 from __future__ import annotations
 
@@ -17,10 +23,38 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .token_ops import _use_triton
+
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., n) as (rows, n): a view where the strides allow, else a copy."""
     return t.reshape(-1, t.shape[-1])
+
+
+def _tf32x3(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a @ b`` runs the Triton 3xTF32 GEMM: fp32 CUDA operands, a row-major (rows, 16-256) operand from
+    the measured size, 16-256 output columns (module docstring)."""
+    if not (a.is_cuda and a.dtype == torch.float32 and b.dtype == torch.float32):
+        return False
+    shape_measured = 16 <= a.shape[1] <= 256 and 16 <= b.shape[1] <= 256 and a.stride(1) == 1
+    return _use_triton("linear", a, "auto", measured_faster=shape_measured)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out=None) -> torch.Tensor:
+    """``a @ b`` for 2-D operands, or added into ``out``: the Triton 3xTF32 GEMM where ``_tf32x3``, else cuBLAS."""
+    if _tf32x3(a, b):
+        from ..kernels.linear_triton import matmul_tf32x3
+        return matmul_tf32x3(a, b, out=out, accumulate=out is not None)
+    return a @ b if out is None else out.addmm_(a, b)
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: the Triton 3xTF32 GEMM (bias fused) on the rows of x where ``_tf32x3``."""
+    x2 = _rows(x)
+    if _tf32x3(x2, weight.t()):
+        from ..kernels.linear_triton import matmul_tf32x3
+        return matmul_tf32x3(x2, weight.t(), bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 class _SplitLinearFn(torch.autograd.Function):
@@ -30,7 +64,7 @@ class _SplitLinearFn(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.sizes = sizes
         ctx.set_materialize_grads(False)
-        return F.linear(x, weight, bias).split(sizes, dim=-1)
+        return _product(x, weight, bias).split(sizes, dim=-1)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -48,7 +82,7 @@ class _SplitLinearFn(torch.autograd.Function):
                 continue
             g2 = _rows(g)
             if need_x:
-                dx = g2 @ weight[rows] if dx is None else dx.addmm_(g2, weight[rows])
+                dx = _mm(g2, weight[rows], out=dx)
             if need_w:
                 torch.mm(g2.t(), x2, out=dw[rows])
             if need_b:
@@ -113,3 +147,29 @@ def linear_channels_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
     return _ChannelsFirstLinearFn.apply(x, weight, bias)
+
+
+class _LinearFn(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return _product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        g2 = _rows(g)
+        dx = _mm(g2, weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        dw = g2.t() @ _rows(x) if ctx.needs_input_grad[1] else None
+        db = g2.sum(0) if ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def linear_tokens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` whose fp32 forward and input-gradient products take the Triton 3xTF32 GEMM where
+    measured faster (module docstring); under autocast or without gradients it is ``F.linear``."""
+    if torch.is_autocast_enabled(x.device.type) or not (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
+        return F.linear(x, weight, bias)
+    return _LinearFn.apply(x, weight, bias)
