@@ -1,7 +1,7 @@
-"""Benchmark (an experiment, not used by the networks): LightM-UNet's fp32 projections, tall-skinny GEMMs
-(M = tokens, K and N = 32-256), in cuBLAS's SGEMM against a plain Triton tile GEMM with fp32 FMA ("ieee") and with
-3xTF32 ("tf32x3": each fp32 operand split into a TF32 part and a TF32 remainder, three tensor-core products,
-fp32 accumulation), each at the best of a small tile sweep.
+"""Benchmark: LightM-UNet's fp32 projections, tall-skinny GEMMs (M = tokens, K and N = 32-256), in cuBLAS's SGEMM
+against the project's Triton tile GEMM (kernels/linear_triton.py) with fp32 FMA ("ieee") and with 3xTF32 ("tf32x3":
+each fp32 operand split into a TF32 part and a TF32 remainder, three tensor-core products, fp32 accumulation), each
+at the best of a small tile sweep (its results chose linear_triton's tiles).
 
     python kernels/bench_linear.py
 
@@ -9,36 +9,30 @@ Prints each time, the memory-traffic floor (one read of x, one write of y at 4.8
 against a float64 product, relative to the result's largest value. Latest results: docs/kernels.md, "Projections".
 """
 import itertools
+import pathlib
+import sys
 
 import torch
 import triton
-import triton.language as tl
 from triton.testing import do_bench
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from nnunet_mamba.kernels.linear_triton import _mm_kernel  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False  # SGEMM, as the fp32 recipes run it
 
-@triton.jit
-def _k(x_ptr, w_ptr, y_ptr, M, N, K, sxm, sxk, swn, swk, sym, syn,
-       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    pm = tl.program_id(0)
-    pn = tl.program_id(1)
-    rm = pm * BM + tl.arange(0, BM)
-    rn = pn * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + rn[None, :] * swn + rk[:, None] * swk, mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PREC)
-    tl.store(y_ptr + rm[:, None].to(tl.int64) * sym + rn[None, :] * syn, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
-
 
 def tri(x, w, prec, BM, BN, BK, nw, ns):
+    """x (M, K) @ w.T for a Linear weight w (N, K) on the project's kernel with the given tile and precision."""
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty(M, N, device=x.device)
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-    _k[grid](x, w, y, M, N, K, *x.stride(), *w.stride(), *y.stride(), BM=BM, BN=BN, BK=BK, PREC=prec, num_warps=nw, num_stages=ns)
+    _mm_kernel[grid](x, w, w, y, M, N, K, *x.stride(), w.stride(1), w.stride(0), *y.stride(), HAS_BIAS=False,
+                     ACCUM=False, BM=BM, BN=BN, BK=BK, PREC=prec, num_warps=nw, num_stages=ns)
     return y
 
 

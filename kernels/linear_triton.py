@@ -8,8 +8,8 @@ walks K in steps of BK; each step's product is ``tl.dot(..., input_precision="tf
 into a TF32 value and a TF32 remainder and three tensor-core products are accumulated in fp32 (the small remainder x
 remainder term is dropped), which is as accurate as SGEMM on these shapes: largest error against a float64 product
 2-4e-7 of the result's scale, SGEMM 3-8e-7, and 1.29-1.71x faster (H200; kernels/bench_linear.py, docs/kernels.md
-"Projections"). With fp32 FMA instead ("ieee") the same kernel is slower than cuBLAS. Under ``TRITON_INTERPRET=1``
-the product is numpy's fp32 matmul.
+"Projections"). With fp32 FMA instead (``PREC="ieee"``) the same kernel is slower than cuBLAS. Under
+``TRITON_INTERPRET=1`` the product is numpy's fp32 matmul.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from .launch import cached_launch
 @cached_launch
 @triton.jit
 def _mm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym, s_yn,
-               HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+               HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               PREC: tl.constexpr):
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     mm, nm = rm < M, rn < N
@@ -34,7 +35,7 @@ def _mm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym
         km = rk < K
         x = tl.load(x_ptr + rows * s_xm + rk[None, :] * s_xk, mask=mm[:, None] & km[None, :], other=0.0)
         w = tl.load(w_ptr + rk[:, None] * s_wk + rn[None, :] * s_wn, mask=km[:, None] & nm[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision="tf32x3")
+        acc = tl.dot(x, w, acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nm, other=0.0)[None, :]
     y_ptrs = y_ptr + rows * s_ym + rn[None, :] * s_yn
@@ -67,5 +68,5 @@ def matmul_tf32x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     cfg = _config(K, N)
     grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))
     _mm_kernel[grid](x, w, bias if bias is not None else w, out, M, N, K, *x.stride(), *w.stride(), *out.stride(),
-                     HAS_BIAS=bias is not None, ACCUM=accumulate, **cfg)
+                     HAS_BIAS=bias is not None, ACCUM=accumulate, PREC="tf32x3", **cfg)
     return out

@@ -41,8 +41,8 @@ class Mamba(nn.Module):
     """``Mamba(d_model, d_state=16, d_conv=4, expand=2)``: (B, L, d_model) -> (B, L, d_model).
 
     The weights of ``in_proj``, ``x_proj`` (and of ``out_proj`` for a channels-first output) are applied through
-    ``ops.linear_split`` / ``ops.linear_tokens`` / ``ops.linear_channels_first``: same parameters and function, but those
-    submodules' ``forward`` (and hooks on it) are not called."""
+    ``ops.linear_split`` / ``ops.linear_tokens`` / ``ops.linear_channels_first``: same parameters and function, but
+    those submodules' ``forward`` (and hooks on it) are not called."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
                  dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,

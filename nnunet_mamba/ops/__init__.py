@@ -11,8 +11,9 @@ mamba-ssm's ``selective_scan_fn``, plus an optional low-rank delta (``delta_proj
 ``"auto"`` picks the best backend available for the tensors' device and says once which one it uses.
 ``causal_conv1d_silu`` and ``layer_norm`` (the Mamba layers' conv + SiLU and LayerNorm on (b, L, C) tokens), and
 ``depthwise_conv`` and ``group_norm`` on (B, C, *S) maps, have a PyTorch and a Triton backend
-(``ops/token_ops.py``); ``linear_tokens``, ``linear_split`` and ``linear_channels_first`` are Linear layers computed in the
-layouts the Mamba layers need, their fp32 products on a Triton 3xTF32 GEMM where measured faster (``ops/linear.py``).
+(``ops/token_ops.py``); ``linear_tokens``, ``linear_split`` and ``linear_channels_first`` are Linear layers computed
+in the layouts the Mamba layers need, their fp32 products on a Triton 3xTF32 GEMM where measured faster
+(``ops/linear.py``).
 Nothing here imports mamba_ssm or triton at module import time.
 """
 from .scan import (
