@@ -65,6 +65,9 @@ def matmul_tf32x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
         if accumulate:
             raise ValueError("matmul_tf32x3: accumulate needs out")
         out = torch.empty(M, N, device=x.device, dtype=torch.float32)
+    if max((K - 1) * max(abs(x.stride(1)), abs(w.stride(0))), (N - 1) * max(abs(w.stride(1)), abs(out.stride(1)))) \
+            >= 2 ** 31:
+        raise ValueError("matmul_tf32x3: offsets along K and N are 32-bit in the kernel; make x, w and out row-major")
     cfg = _config(K, N)
     grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))
     _mm_kernel[grid](x, w, bias if bias is not None else w, out, M, N, K, *x.stride(), *w.stride(), *out.stride(),

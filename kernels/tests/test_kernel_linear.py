@@ -70,6 +70,9 @@ def test_rejects_what_it_does_not_compute(lt):
         lt.matmul_tf32x3(x, rand(17, 4))
     with pytest.raises(ValueError, match="accumulate needs out"):
         lt.matmul_tf32x3(x, rand(16, 4), accumulate=True)
+    huge_stride = torch.empty_strided((10, 4), (1, 2 ** 30), device="meta")  # column offsets past 2**31
+    with pytest.raises(ValueError, match="32-bit"):
+        lt.matmul_tf32x3(x, rand(16, 4), out=huge_stride, accumulate=True)
 
 
 @pytest.mark.cuda
