@@ -1,6 +1,7 @@
 """Backend registry and dispatch for the selective scan (see the package docstring)."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import math
@@ -330,13 +331,19 @@ register_backend("mamba_ssm", _selective_scan_mamba_ssm, _mamba_ssm_unavailable,
 # used; checking availability looks for the package without importing it. "auto" prefers it per shape class from
 # the measured table committed with the benchmark (kernels/auto_table.json, kernels/bench_scan.py).
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    """Looked up once: ``find_spec`` costs ~0.1 ms, and the token ops and projections ask on every large call."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_unavailable(device):
     if device is not None and device.type != "cuda":
         return ("the Triton kernels run on CUDA tensors only (use backend='torch' on the CPU; the kernel tests run "
                 "them on the CPU through Triton's interpreter, TRITON_INTERPRET=1)")
     if not torch.cuda.is_available():
         return "no CUDA device is available (the Triton backend needs a CUDA build of PyTorch and an NVIDIA GPU)"
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "Triton is not installed: `pip install triton` (PyTorch's Linux CUDA wheels ship a matching one)"
     return None
 
