@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/nnunet-mamba demo --workdir demo_output
 
 test: install
-	$(BIN)/python -m pytest -v -rs $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -v -rs --durations=15 $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

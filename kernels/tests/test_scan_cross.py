@@ -50,8 +50,7 @@ def run_and_grad(fn, inp, gy, dtype=None):
 
 
 @pytest.mark.parametrize("spatial,K,tune", [
-    ((5, 7), 4, dict(T=16, BD=2)),
-    ((6, 9), 4, dict(T=16, BD=2)),
+    ((5, 7), 4, dict(T=16, BD=2)),  # 35 tokens: two whole chunks and a partial one
     ((3, 4, 5), 6, dict(T=16, BD=2)),
     ((2, 3, 4), 12, dict(T=16, BD=4)),
     ((1, 1), 4, dict(T=16, BD=2)),  # L = 1
@@ -74,7 +73,7 @@ def test_cross_matches_oracle(tk, tuning, dev, spatial, K, tune):
         assert rel_err(gr[k], gr0[k]) < 1e-4, (k, rel_err(gr[k], gr0[k]))
 
 
-@pytest.mark.parametrize("spatial,K", [((5, 7), 4), ((3, 4, 5), 6)])
+@pytest.mark.parametrize("spatial,K", [((5, 7), 4), ((2, 3, 4), 6)])
 def test_cross_reads_channels_last_maps_in_place(tk, tuning, dev, spatial, K):
     """Maps stored channels-last, as SS2D passes them: x (b, *S, d) in memory, delta a (b, *S, K, d) tensor, B/C
     column slices of one (b, *S, K, 2N) tensor (views with gaps). They are read in place, without a copy, give the
@@ -89,22 +88,21 @@ def test_cross_reads_channels_last_maps_in_place(tk, tuning, dev, spatial, K):
     ch = dict(x=1, delta=2, B=2, C=2)
     assert all(tk._spatial_rowmajor(cl[k], ch[k] + 1) for k in ch) and not cl["x"].is_contiguous()
     gy = torch.randn(2, 3, *spatial, generator=torch.Generator().manual_seed(1)).to(dev)
-    y, gr = run_and_grad(lambda t: tk.cross_selective_scan_triton(
-        t["x"], t["delta"], t["A"], t["B"], t["C"], D=t["D"], delta_bias=t["bias"], orders=orders), cl, gy)
+    # the raw gradients (autograd.grad: no re-striding by AccumulateGrad), to check their layouts as well
+    x = {k: v.detach().requires_grad_() for k, v in cl.items()}
+    y = tk.cross_selective_scan_triton(x["x"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], delta_bias=x["bias"],
+                                       orders=orders)
+    gr = dict(zip(x, torch.autograd.grad((y * gy).sum(), list(x.values()))))
     y0, gr0 = run_and_grad(lambda t: cross_oracle(t["x"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["bias"],
                                                   orders), inp, gy, torch.float64)
     assert rel_err(y, y0) < 2e-5, rel_err(y, y0)
     for k in gr:
         assert rel_err(gr[k], gr0[k]) < 1e-4, (k, rel_err(gr[k], gr0[k]))
-    # layouts: the output like x; the raw gradients (autograd.grad: no re-striding by AccumulateGrad) like x, delta
-    x = {k: v.detach().requires_grad_() for k, v in cl.items()}
-    y = tk.cross_selective_scan_triton(x["x"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], delta_bias=x["bias"],
-                                       orders=orders)
-    gx, gd = torch.autograd.grad((y * gy).sum(), [x["x"], x["delta"]])
-    assert y.stride() == gx.stride() == cl["x"].stride() and gd.stride() == cl["delta"].stride()
+    # layouts: the output and x's gradient like x, delta's gradient like delta
+    assert y.stride() == gr["x"].stride() == cl["x"].stride() and gr["delta"].stride() == cl["delta"].stride()
 
 
-@pytest.mark.parametrize("spatial,K,R", [((5, 7), 4, 2), ((3, 4, 5), 6, 3)])
+@pytest.mark.parametrize("spatial,K,R", [((5, 7), 4, 2), ((2, 3, 4), 6, 3)])
 def test_cross_low_rank_delta_matches_oracle(tk, tuning, dev, spatial, K, R):
     """delta_proj_weight W (K, d, R): delta given as (b, K, R, *S) token-major views, as SS2D passes its dt
     projections; each direction forms W[k] @ delta[:, k] in the kernels. Outputs and all gradients (delta and W
