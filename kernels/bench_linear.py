@@ -3,7 +3,7 @@ against the project's Triton tile GEMM (kernels/linear_triton.py) with fp32 FMA 
 each fp32 operand split into a TF32 part and a TF32 remainder, three tensor-core products, fp32 accumulation), each
 at the best of a small tile sweep (its results chose linear_triton's tiles).
 
-    python kernels/bench_linear.py
+    python kernels/bench_linear.py [--channels-first]
 
 Prints each time, the memory-traffic floor (one read of x, one write of y at 4.8 TB/s) and the largest error
 against a float64 product, relative to the result's largest value. Latest results: docs/kernels.md, "Projections".
@@ -23,17 +23,34 @@ if str(ROOT) not in sys.path:
 from nnunet_mamba.kernels.linear_triton import _mm_kernel  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False  # SGEMM, as the fp32 recipes run it
+DEV = "cuda"
+
+
+def mm(a, b, out, prec, BM, BN, BK, nw, ns):
+    """out = a (M, K) @ b (K, N), any strides, on the project's kernel with the given tile and precision."""
+    (M, K), N = a.shape, b.shape[1]
+    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    _mm_kernel[grid](a, b, b, out, M, N, K, *a.stride(), *b.stride(), *out.stride(), HAS_BIAS=False,
+                     ACCUM=False, BM=BM, BN=BN, BK=BK, PREC=prec, num_warps=nw, num_stages=ns)
+    return out
 
 
 def tri(x, w, prec, BM, BN, BK, nw, ns):
     """x (M, K) @ w.T for a Linear weight w (N, K) on the project's kernel with the given tile and precision."""
-    M, K = x.shape
-    N = w.shape[0]
-    y = torch.empty(M, N, device=x.device)
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-    _mm_kernel[grid](x, w, w, y, M, N, K, *x.stride(), w.stride(1), w.stride(0), *y.stride(), HAS_BIAS=False,
-                     ACCUM=False, BM=BM, BN=BN, BK=BK, PREC=prec, num_warps=nw, num_stages=ns)
-    return y
+    return mm(x, w.t(), torch.empty(x.shape[0], w.shape[0], device=x.device), prec, BM, BN, BK, nw, ns)
+
+
+def best_of(fn, tiles):
+    """The fastest tile (time, tile) of ``fn(*tile)``, skipping tiles that do not fit."""
+    best = None
+    for tile in tiles:
+        try:
+            t = do_bench(lambda: fn(*tile), warmup=5, rep=20)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        if best is None or t < best[0]:
+            best = (t, tile)
+    return best
 
 
 SHAPES = [("in_proj fwd 128^3", 2 * 128**3, 32, 128), ("in_proj dgrad 128^3", 2 * 128**3, 128, 32),
@@ -41,15 +58,86 @@ SHAPES = [("in_proj fwd 128^3", 2 * 128**3, 32, 128), ("in_proj dgrad 128^3", 2 
           ("in_proj fwd 64^3", 2 * 64**3, 64, 256), ("in_proj dgrad 64^3", 2 * 64**3, 256, 64)]
 
 
+# channels-first Linear layers (ops.linear_channels_first: the Mamba mixer's out_proj and LightM-UNet's proj):
+# tokens x (B, L, C_in) -> y (B, C_out, L), one product per batch element; the input gradient from a channels-first
+# gradient g (B, C_out, L) back to token-major (B, L, C_in); the weight gradient sum_b g_b x_b (a reduction over L).
+CF_SHAPES = [("out_proj 128^3", 2, 128**3, 64, 32), ("proj 128^3", 2, 128**3, 32, 32),
+             ("proj 128^3 32->64", 2, 128**3, 32, 64), ("out_proj 64^3", 2, 64**3, 128, 64)]
+
+
 def main():
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
-    for name, M, K, N in SHAPES:
-        row(name, M, K, N)
+    if "--channels-first" not in sys.argv:
+        for name, M, K, N in SHAPES:
+            row(name, M, K, N)
+    for name, B, L, cin, cout in CF_SHAPES:
+        row_channels_first(name, B, L, cin, cout)
+
+
+def row_channels_first(name, B, L, cin, cout):
+    """Each product of a channels-first Linear in cuBLAS (as ops/linear.py runs it) and in the 3xTF32 kernel: the
+    forward as y_b = W x_b^T (tiles along the tokens, "A") or as y_b^T = x_b W^T stored transposed (tiles along the
+    output channels, "B") and the input gradient as dx_b = g_b^T W; the weight gradient's time in cuBLAS beside
+    them."""
+    x = torch.randn(B, L, cin, device=DEV)
+    w = torch.randn(cout, cin, device=DEV) / cin ** 0.5
+    g = torch.randn(B, cout, L, device=DEV)
+    y, dx = torch.empty(B, cout, L, device=DEV), torch.empty(B, L, cin, device=DEV)
+    ref_y = torch.einsum("oc,blc->bol", w.double(), x.double())
+    ref_dx = torch.einsum("bol,oc->blc", g.double(), w.double())
+
+    def err(t, ref):
+        return f"{float((t.double() - ref).abs().max() / ref.abs().max()):.1e}"
+
+    def fwd_cublas():
+        for b in range(B):
+            torch.mm(w, x[b].t(), out=y[b])
+
+    def fwd_a(*tile):
+        for b in range(B):
+            mm(w, x[b].t(), y[b], "tf32x3", *tile)
+
+    def fwd_b(*tile):
+        for b in range(B):
+            mm(x[b], w.t(), y[b].t(), "tf32x3", *tile)
+
+    def dgrad_cublas():
+        for b in range(B):
+            torch.mm(g[b].t(), w, out=dx[b])
+
+    def dgrad(*tile):
+        for b in range(B):
+            mm(g[b].t(), w, dx[b], "tf32x3", *tile)
+
+    traffic = (B * L * (cin + cout)) * 4 / 4.8e12 * 1e3
+    line = f"{name} (B={B} L={L} {cin}->{cout}, roofline {traffic:.3f} ms): fwd cuBLAS {do_bench(fwd_cublas):.3f}"
+    fwd_cublas()
+    line += f" err {err(y, ref_y)}"
+    along_tokens = itertools.product([32, 64], [128, 256], [32], [4, 8], [2, 3])
+    along_channels = itertools.product([64, 128, 256], [max(16, triton.next_power_of_2(cout))], [32], [4, 8], [2, 3])
+    for label, fn, tiles in (("A", fwd_a, along_tokens), ("B", fwd_b, along_channels)):
+        t, tile = best_of(fn, [tl_ for tl_ in tiles if tl_[0] * tl_[1] <= 256 * 128])
+        fn(*tile)
+        line += f" | fwd {label} {t:.3f} {tile} err {err(y, ref_y)}"
+    line += f" || dgrad cuBLAS {do_bench(dgrad_cublas):.3f}"
+    dgrad_cublas()
+    line += f" err {err(dx, ref_dx)}"
+    tiles = itertools.product([64, 128, 256], [max(16, triton.next_power_of_2(cin))], [32, 64], [4, 8], [3])
+    t, tile = best_of(dgrad, [tl_ for tl_ in tiles if tl_[0] * tl_[1] <= 256 * 128])
+    dgrad(*tile)
+    line += f" | dgrad {t:.3f} {tile} err {err(dx, ref_dx)}"
+
+    def wgrad_cublas():
+        dw = g[0] @ x[0]
+        for b in range(1, B):
+            dw.addmm_(g[b], x[b])
+    line += f" || wgrad cuBLAS {do_bench(wgrad_cublas):.3f}"
+    print(line, flush=True)
 
 
 def row(name, M, K, N):
-    x = torch.randn(M, K, device="cuda")
-    w = torch.randn(N, K, device="cuda") / K ** 0.5
+    x = torch.randn(M, K, device=DEV)
+    w = torch.randn(N, K, device=DEV) / K ** 0.5
     ref = (x.double() @ w.double().t())
     scale = ref.abs().max().item()
     t_cub = do_bench(lambda: torch.nn.functional.linear(x, w))
@@ -57,17 +145,9 @@ def row(name, M, K, N):
     traffic = (M * K + M * N) * 4 / 4.8e12 * 1e3
     line = f"{name}: M={M} K={K} N={N} | cuBLAS {t_cub:.3f} ms err {e_cub:.1e} | roofline {traffic:.3f} ms"
     for prec in ("ieee", "tf32x3"):
-        best = None
         BNs = [triton.next_power_of_2(N)] if N <= 128 else [64, 128]
-        for BM, BN, BK, nw, ns in itertools.product([64, 128, 256], BNs, [min(32, K), min(64, K)], [4, 8], [2, 3]):
-            if BM * BN > 256 * 128:
-                continue
-            try:
-                t = do_bench(lambda: tri(x, w, prec, BM, BN, BK, nw, ns), warmup=5, rep=20)
-            except triton.runtime.errors.OutOfResources:
-                continue
-            if best is None or t < best[0]:
-                best = (t, (BM, BN, BK, nw, ns))
+        tiles = itertools.product([64, 128, 256], BNs, [min(32, K), min(64, K)], [4, 8], [2, 3])
+        best = best_of(lambda *tile: tri(x, w, prec, *tile), [t for t in tiles if t[0] * t[1] <= 256 * 128])
         y = tri(x, w, prec, *best[1])
         err = ((y.double() - ref).abs().max().item()) / scale
         line += f" | {prec} {best[0]:.3f} ms {best[1]} err {err:.1e}"
