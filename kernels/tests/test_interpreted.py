@@ -28,10 +28,13 @@ def _run(name):
 
 
 @pytest.fixture(scope="module")
-def children():
-    """Every file's child process, started together (a pool of one per core); each test waits for its own."""
+def children(request):
+    """The child processes of the selected files, started together (a pool of one per core); each test waits for its
+    own."""
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_kernel_file_interpreted"}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as pool:
-        yield {name: pool.submit(_run, name) for name in FILES}
+        yield {name: pool.submit(_run, name) for name in FILES if name in selected}
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
