@@ -116,14 +116,14 @@ def row_channels_first(name, B, L, cin, cout):
     along_tokens = itertools.product([32, 64], [128, 256], [32], [4, 8], [2, 3])
     along_channels = itertools.product([64, 128, 256], [max(16, triton.next_power_of_2(cout))], [32], [4, 8], [2, 3])
     for label, fn, tiles in (("A", fwd_a, along_tokens), ("B", fwd_b, along_channels)):
-        t, tile = best_of(fn, [tl_ for tl_ in tiles if tl_[0] * tl_[1] <= 256 * 128])
+        t, tile = best_of(fn, [t for t in tiles if t[0] * t[1] <= 256 * 128])
         fn(*tile)
         line += f" | fwd {label} {t:.3f} {tile} err {err(y, ref_y)}"
     line += f" || dgrad cuBLAS {do_bench(dgrad_cublas):.3f}"
     dgrad_cublas()
     line += f" err {err(dx, ref_dx)}"
     tiles = itertools.product([64, 128, 256], [max(16, triton.next_power_of_2(cin))], [32, 64], [4, 8], [3])
-    t, tile = best_of(dgrad, [tl_ for tl_ in tiles if tl_[0] * tl_[1] <= 256 * 128])
+    t, tile = best_of(dgrad, [t for t in tiles if t[0] * t[1] <= 256 * 128])
     dgrad(*tile)
     line += f" | dgrad {t:.3f} {tile} err {err(dx, ref_dx)}"
 
