@@ -26,10 +26,10 @@ def _patch_language_once():
     The interpreter swaps ``triton.language`` for its numpy versions at the start of a kernel launch and puts it back
     at the end (``_patch_lang``, ``scope.restore()``); it also calls ``_patch_lang`` at every call of a ``@triton.jit``
     device function from inside the kernel, which walks the language's members again (~1.7 ms each) and whose scope is
-    dropped unrestored, so it changes nothing while the launch's own patch is in place. The scan kernels make
-    about a thousand such calls per launch even at L = 1: skipping the repeats for a function of a module whose language is already
-    patched takes ~40 % off the interpreted scan tests. Nothing else changes; with a Triton without ``_patch_lang``
-    the tests run as they are, only slower.
+    dropped unrestored, so it changes nothing while the launch's own patch is in place. The scan kernels make about
+    a thousand such calls per launch even at L = 1: skipping the repeats for a function of a module whose language is
+    already patched takes ~40 % off the interpreted scan tests. Nothing else changes; with a Triton without
+    ``_patch_lang`` the tests run as they are, only slower.
     """
     import warnings
 
