@@ -40,6 +40,11 @@ def tri(x, w, prec, BM, BN, BK, nw, ns):
     return mm(x, w.t(), torch.empty(x.shape[0], w.shape[0], device=x.device), prec, BM, BN, BK, nw, ns)
 
 
+def max_err(y, ref):
+    """The largest error of y against the float64 ``ref``, relative to the result's largest value."""
+    return float((y.double() - ref).abs().max() / ref.abs().max())
+
+
 def best_of(fn, tiles):
     """The fastest tile (time, tile) of ``fn(*tile)``, skipping tiles that do not fit."""
     best = None
@@ -86,9 +91,6 @@ def row_channels_first(name, B, L, cin, cout):
     ref_y = torch.einsum("oc,blc->bol", w.double(), x.double())
     ref_dx = torch.einsum("bol,oc->blc", g.double(), w.double())
 
-    def err(t, ref):
-        return f"{float((t.double() - ref).abs().max() / ref.abs().max()):.1e}"
-
     def fwd_cublas():
         for b in range(B):
             torch.mm(w, x[b].t(), out=y[b])
@@ -112,20 +114,20 @@ def row_channels_first(name, B, L, cin, cout):
     traffic = (B * L * (cin + cout)) * 4 / 4.8e12 * 1e3
     line = f"{name} (B={B} L={L} {cin}->{cout}, roofline {traffic:.3f} ms): fwd cuBLAS {do_bench(fwd_cublas):.3f}"
     fwd_cublas()
-    line += f" err {err(y, ref_y)}"
+    line += f" err {max_err(y, ref_y):.1e}"
     along_tokens = itertools.product([32, 64], [128, 256], [32], [4, 8], [2, 3])
     along_channels = itertools.product([64, 128, 256], [max(16, triton.next_power_of_2(cout))], [32], [4, 8], [2, 3])
     for label, fn, tiles in (("A", fwd_a, along_tokens), ("B", fwd_b, along_channels)):
         t, tile = best_of(fn, [t for t in tiles if t[0] * t[1] <= 256 * 128])
         fn(*tile)
-        line += f" | fwd {label} {t:.3f} {tile} err {err(y, ref_y)}"
+        line += f" | fwd {label} {t:.3f} {tile} err {max_err(y, ref_y):.1e}"
     line += f" || dgrad cuBLAS {do_bench(dgrad_cublas):.3f}"
     dgrad_cublas()
-    line += f" err {err(dx, ref_dx)}"
+    line += f" err {max_err(dx, ref_dx):.1e}"
     tiles = itertools.product([64, 128, 256], [max(16, triton.next_power_of_2(cin))], [32, 64], [4, 8], [3])
     t, tile = best_of(dgrad, [t for t in tiles if t[0] * t[1] <= 256 * 128])
     dgrad(*tile)
-    line += f" | dgrad {t:.3f} {tile} err {err(dx, ref_dx)}"
+    line += f" | dgrad {t:.3f} {tile} err {max_err(dx, ref_dx):.1e}"
 
     def wgrad_cublas():
         dw = g[0] @ x[0]
@@ -139,9 +141,8 @@ def row(name, M, K, N):
     x = torch.randn(M, K, device=DEV)
     w = torch.randn(N, K, device=DEV) / K ** 0.5
     ref = (x.double() @ w.double().t())
-    scale = ref.abs().max().item()
     t_cub = do_bench(lambda: torch.nn.functional.linear(x, w))
-    e_cub = ((torch.nn.functional.linear(x, w).double() - ref).abs().max().item()) / scale
+    e_cub = max_err(torch.nn.functional.linear(x, w), ref)
     traffic = (M * K + M * N) * 4 / 4.8e12 * 1e3
     line = f"{name}: M={M} K={K} N={N} | cuBLAS {t_cub:.3f} ms err {e_cub:.1e} | roofline {traffic:.3f} ms"
     for prec in ("ieee", "tf32x3"):
@@ -149,8 +150,7 @@ def row(name, M, K, N):
         tiles = itertools.product([64, 128, 256], BNs, [min(32, K), min(64, K)], [4, 8], [2, 3])
         best = best_of(lambda *tile: tri(x, w, prec, *tile), [t for t in tiles if t[0] * t[1] <= 256 * 128])
         y = tri(x, w, prec, *best[1])
-        err = ((y.double() - ref).abs().max().item()) / scale
-        line += f" | {prec} {best[0]:.3f} ms {best[1]} err {err:.1e}"
+        line += f" | {prec} {best[0]:.3f} ms {best[1]} err {max_err(y, ref):.1e}"
     print(line, flush=True)
 
 

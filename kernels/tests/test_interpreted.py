@@ -18,7 +18,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 # the scan files first: they take longest, so they start first
 FILES = [p.name for pattern in ("test_scan_*.py", "test_kernel_*.py") for p in sorted(HERE.glob(pattern))]
-TIMEOUT_S = 1800  # per file: a guard against a hang (the slowest file takes ~10 min on a 2-core CI machine)
+TIMEOUT_S = 1800  # per file: a guard against a hang (the slowest file, test_scan_cross.py, takes ~6 min in CI)
 
 
 def _run(name):
