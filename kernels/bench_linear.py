@@ -3,7 +3,7 @@ against the project's Triton tile GEMM (kernels/linear_triton.py) with fp32 FMA 
 each fp32 operand split into a TF32 part and a TF32 remainder, three tensor-core products, fp32 accumulation), each
 at the best of a small tile sweep (its results chose linear_triton's tiles).
 
-    python kernels/bench_linear.py [--channels-first]
+    python kernels/bench_linear.py [--channels-first | --wgrad [--sweep]]
 
 Prints each time, the memory-traffic floor (one read of x, one write of y at 4.8 TB/s) and the largest error
 against a float64 product, relative to the result's largest value. Latest results: docs/kernels.md, "Projections".
@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from nnunet_mamba.kernels.linear_triton import _mm_kernel  # noqa: E402
+from nnunet_mamba.kernels.linear_triton import _mm_kernel, matmul_tf32x3, weight_grad_tf32x3  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False  # SGEMM, as the fp32 recipes run it
 DEV = "cuda"
@@ -70,13 +70,61 @@ CF_SHAPES = [("out_proj 128^3", 2, 128**3, 64, 32), ("proj 128^3", 2, 128**3, 32
              ("proj 128^3 32->64", 2, 128**3, 32, 64), ("out_proj 64^3", 2, 64**3, 128, 64)]
 
 
+# weight gradients dW = sum_b g_b^T x_b (B, L tokens; N outputs, K inputs): g channels-first (B, N, L) for the
+# channels-first Linears, else token-major, as one block of in_proj's split output (row stride = all of in_proj's
+# outputs) or x_proj's whole output
+WG_SHAPES = [("in_proj block 128^3", 1, 2 * 128**3, 64, 32, "rows 128"), ("x_proj 128^3", 1, 2 * 128**3, 34, 64, ""),
+             ("out_proj 128^3", 2, 128**3, 32, 64, "cf"), ("proj 128^3", 2, 128**3, 32, 32, "cf"),
+             ("proj 128^3 32->64", 2, 128**3, 64, 32, "cf"), ("in_proj block 64^3", 1, 2 * 64**3, 128, 64, "rows 256"),
+             ("x_proj 64^3", 1, 2 * 64**3, 36, 128, ""), ("out_proj 64^3", 2, 64**3, 64, 128, "cf")]
+
+
 def main():
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
+    if "--wgrad" in sys.argv:
+        for shape in WG_SHAPES:
+            row_wgrad(*shape)
+        return
     if "--channels-first" not in sys.argv:
         for name, M, K, N in SHAPES:
             row(name, M, K, N)
     for name, B, L, cin, cout in CF_SHAPES:
         row_channels_first(name, B, L, cin, cout)
+
+
+def row_wgrad(name, B, L, N, K, layout):
+    """A weight gradient in cuBLAS (as ops/linear.py ran it: one GEMM over the tokens, per batch element for the
+    channels-first layers) against weight_grad_tf32x3 with its default tiles and (--sweep) at the best of a sweep."""
+    x = torch.randn(B, L, K, device=DEV)
+    if layout == "cf":
+        g = torch.randn(B, N, L, device=DEV).transpose(1, 2)
+    elif layout.startswith("rows"):
+        g = torch.randn(B, L, int(layout.split()[1]), device=DEV)[..., :N]
+    else:
+        g = torch.randn(B, L, N, device=DEV)
+    ref = torch.einsum("bln,blk->nk", g.double(), x.double())
+
+    def cublas():
+        dw = g[0].t() @ x[0]
+        for b in range(1, B):
+            dw.addmm_(g[b].t(), x[b])
+        return dw
+
+    traffic = B * L * (N + K) * 4 / 4.8e12 * 1e3
+    line = (f"{name} (B={B} L={L} N={N} K={K} {layout or 'token-major'}, roofline {traffic:.3f} ms): "
+            f"cuBLAS {do_bench(cublas):.3f} err {max_err(cublas(), ref):.1e}")
+    line += f" | default {do_bench(lambda: weight_grad_tf32x3(g, x)):.3f} err {max_err(weight_grad_tf32x3(g, x), ref):.1e}"
+    if "--sweep" not in sys.argv:
+        print(line, flush=True)
+        return
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = [dict(BL=bl, BN=min(cap, max(16, triton.next_power_of_2(N))), BK=min(cap, max(16, triton.next_power_of_2(K))),
+                  num_warps=nw, num_stages=ns, splits=max(1, per * sm // B))
+             for bl, cap, nw, ns, per in itertools.product([64, 128], [64, 128], [4, 8], [2, 3], [2, 4, 8])]
+    t, cfg = best_of(lambda c: weight_grad_tf32x3(g, x, **c), [(c,) for c in tiles])
+    cfg = cfg[0]
+    line += f" | best {t:.3f} {cfg} err {max_err(weight_grad_tf32x3(g, x, **cfg), ref):.1e}"
+    print(line, flush=True)
 
 
 def row_channels_first(name, B, L, cin, cout):
@@ -121,6 +169,11 @@ def row_channels_first(name, B, L, cin, cout):
         t, tile = best_of(fn, [t for t in tiles if t[0] * t[1] <= 256 * 128])
         fn(*tile)
         line += f" | fwd {label} {t:.3f} {tile} err {max_err(y, ref_y):.1e}"
+
+    def fwd_default():
+        for b in range(B):
+            matmul_tf32x3(x[b], w.t(), out=y[b].t())
+    line += f" | fwd B default tiles {do_bench(fwd_default):.3f}"
     line += f" || dgrad cuBLAS {do_bench(dgrad_cublas):.3f}"
     dgrad_cublas()
     line += f" err {max_err(dx, ref_dx):.1e}"
@@ -128,6 +181,11 @@ def row_channels_first(name, B, L, cin, cout):
     t, tile = best_of(dgrad, [t for t in tiles if t[0] * t[1] <= 256 * 128])
     dgrad(*tile)
     line += f" | dgrad {t:.3f} {tile} err {max_err(dx, ref_dx):.1e}"
+
+    def dgrad_default():
+        for b in range(B):
+            matmul_tf32x3(g[b].t(), w, out=dx[b])
+    line += f" | dgrad default tiles {do_bench(dgrad_default):.3f}"
 
     def wgrad_cublas():
         dw = g[0] @ x[0]

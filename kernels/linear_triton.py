@@ -1,6 +1,7 @@
 """fp32 matrix products of the Mamba layers' projections in Triton, with 3xTF32 tensor-core products.
 
     y = x @ w (+ bias) (+ y)        x (M, K), w (K, N), y (M, N): any strides; bias (N,)
+    dW = sum_b g_b^T x_b            g (B, L, N), x (B, L, K): any strides (a Linear's weight gradient)
 
 The projections are tall and skinny (M = tokens, up to 2 x 128^3; K, N = 16 to 256). cuBLAS's fp32 GEMM (SGEMM, no
 TF32: the fp32 recipes) runs them at 2-3.7x their memory-traffic floor. Here a program owns a (BM, BN) tile of y and
@@ -8,7 +9,10 @@ walks K in steps of BK; each step's product is ``tl.dot(..., input_precision="tf
 into a TF32 value and a TF32 remainder and three tensor-core products are accumulated in fp32 (the small remainder x
 remainder term is dropped), which is as accurate as SGEMM on these shapes: largest error against a float64 product
 2-4e-7 of the result's scale, SGEMM 3-8e-7, and 1.29-1.71x faster (H200; kernels/bench_linear.py, docs/kernels.md
-"Projections"). With fp32 FMA instead (``PREC="ieee"``) the same kernel is slower than cuBLAS. Under
+"Projections"). A weight gradient reduces over all L tokens into a small (N, K) matrix, which cuBLAS runs on a few
+thread blocks (3.7x its memory floor for ``out_proj`` at 128^3); ``weight_grad_tf32x3`` splits the tokens over
+programs that each write a partial (N, K) sum, summed in a fixed order afterwards (no atomics: bitwise repeatable).
+With fp32 FMA instead (``PREC="ieee"``) the same kernel is slower than cuBLAS. Under
 ``TRITON_INTERPRET=1`` the product is numpy's fp32 matmul.
 """
 from __future__ import annotations
@@ -44,12 +48,19 @@ def _mm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym
     tl.store(y_ptrs, acc, mask=mm[:, None] & nm[None, :])
 
 
-def _config(K, N):
-    """Tile sizes and launch shape, from the tile sweep of kernels/bench_linear.py on the H200 (session 11)."""
+def _config(K, N, column_major_x=False, column_major_out=False):
+    """Tile sizes and launch shape, from the tile sweeps of kernels/bench_linear.py on the H200: row-major operands
+    (session 11); a column-major x (a channels-first Linear's input gradient) runs best on 4 warps, a column-major
+    output of up to 32 columns (its forward) on 64-row tiles (session 13)."""
     BN = min(128, max(16, triton.next_power_of_2(N)))
     BK = min(32, max(16, triton.next_power_of_2(K)))
-    return dict(BM=64 if BN >= 128 else 128, BN=BN, BK=BK, num_warps=8 if BN == 64 else 4,
-                num_stages=2 if BN >= 128 else 3)
+    cfg = dict(BM=64 if BN >= 128 else 128, BN=BN, BK=BK, num_warps=8 if BN == 64 else 4,
+               num_stages=2 if BN >= 128 else 3)
+    if column_major_x:
+        cfg["num_warps"] = 4
+    if column_major_out and BN <= 32:
+        cfg["BM"] = 64
+    return cfg
 
 
 def matmul_tf32x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
@@ -68,8 +79,70 @@ def matmul_tf32x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     if max((K - 1) * max(abs(x.stride(1)), abs(w.stride(0))), (N - 1) * max(abs(w.stride(1)), abs(out.stride(1)))) \
             >= 2 ** 31:
         raise ValueError("matmul_tf32x3: offsets along K and N are 32-bit in the kernel; make x, w and out row-major")
-    cfg = _config(K, N)
+    cfg = _config(K, N, x.stride(0) == 1 != x.stride(1), out.stride(0) == 1 != out.stride(1))
     grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))
     _mm_kernel[grid](x, w, bias if bias is not None else w, out, M, N, K, *x.stride(), *w.stride(), *out.stride(),
                      HAS_BIAS=bias is not None, ACCUM=accumulate, PREC="tf32x3", **cfg)
     return out
+
+
+@cached_launch
+@triton.jit
+def _wgrad_kernel(g_ptr, x_ptr, p_ptr, L, N, K, CH, SPLITS, s_gb, s_gl, s_gn, s_xb, s_xl, s_xk,
+                  BL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Program (b * SPLITS + s, n tile, k tile): the partial sum over tokens s*CH .. s*CH + CH - 1 of batch element
+    b of g^T x, an (N, K) tile stored at p[b * SPLITS + s]."""
+    pid = tl.program_id(0)
+    b = (pid // SPLITS).to(tl.int64)
+    l0 = (pid % SPLITS) * CH
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rk = tl.program_id(2) * BK + tl.arange(0, BK)
+    nm, km = rn < N, rk < K
+    g_base = g_ptr + b * s_gb + rn[:, None] * s_gn
+    x_base = x_ptr + b * s_xb + rk[None, :] * s_xk
+    acc = tl.zeros((BN, BK), tl.float32)
+    for l in range(l0, tl.minimum(l0 + CH, L), BL):
+        rl = (l + tl.arange(0, BL)).to(tl.int64)  # L x token stride can pass 2**31 elements
+        lm = rl < L
+        gt = tl.load(g_base + rl[None, :] * s_gl, mask=nm[:, None] & lm[None, :], other=0.0)  # (BN, BL)
+        xt = tl.load(x_base + rl[:, None] * s_xl, mask=lm[:, None] & km[None, :], other=0.0)  # (BL, BK)
+        acc = tl.dot(gt, xt, acc, input_precision=PREC)
+    tl.store(p_ptr + pid * N * K + rn[:, None] * K + rk[None, :], acc, mask=nm[:, None] & km[None, :])
+
+
+def _wgrad_config(N, K):
+    """Tile sizes and launch shape of the weight gradient, from the sweep of kernels/bench_linear.py --wgrad on the
+    H200 (session 13: 64-token steps, 4 warps, 3 stages were the best at every size)."""
+    return dict(BL=64, BN=min(64, max(16, triton.next_power_of_2(N))), BK=min(64, max(16, triton.next_power_of_2(K))),
+                num_warps=4, num_stages=3)
+
+
+_SM_COUNT: dict = {}
+
+
+def weight_grad_tf32x3(g: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None, **config) -> torch.Tensor:
+    """``sum_b g[b]^T @ x[b]`` for fp32 g (B, L, N) and x (B, L, K) (any strides: a channels-first gradient is
+    ``g.transpose(1, 2)``), as a new (N, K) tensor or written into ``out``. ``config`` overrides the tiles and
+    ``splits`` (the token ranges per batch element; default: about eight programs per SM, the best of 2, 4 and 8 in
+    two of the four shapes the sweep found faster than cuBLAS)."""
+    if g.dim() != 3 or x.dim() != 3 or g.shape[:2] != x.shape[:2] or g.dtype != torch.float32 \
+            or x.dtype != torch.float32:
+        raise ValueError(f"weight_grad_tf32x3: fp32 g (B, L, N) and x (B, L, K) expected, got {tuple(g.shape)} "
+                         f"{g.dtype} and {tuple(x.shape)} {x.dtype}")
+    (B, L, N), K = g.shape, x.shape[2]
+    cfg = {**_wgrad_config(N, K), **config}
+    tiles = triton.cdiv(N, cfg["BN"]) * triton.cdiv(K, cfg["BK"])
+    splits = cfg.pop("splits", None)
+    if splits is None:
+        if g.device not in _SM_COUNT:
+            _SM_COUNT[g.device] = torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 4
+        splits = max(1, 8 * _SM_COUNT[g.device] // (B * tiles))
+    # whole BL blocks per program; fewer programs where the tokens run out
+    ch = triton.cdiv(triton.cdiv(L, splits), cfg["BL"]) * cfg["BL"]
+    splits = triton.cdiv(L, ch)
+    if max((N - 1) * abs(g.stride(2)), (K - 1) * abs(x.stride(2))) >= 2 ** 31:
+        raise ValueError("weight_grad_tf32x3: offsets along N and K are 32-bit in the kernel")
+    partial = torch.empty(B * splits, N, K, device=g.device, dtype=torch.float32)
+    _wgrad_kernel[(B * splits, triton.cdiv(N, cfg["BN"]), triton.cdiv(K, cfg["BK"]))](
+        g, x, partial, L, N, K, ch, splits, *g.stride(), *x.stride(), PREC="tf32x3", **cfg)
+    return torch.sum(partial, 0, out=out)

@@ -1,4 +1,4 @@
-"""The Triton 3xTF32 GEMM (kernels/linear_triton.py) against float64 products.
+"""The Triton 3xTF32 GEMM and weight-gradient reduction (kernels/linear_triton.py) against float64 products.
 
 On CPU these run through Triton's interpreter (an fp32 numpy product: they check indexing, masks, strides, bias and
 accumulation). Compiled on a GPU they also check the 3xTF32 accuracy: no worse than twice cuBLAS's fp32 GEMM (SGEMM,
@@ -62,6 +62,46 @@ def test_strided_operands_and_accumulation(lt):
     assert max_err(out, ref) <= max(2 * sgemm_err(x, weight.t(), x.double() @ weight.double().t()), 1e-6)
 
 
+def test_column_major_input_and_output(lt):
+    """The layouts of a channels-first Linear: its forward x_b W^T stored into a transposed slice (bias fused) and its
+    input gradient from a column-major g_b^T (both take their own tile configs)."""
+    L, cin, cout = 150, 40, 24
+    x, weight, bias = rand(L, cin, seed=20), rand(cout, cin, seed=21) / cin ** 0.5, rand(cout, seed=22)
+    y = torch.full((cout, L), float("nan"), device=DEV)
+    lt.matmul_tf32x3(x, weight.t(), bias, out=y.t())
+    ref = weight.double() @ x.double().t() + bias.double()[:, None]
+    assert max_err(y, ref) <= max(2 * sgemm_err(x, weight.t(), ref.t(), bias), 1e-6)
+    g = rand(cout, L, seed=23)  # channels-first gradient of y
+    dx = lt.matmul_tf32x3(g.t(), weight)
+    gref = g.double().t() @ weight.double()
+    assert dx.shape == (L, cin) and max_err(dx, gref) <= max(2 * sgemm_err(g.t(), weight, gref), 1e-6)
+
+
+@pytest.mark.parametrize("B,L,N,K,layout,cfg", [
+    (2, 300, 32, 64, "channels-first", {}),  # L not a multiple of the 64-token step
+    (2, 300, 32, 64, "channels-first", dict(splits=3, BL=16)),  # several ranges per batch element, a partial last
+    (1, 77, 34, 20, "token-major", {}),  # N, K off the tiles
+    (3, 130, 64, 32, "block", dict(BN=16, BK=16, splits=2)),  # several N and K tiles
+    (1, 1, 16, 16, "token-major", {})])
+def test_weight_grad_matches_float64(lt, B, L, N, K, layout, cfg):
+    """sum_b g_b^T x_b for a channels-first g (B, N, L) passed transposed, a token-major one and one block of a wider
+    output (in_proj's split), into a new tensor and into ``out``."""
+    x = rand(B, L, K, seed=24)
+    if layout == "channels-first":
+        g = rand(B, N, L, seed=25).transpose(1, 2)
+    elif layout == "block":
+        g = rand(B, L, 2 * N, seed=25)[..., N:]
+    else:
+        g = rand(B, L, N, seed=25)
+    ref = torch.einsum("bln,blk->nk", g.double(), x.double())
+    sgemm = sgemm_err(g.reshape(-1, N).t(), x.reshape(-1, K), ref)
+    dw = lt.weight_grad_tf32x3(g, x, **cfg)
+    assert dw.shape == (N, K) and max_err(dw, ref) <= max(2 * sgemm, 1e-6), (max_err(dw, ref), sgemm)
+    wide = torch.full((N + 5, K), float("nan"), device=DEV)
+    assert lt.weight_grad_tf32x3(g, x, out=wide[5:], **cfg).data_ptr() == wide[5:].data_ptr()
+    assert torch.equal(wide[5:], dw) and wide[:5].isnan().all()
+
+
 def test_rejects_what_it_does_not_compute(lt):
     x = rand(10, 16)
     with pytest.raises(ValueError, match="fp32"):
@@ -73,6 +113,10 @@ def test_rejects_what_it_does_not_compute(lt):
     huge_stride = torch.empty_strided((10, 4), (1, 2 ** 30), device="meta")  # column offsets past 2**31
     with pytest.raises(ValueError, match="32-bit"):
         lt.matmul_tf32x3(x, rand(16, 4), out=huge_stride, accumulate=True)
+    with pytest.raises(ValueError, match=r"g \(B, L, N\) and x \(B, L, K\)"):
+        lt.weight_grad_tf32x3(rand(2, 10, 4), rand(2, 11, 4))
+    with pytest.raises(ValueError, match="fp32"):
+        lt.weight_grad_tf32x3(rand(1, 10, 4).double(), rand(1, 10, 4).double())
 
 
 @pytest.mark.cuda
@@ -84,6 +128,46 @@ def test_full_size_as_accurate_as_sgemm(lt, M, K, N):
     x, w = rand(M, K, seed=7), rand(K, N, seed=8) / K ** 0.5
     ref = x.double() @ w.double()
     assert max_err(lt.matmul_tf32x3(x, w), ref) <= 2 * sgemm_err(x, w, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
+@pytest.mark.parametrize("B,L,N,K,layout", [(1, 2 * 128 ** 3, 64, 32, "block"), (2, 128 ** 3, 32, 64, "channels-first"),
+                                            (2, 128 ** 3, 64, 32, "channels-first")])
+def test_full_size_weight_grad_as_accurate_as_sgemm(lt, B, L, N, K, layout):
+    """LightM-UNet's full-resolution weight gradients (in_proj's blocks, out_proj, proj 32 -> 64), which the
+    dispatch sends to the split-token reduction."""
+    x = rand(B, L, K, seed=26)
+    g = rand(B, L, 2 * N, seed=27)[..., :N] if layout == "block" else rand(B, N, L, seed=27).transpose(1, 2)
+    ref = torch.einsum("bln,blk->nk", g.double(), x.double())
+    assert max_err(lt.weight_grad_tf32x3(g, x), ref) <= 2 * sgemm_err(g.reshape(-1, N).t(), x.reshape(-1, K), ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
+def test_channels_first_linear_takes_it_and_matches_float64():
+    """ops.linear_channels_first at LightM-UNet's full resolution (out_proj 64 -> 32) runs the Triton GEMM for its
+    forward and input gradient and the split-token reduction for its weight gradient (the dispatch), each within
+    twice SGEMM's error against float64."""
+    import nnunet_mamba.ops.linear as lin
+    from nnunet_mamba.ops import linear_channels_first
+
+    x = rand(2, 128 ** 3, 64, seed=28).requires_grad_()
+    w = (rand(32, 64, seed=29) / 8).requires_grad_()
+    b = rand(32, seed=30).requires_grad_()
+    g = rand(2, 32, 128 ** 3, seed=31)
+    assert lin._tf32x3(x[0].detach(), w.detach().t()) and lin._tf32x3(g[0].t(), w.detach())
+    assert lin._use_triton("linear-wgrad", g, "auto", measured_faster=True)
+    y = linear_channels_first(x, w, b)
+    gx, gw, gb = torch.autograd.grad(y, [x, w, b], g)
+    xd, wd, gd = x.detach().double(), w.detach().double(), g.double()
+    ref = torch.einsum("oc,blc->bol", wd, xd) + b.detach().double()[:, None]
+    assert max_err(y.detach(), ref) <= 2 * sgemm_err(x[0].detach(), w.detach().t(), ref[0].t(), b.detach())
+    gxref = torch.einsum("bol,oc->blc", gd, wd)
+    assert max_err(gx, gxref) <= 2 * sgemm_err(g[0].t(), w.detach(), gxref[0])
+    gwref = torch.einsum("bol,blc->oc", gd, xd)
+    assert max_err(gw, gwref) <= 2 * sgemm_err(g.transpose(1, 2).reshape(-1, 32).t(), x.detach().reshape(-1, 64), gwref)
+    assert max_err(gb, gd.sum((0, 2))) <= 1e-6
 
 
 @pytest.mark.cuda

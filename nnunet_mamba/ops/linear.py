@@ -13,8 +13,10 @@
 Under autocast they run in the autocast dtype as ``F.linear`` would (cuBLAS). In fp32 on CUDA, the products of the
 forward and of the input's gradient whose operand has at least ``TRITON_FROM["linear"]`` elements (ops/token_ops.py)
 and 16-256 columns run the Triton 3xTF32 GEMM (kernels/linear_triton.py: as accurate as cuBLAS's SGEMM on these
-tall-skinny shapes, 1.3-1.7x faster on the H200); the weights' gradients (reductions over all tokens) stay on cuBLAS.
-``NNUNET_MAMBA_TOKEN_OPS_BACKEND=torch`` keeps every product on cuBLAS.
+tall-skinny shapes, 1.3-1.7x faster on the H200; a channels-first input gradient only up to 64 columns), and the
+weights' gradients from ``TRITON_FROM["linear-wgrad"]`` elements with 16-64 (multiples of 16) outputs and inputs run
+its split-token reduction (2.1-3.2x cuBLAS at 2 x 128^3 tokens; not faster at 2 x 64^3 or for x_proj's 34 or 36
+unaligned outputs). ``NNUNET_MAMBA_TOKEN_OPS_BACKEND=torch`` keeps every product on cuBLAS.
 """
 from __future__ import annotations
 
@@ -32,12 +34,28 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _tf32x3(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a @ b`` runs the Triton 3xTF32 GEMM: fp32 CUDA operands, a row-major (rows, 16-256) operand from
-    the measured size, 16-256 output columns (module docstring)."""
+    """Whether ``a @ b`` runs the Triton 3xTF32 GEMM: fp32 CUDA operands, an (rows, 16-256) operand from the
+    measured size, 16-256 output columns; a row-major a, or a column-major one (a channels-first gradient) with up
+    to 64 output columns (module docstring)."""
     if not (a.is_cuda and a.dtype == torch.float32 and b.dtype == torch.float32):
         return False
-    shape_measured = 16 <= a.shape[1] <= 256 and 16 <= b.shape[1] <= 256 and a.stride(1) == 1
+    layout = a.stride(1) == 1 or (a.stride(0) == 1 and b.shape[1] <= 64)
+    shape_measured = 16 <= a.shape[1] <= 256 and 16 <= b.shape[1] <= 256 and layout
     return _use_triton("linear", a, "auto", measured_faster=shape_measured)
+
+
+def _wgrad(g: torch.Tensor, x: torch.Tensor, out=None) -> torch.Tensor:
+    """``sum_b g[b]^T @ x[b]`` for g (B, L, N) and x (B, L, K), any strides (a Linear's weight gradient), or written
+    into ``out``: the Triton split-token reduction where measured faster (module docstring), else cuBLAS."""
+    (N, K), fp32 = (g.shape[2], x.shape[2]), g.dtype == torch.float32 and x.dtype == torch.float32
+    if g.is_cuda and fp32 and _use_triton("linear-wgrad", g, "auto",
+                                          measured_faster=N <= 64 and K <= 64 and N % 16 == 0 and K % 16 == 0):
+        from ..kernels.linear_triton import weight_grad_tf32x3
+        return weight_grad_tf32x3(g, x, out=out)
+    out = torch.mm(g[0].t(), x[0], out=out)
+    for b in range(1, g.shape[0]):
+        out.addmm_(g[b].t(), x[b])
+    return out
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, out=None) -> torch.Tensor:
@@ -84,7 +102,7 @@ class _SplitLinearFn(torch.autograd.Function):
             if need_x:
                 dx = _mm(g2, weight[rows], out=dx)
             if need_w:
-                torch.mm(g2.t(), x2, out=dw[rows])
+                _wgrad(g2[None], x2[None], out=dw[rows])
             if need_b:
                 db[rows] = g2.sum(0)
         if need_x:
@@ -107,14 +125,19 @@ def linear_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 class _ChannelsFirstLinearFn(torch.autograd.Function):
-    """One plain GEMM per batch element, each into its slice of a preallocated output: ``torch.matmul`` would fold
-    the batch into the rows and hand back a transposed (channels-last) view, and a batched GEMM with the L tokens as
-    its reduction axis (the weight gradient) runs on a handful of thread blocks (0.56 s per LightM-UNet step)."""
+    """One GEMM per batch element, each into its slice of a preallocated output: ``torch.matmul`` would fold the
+    batch into the rows and hand back a transposed (channels-last) view. The Triton GEMM computes ``x_b W^T`` into the
+    transposed slice (bias fused); cuBLAS ``W x_b^T`` (bias in one more pass)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         y = x.new_empty(x.shape[0], weight.shape[0], x.shape[1])  # (B, C_out, L)
+        if _tf32x3(x[0], weight.t()):
+            from ..kernels.linear_triton import matmul_tf32x3
+            for b in range(x.shape[0]):
+                matmul_tf32x3(x[b], weight.t(), bias, out=y[b].t())
+            return y
         for b in range(x.shape[0]):
             torch.mm(weight, x[b].t(), out=y[b])
         if bias is not None:  # one pass; addmm's broadcast bias (copied into the output first) measured slower
@@ -127,12 +150,15 @@ class _ChannelsFirstLinearFn(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = x.new_empty(x.shape)  # (B, L, C_in), token-major
-            for b in range(x.shape[0]):
-                torch.mm(g[b].t(), weight, out=dx[b])
+            if _tf32x3(g[0].t(), weight):
+                from ..kernels.linear_triton import matmul_tf32x3
+                for b in range(x.shape[0]):
+                    matmul_tf32x3(g[b].t(), weight, out=dx[b])
+            else:
+                for b in range(x.shape[0]):
+                    torch.mm(g[b].t(), weight, out=dx[b])
         if ctx.needs_input_grad[1]:
-            dw = g[0] @ x[0]
-            for b in range(1, x.shape[0]):
-                dw.addmm_(g[b], x[b])
+            dw = _wgrad(g.transpose(1, 2), x)
         if ctx.needs_input_grad[2]:  # False without a bias
             db = g.sum((0, 2))
         return dx, dw, db

@@ -38,9 +38,11 @@ ENV_BACKEND = "NNUNET_MAMBA_TOKEN_OPS_BACKEND"
 # measure the host (the Triton GroupNorm's wall time is ~2 ms at every size). The conv1d, the LayerNorm and the
 # depthwise conv won at every measured size (the smallest are listed); the GroupNorm from 2 x 64 x 64^3.
 TRITON_FROM = {"causal-conv1d": 2 * 4096 * 512, "layer-norm": 2 * 4096 * 256, "group-norm": 2 * 64 * 64 ** 3,
-               "depthwise-conv": 2 * 128 * 32 ** 3, "linear": 2 * 64 ** 3 * 64}
+               "depthwise-conv": 2 * 128 * 32 ** 3, "linear": 2 * 64 ** 3 * 64, "linear-wgrad": 2 * 128 ** 3 * 32}
 # "linear": the projections' fp32 GEMMs (ops/linear.py), from the smallest operand kernels/bench_linear.py measured
-# (2 x 64^3 tokens x 64 channels; H200, session 11: the Triton 3xTF32 GEMM 1.29-1.71x cuBLAS's SGEMM, as accurate)
+# (2 x 64^3 tokens x 64 channels; H200, session 11: the Triton 3xTF32 GEMM 1.29-1.71x cuBLAS's SGEMM, as accurate);
+# "linear-wgrad": their weight gradients, from the output gradient's size (session 13: 2.1-3.2x cuBLAS from 2 x 128^3
+# tokens x 32 outputs; at 2 x 64^3 tokens equal or slower)
 # group_norm's torch backend takes its statistics from var_mean from this size (below: F.group_norm): in GPU time
 # 3.5x faster than F.group_norm at 2 x 128 x 32^3, 2.0x at 2 x 256 x 16^3 (the smallest measured) on the H200, and
 # faster than the Triton kernel below 2 x 64 x 64^3.
