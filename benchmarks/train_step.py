@@ -131,6 +131,17 @@ def profile_step(step, name, top=12, host_top=0):
     print(f"[profile] {name}: kernel time per part of the step ({sum(sums.values()):.1f} ms in all)")
     for cat, ms in sorted(sums.items(), key=lambda kv: -kv[1]):
         print(f"  {ms:9.1f} ms  {cat}")
+    # cuBLAS's GEMMs by operand shapes (the ATen op that launched them; the Triton GEMMs have none)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    gemms = [e for e in prof.key_averages(group_by_input_shape=True)
+             if e.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")]
+    gemms.sort(key=lambda e: -e.device_time_total)
+    print(f"[profile] {name}: cuBLAS GEMMs by operand shapes ({sum(e.device_time_total for e in gemms) / 1e3:.1f} ms "
+          f"in all; top {top})")
+    for e in gemms[:top]:
+        print(f"  {e.device_time_total / 1e3:8.2f} ms {e.count:4d}x  {e.key} {e.input_shapes}")
     # the GPU's idle time inside the step (gaps between consecutive kernels): where it waited on the host
     kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                      if e.device_type == torch.autograd.DeviceType.CUDA)

@@ -3,7 +3,7 @@ against the project's Triton tile GEMM (kernels/linear_triton.py) with fp32 FMA 
 each fp32 operand split into a TF32 part and a TF32 remainder, three tensor-core products, fp32 accumulation), each
 at the best of a small tile sweep (its results chose linear_triton's tiles).
 
-    python kernels/bench_linear.py [--channels-first | --wgrad [--sweep]]
+    python kernels/bench_linear.py [--channels-first | --wgrad [--sweep] | --low-rank]
 
 Prints each time, the memory-traffic floor (one read of x, one write of y at 4.8 TB/s) and the largest error
 against a float64 product, relative to the result's largest value. Latest results: docs/kernels.md, "Projections".
@@ -79,8 +79,17 @@ WG_SHAPES = [("in_proj block 128^3", 1, 2 * 128**3, 64, 32, "rows 128"), ("x_pro
              ("x_proj 64^3", 1, 2 * 64**3, 36, 128, ""), ("out_proj 64^3", 2, 64**3, 64, 128, "cf")]
 
 
+# the Mamba mixer's dt_proj as the scan multiplies it out: delta (M, d) = v (M, R) W^T, v the first R columns of
+# x_proj's output (M, R + 2N); its backward dv = g W and dW = g^T v
+LR_SHAPES = [("dt_proj 128^3", 2 * 128**3, 2, 64, 34), ("dt_proj 64^3", 2 * 64**3, 4, 128, 36)]
+
+
 def main():
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
+    if "--low-rank" in sys.argv:
+        for shape in LR_SHAPES:
+            row_low_rank(*shape)
+        return
     if "--wgrad" in sys.argv:
         for shape in WG_SHAPES:
             row_wgrad(*shape)
@@ -90,6 +99,33 @@ def main():
             row(name, M, K, N)
     for name, B, L, cin, cout in CF_SHAPES:
         row_channels_first(name, B, L, cin, cout)
+
+
+def row_low_rank(name, M, R, d, width):
+    """The low-rank delta's three products in cuBLAS (as the scan ran them) and on the project's kernels."""
+    v = torch.randn(M, width, device=DEV)[:, :R]
+    Wt = torch.randn(R, d, device=DEV) / R ** 0.5
+    g = torch.randn(M, d, device=DEV)
+    delta, dv = torch.empty(M, d, device=DEV), torch.empty(M, R, device=DEV)
+    ref_delta, ref_dv = v.double() @ Wt.double(), g.double() @ Wt.double().t()
+    ref_dw = g.double().t() @ v.double()
+    line = f"{name} (M={M} R={R} d={d}, roofline {M * (R + d) * 4 / 4.8e12 * 1e3:.3f} ms)"
+    line += f": fwd cuBLAS {do_bench(lambda: v @ Wt):.3f} err {max_err(v @ Wt, ref_delta):.1e}"
+    tiles = itertools.product([64, 128, 256], [min(128, d)], [16], [4, 8], [2, 3])
+    t, tile = best_of(lambda *c: mm(v, Wt, delta, "tf32x3", *c), [c for c in tiles if c[0] * c[1] <= 256 * 128])
+    mm(v, Wt, delta, "tf32x3", *tile)
+    line += f" | Triton {t:.3f} {tile} err {max_err(delta, ref_delta):.1e}"
+    line += f" | default {do_bench(lambda: matmul_tf32x3(v, Wt, out=delta)):.3f}"
+    line += f" || dv cuBLAS {do_bench(lambda: g @ Wt.t()):.3f} err {max_err(g @ Wt.t(), ref_dv):.1e}"
+    tiles = itertools.product([64, 128, 256], [16], [32, 64], [4, 8], [2, 3])
+    t, tile = best_of(lambda *c: mm(g, Wt.t(), dv, "tf32x3", *c), list(tiles))
+    mm(g, Wt.t(), dv, "tf32x3", *tile)
+    line += f" | Triton {t:.3f} {tile} err {max_err(dv, ref_dv):.1e}"
+    line += f" | default {do_bench(lambda: matmul_tf32x3(g, Wt.t(), out=dv)):.3f}"
+    line += f" || dW cuBLAS {do_bench(lambda: g.t() @ v):.3f} err {max_err(g.t() @ v, ref_dw):.1e}"
+    dw = weight_grad_tf32x3(g[None], v[None])
+    line += f" | Triton {do_bench(lambda: weight_grad_tf32x3(g[None], v[None])):.3f} err {max_err(dw, ref_dw):.1e}"
+    print(line, flush=True)
 
 
 def row_wgrad(name, B, L, N, K, layout):

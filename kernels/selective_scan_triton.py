@@ -640,16 +640,19 @@ def _dt_low(W):
     return W.shape[0], dict(DT_LOW=True, BR=max(2, triton.next_power_of_2(W.shape[0])))
 
 
-def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want_last, W=None):
+def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want_last, W=None, states=None):
     """One forward pass into ``out``. u, z, out: (b, d, L)-strided; dt: (b, d, L), or (b, R, L) with W (R, d) fp32
     (delta = W^T dt); A: (d, N); B, C: (b, G, N, L) views or (d, N). Returns the chunk-entering states
-    (b, chunks, N, d), the chunks' dt sums (b, d, chunks) and the last state (b, d, N)."""
+    (b, chunks, N, d), the chunks' dt sums (b, d, chunks) and the last state (b, d, N). ``states``: those two from
+    an earlier pass over the same inputs (a recomputation): only the output pass runs."""
     b, d, L = u.shape
     N = A.shape[1]
     A, B, C = _t(A), _t(B), _t(C)
     dev = u.device
     f32 = torch.float32
-    sloc = torch.empty(b, d, plan.n_chunks, device=dev, dtype=f32)
+    if states is not None and (states[0].shape, states[1].shape) != ((b, plan.n_chunks, N, d), (b, d, plan.n_chunks)):
+        states = None  # not from this kind of call: computed again
+    sloc = torch.empty(b, d, plan.n_chunks, device=dev, dtype=f32) if states is None else states[1]
     last = torch.empty(b, N, d, device=dev, dtype=f32) if want_last else sloc
     zt = z if z is not None else u
     R, low = _dt_low(W)
@@ -662,7 +665,9 @@ def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want
     Wk = W if W is not None else A
     Dt = D if D is not None else A
     bt = bias if bias is not None else A
-    if plan.n_chunks > 1:
+    if states is not None:
+        hin = states[0]
+    elif plan.n_chunks > 1:
         hloc = torch.empty(b, plan.n_chunks, N, d, device=dev, dtype=f32)
         _chunk_kernel[plan.grid](u, dt, Wk, zt, out, A, Dt, bt, B, C, hloc, hloc, sloc, *common, OUT=False,
                                  SAVE_LAST=False, **flags)
@@ -759,7 +764,7 @@ class _ScanFn(torch.autograd.Function):
     at the backward's memory peak (docs/kernels.md, "Memory")."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, W, W_in_kernels, reuse):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, W, W_in_kernels, reuse, slot):
         b, d, L = u.shape
         Bg, Cg = _grouped_bc(B), _grouped_bc(C)
         G = Bg.shape[1] if Bg.dim() == 4 else (Cg.shape[1] if Cg.dim() == 4 else 1)
@@ -777,7 +782,9 @@ class _ScanFn(torch.autograd.Function):
         if W is not None and not W_in_kernels:
             v, delta = delta, _low_rank_product(delta, Wt)
         hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True,
-                                   Wt if W_in_kernels else None)
+                                   Wt if W_in_kernels else None, None if slot is None else slot.value)
+        if slot is not None:
+            slot.value = (hin, sloc)
         ctx.save_for_backward(u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt, v)
         ctx.cfg = (softplus, plan, W_in_kernels, reuse)
         ctx.backward_ran = False
@@ -813,12 +820,12 @@ class _ScanFn(torch.autograd.Function):
             gv, gW = glow.to(delta.dtype), gW.to(W.dtype)
         else:  # the gradients of the product delta = (v^T Wt)^T
             g_tokens = gdt.transpose(1, 2)  # (b, L, d), dense
-            gv = (g_tokens @ Wt.t()).transpose(1, 2).to(v.dtype)
+            gv = _low_rank_input_grad(g_tokens, Wt).transpose(1, 2).to(v.dtype)
             R = v.shape[1]
             gW = (v.transpose(1, 2).reshape(-1, R).t().float() @ g_tokens.reshape(-1, g_tokens.shape[-1])).t()
             gW = gW.to(W.dtype)
         return (gu, gv, gA, gB.reshape(B.shape).to(B.dtype), gC.reshape(C.shape).to(C.dtype), gD, gz, gbias, None,
-                gW, None, None)
+                gW, None, None, None)
 
 
 def _low_rank_product(v, Wt):
@@ -826,6 +833,21 @@ def _low_rank_product(v, Wt):
     the channels-last (b, d, L) view of the dense (b, L, d) result."""
     with torch.autocast(v.device.type, enabled=False):
         return (v.transpose(1, 2).float() @ Wt).transpose(1, 2)
+
+
+# from this many elements of the delta's gradient, its product with W runs on the 3xTF32 GEMM: 1.7-1.8x cuBLAS's
+# SGEMM at 2 x 64^3 x 128 and 2 x 128^3 x 64 (H200, session 13, kernels/bench_linear.py --low-rank); the forward
+# product v W^T and dW measured no faster there and stay on cuBLAS
+_LOW_RANK_TRITON_FROM = 2 * 64 ** 3 * 128
+
+
+def _low_rank_input_grad(g_tokens, Wt):
+    """The gradient of v in delta = v W^T: (b, L, d) @ W (d, R) -> (b, L, R)."""
+    if g_tokens.is_cuda and g_tokens.dtype == torch.float32 and g_tokens.numel() >= _LOW_RANK_TRITON_FROM:
+        from .linear_triton import matmul_tf32x3
+        b, L, d = g_tokens.shape
+        return matmul_tf32x3(g_tokens.reshape(b * L, d), Wt.t()).view(b, L, -1)
+    return g_tokens @ Wt.t()
 
 
 def _no_overlap(t):
@@ -857,7 +879,8 @@ def channels_last(t):
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, delta_proj_weight=None, delta_in_kernels=True, reuse_buffers=False):
+                          return_last_state=False, delta_proj_weight=None, delta_in_kernels=True, reuse_buffers=False,
+                          chunk_states=None):
     """mamba-ssm ``selective_scan_fn`` semantics on the Triton kernels (see module docstring).
 
     ``delta_proj_weight`` W (d, R): delta is then (b, R, L) and the scan uses W @ delta (the Mamba mixer's dt_proj
@@ -866,6 +889,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     d(delta). ``reuse_buffers``: the caller reads neither z after the backward pass nor the output's gradient after
     this op's backward (the Mamba mixer: z is its own view of in_proj's output and the output goes to out_proj
     alone); dz and du are then written over them. A second backward through the same graph is then an error.
+    ``chunk_states``: an ``ops.recompute`` slot: an empty one receives the states entering the chunks (and the
+    chunks' dt sums); a filled one, from the forward pass of a recomputed region, replaces the summary pass.
     u, delta, z and time-varying B/C are used channels-last (copied to that layout where they are not; a Linear's
     output viewed as (b, d, L) already is); the output and the input gradients come back in that layout."""
     if u.dim() != 3:
@@ -882,7 +907,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                          f"{tuple(delta.shape)} and {None if z is None else tuple(z.shape)}")
     u, delta, z, B, C = (channels_last(t) for t in (u, delta, z, B, C))
     out, last = _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), W,
-                              W is not None and bool(delta_in_kernels), bool(reuse_buffers))
+                              W is not None and bool(delta_in_kernels), bool(reuse_buffers), chunk_states)
     return (out, last) if return_last_state else out
 
 

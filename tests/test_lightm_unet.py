@@ -126,6 +126,37 @@ def test_recomputation_gives_identical_gradients():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_recomputation_hands_each_scan_its_forward_slot(monkeypatch):
+    """A recomputed Mamba layer gives its scan an ops.recompute slot through the op boundary (backends registered
+    with keeps_chunk_states): a new empty one in the forward pass, the same one, as the forward left it, in the
+    recomputation; none when the layer is not recomputed. The backend here records the slots and runs the PyTorch
+    scan."""
+    import nnunet_mamba.ops.scan as scan_mod
+    from nnunet_mamba.ops import register_backend
+    from nnunet_mamba.ops.torch_scan import selective_scan_torch
+
+    seen = []
+
+    def recording(u, delta, A, B, C, chunk_states=None, **kw):
+        seen.append((chunk_states, None if chunk_states is None else chunk_states.value))
+        if chunk_states is not None and chunk_states.value is None:
+            chunk_states.value = f"states of scan {len(seen)}"
+        return selective_scan_torch(u, delta, A, B, C, **kw)
+
+    monkeypatch.setattr(scan_mod, "_BACKENDS", dict(scan_mod._BACKENDS))
+    register_backend("recording", recording, lambda dev: None, keeps_chunk_states=True)
+    torch.manual_seed(0)
+    layer = MambaLayer(8, 8, recompute=True)
+    layer.mamba.scan_backend = "recording"
+    layer(torch.randn(1, 8, 4, 5, requires_grad=True)).sum().backward()
+    assert len(seen) == 2 and seen[0][0] is seen[1][0]
+    assert seen[0][1] is None and seen[1][1] == "states of scan 1"
+    seen.clear()
+    layer.recompute = False
+    layer(torch.randn(1, 8, 4, 5, requires_grad=True)).sum().backward()
+    assert [s for s, _ in seen] == [None]
+
+
 def test_mamba_layer_is_the_spec_formula():
     """The layer computes channels-first (no layout copies); the spec's token formula, evaluated in float64 with
     plain modules, is the oracle for its output and every gradient: t = tokens(x), u = mamba(LN(t)) + s t,

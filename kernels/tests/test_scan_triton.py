@@ -322,6 +322,46 @@ def test_second_backward_through_a_reused_buffer(tk, tuning, dev):
         y.square().sum().backward()
 
 
+def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatch):
+    """In a region checkpointed with ops.recompute's contexts (modules.common.recomputed), the recomputation takes
+    the chunk-entering states from the forward pass: one _chunk_kernel launch (the output pass) instead of two
+    (summary, output), with the output and every gradient bitwise those of the same scan not recomputed."""
+    from torch.utils.checkpoint import checkpoint
+
+    from nnunet_mamba.ops import recompute
+
+    tuning(T=16, BD=4)  # 3 chunks
+    launches, kernel = [], tk._chunk_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: (launches.append("output" if meta["OUT"] else "summary"),
+                                          kernel[grid](*args, **meta))[1]
+
+    monkeypatch.setattr(tk, "_chunk_kernel", Counting())
+    names = ["u", "delta", "z", "B", "C", "W", "D", "delta_bias"]
+    gy = torch.randn(2, 8, 45, generator=torch.Generator().manual_seed(3)).to(dev)
+
+    def scan(*tensors, slot=None):
+        return call(tk.selective_scan_triton, dict(zip(names, tensors), A=x["A"]), True, False,
+                    delta_in_kernels=False, chunk_states=slot)
+
+    x = _mixer_like(tk, dev, seed=8)
+    y0 = scan(*[x[k] for k in names])
+    g0 = torch.autograd.grad(y0, [x[k] for k in names], gy)
+    assert launches == ["summary", "output"]
+    launches.clear()
+    x = _mixer_like(tk, dev, seed=8)
+    y = checkpoint(lambda *t: scan(*t, slot=recompute.slot()), *[x[k] for k in names], use_reentrant=False,
+                   context_fn=recompute.contexts)
+    assert launches == ["summary", "output"] and recompute.slot() is None  # outside the region again
+    g = torch.autograd.grad(y, [x[k] for k in names], gy)
+    assert launches == ["summary", "output", "output"]
+    assert torch.equal(y, y0)
+    for k, a, b in zip(names, g, g0):
+        assert torch.equal(a, b), k
+
+
 def test_default_plan_bounds_the_block_state_scratch(tk, dev):
     """Blocks of F = 2 steps; the backward's scratch keeps one state per segment of S = F steps where that fits
     HF_SCRATCH_BYTES, else per segment of 16 steps (or longer, until it fits), as for LightM-UNet's full-resolution

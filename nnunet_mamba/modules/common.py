@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import depthwise_conv, group_norm, layer_norm
+from ..ops import depthwise_conv, group_norm, layer_norm, recompute
 
 
 def conv_nd(nd: int) -> type[nn.Module]:
@@ -137,10 +137,11 @@ def recomputed(module: nn.Module, forward, x: torch.Tensor, enabled=None):
     """``forward(x)``, recomputed in the backward pass instead of storing its activations when training.
 
     ``enabled=None`` recomputes on CUDA only (GPU memory is the constraint there; on CPU it would only cost time).
-    Results and gradients are identical either way.
+    Results and gradients are identical either way. Ops may keep small results of the forward for the
+    recomputation (``ops.recompute``: the scan's chunk-entering states).
     """
     if enabled is None:
         enabled = x.is_cuda
     if enabled and module.training and torch.is_grad_enabled():
-        return checkpoint(forward, x, use_reentrant=False)
+        return checkpoint(forward, x, use_reentrant=False, context_fn=recompute.contexts)
     return forward(x)

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import recompute
 from .torch_scan import selective_scan_torch
 
 
@@ -31,6 +32,7 @@ class _Backend:
     unsupported: Optional[Callable] = None  # (B) -> None, or why this backend cannot take that B/C layout
     fuses_delta_proj: bool = False  # fn takes delta_proj_weight (a low-rank delta) and delta_in_kernels itself
     reuses_buffers: bool = False  # fn takes reuse_buffers
+    keeps_chunk_states: bool = False  # fn takes chunk_states (an ops.recompute slot)
 
 
 _BACKENDS: dict[str, _Backend] = {}
@@ -38,10 +40,10 @@ _ANNOUNCED: set = set()
 
 
 def register_backend(name, fn, why_unavailable, priority=0, cross_fn=None, timings=None, unsupported=None,
-                     fuses_delta_proj=False, reuses_buffers=False):
+                     fuses_delta_proj=False, reuses_buffers=False, keeps_chunk_states=False):
     """Add a backend. ``why_unavailable(device)`` returns None when usable, otherwise an install hint."""
     _BACKENDS[name] = _Backend(name, fn, why_unavailable, priority, cross_fn, timings, unsupported, fuses_delta_proj,
-                               reuses_buffers)
+                               reuses_buffers, keeps_chunk_states)
     _CHOICES.clear()
 
 
@@ -171,6 +173,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     read after this op's backward (the Mamba mixer: z is a view of its own in_proj output, and the output feeds
     out_proj alone). A backend that can (Triton) then writes dz and du over them: two (b, d, L) buffers less at the
     backward's memory peak. Other backends ignore it.
+
+    Inside a recomputed region (``ops.recompute``) a backend that can (Triton) keeps the states entering its chunks
+    from the forward pass, and the recomputation starts at its output pass.
     """
     be = _resolve(backend, u, B)
     if _RECORDERS:
@@ -178,6 +183,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, return_last_state=return_last_state)
     if be.reuses_buffers:
         kw["reuse_buffers"] = reuse_buffers
+    if be.keeps_chunk_states:
+        kw["chunk_states"] = recompute.slot()
     if delta_proj_weight is not None:
         if be.fuses_delta_proj:
             kw.update(delta_proj_weight=delta_proj_weight, delta_in_kernels=_fuse_delta_proj(be))
@@ -371,4 +378,4 @@ def _triton_timings(u):
 # NNUNET_MAMBA_SCAN_BACKEND=triton or backend="triton" selects it explicitly.
 register_backend("triton", _selective_scan_triton, _triton_unavailable, priority=5,
                  cross_fn=_cross_selective_scan_triton, timings=_triton_timings, fuses_delta_proj=True,
-                 reuses_buffers=True)
+                 reuses_buffers=True, keeps_chunk_states=True)
