@@ -233,7 +233,7 @@ def _walk_block(h, l0, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn,
 @cached_launch
 @triton.jit(do_not_specialize=["one", "T"])
 def _chunk_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr,
-                  hin_ptr, hloc_ptr, sloc_ptr,
+                  hin_ptr, hloc_ptr, sloc_ptr, hf_ptr, hf_rs,
                   L, d, dg, N, RK, n_chunks, cbg, one,
                   s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
                   s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, Q1, Q2, R0, R1, R2,
@@ -241,7 +241,9 @@ def _chunk_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, 
                   B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, OUT: tl.constexpr, SAVE_LAST: tl.constexpr,
                   DT_LOW: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, T, U: tl.constexpr,
-                  STAGES: tl.constexpr, SPREAD: tl.constexpr):
+                  STAGES: tl.constexpr, SPREAD: tl.constexpr, SEG: tl.constexpr):
+    # SEG > 0 (output pass of a recomputation): also write the state entering every segment of SEG steps to hf, in
+    # _bwd_kernel's layout, which then skips its own forward walk.
     # Tiles are (BN, BD): states x channels. Triton derives their register layout from the loads and stores. With
     # SPREAD (N >= 9) it is a channel per lane, so that a thread holds all BN states of its channel, the sums over n
     # stay inside the thread and no per-channel work is repeated: the state tiles are stored channels-fastest
@@ -264,11 +266,16 @@ def _chunk_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, 
     l0 = j * T
     u_base = u_ptr + b * s_ub + c * s_ud
     dt_base, Wt, rm = _dt_operand(dt_ptr, W_ptr, b, c, cm, d, RK, one, s_db, s_dd, DT_LOW, BR)
+    if SEG > 0:
+        hf_b = hf_ptr + _state_ofs(b, 0, 1, N, d, rn1, c)
     for t0 in tl.range(0, T, U, num_stages=STAGES):
         for k in tl.static_range(U):
             o, lm, mk = _step_at(l0 + t0 + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
             u, dt, raw, Bx = _step_inputs(u_base, dt_base, Wt, rm, B_base, bias, Bc, o, mk, lm, rn1, nm, s_ul, s_dl,
                                           s_Bn, s_Bl, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR, SPREAD)
+            if SEG > 0:
+                if k % SEG == 0:  # t0 is a multiple of U: only these k can start a segment
+                    tl.store(hf_b + ((l0 + t0 + k) // SEG).to(tl.int64) * hf_rs, h, mask=m2 & ((t0 + k) % SEG == 0))
             h = _advance(h, A2, dt, u, Bx)
             if OUT:
                 y = tl.sum(h * _bc_column(C_base, Cc, o, rn1, nm, lm, s_Cn, s_Cl, C_VAR, SPREAD), axis=0)
@@ -379,9 +386,9 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                 C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr, DT_LOW: tl.constexpr,
                 BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, T, F: tl.constexpr, SF: tl.constexpr,
-                STAGES: tl.constexpr, OUTER_STAGES: tl.constexpr, SPREAD: tl.constexpr):
+                STAGES: tl.constexpr, OUTER_STAGES: tl.constexpr, SPREAD: tl.constexpr, WALKED: tl.constexpr):
     """Gradients of chunk j. (1) Walk the chunk forward from its entering state, writing the state entering every
-    segment of S = SF * F steps to the scratch hf. (2) Walk the segments backwards; in each, (2a) when SF > 1, walk it
+    segment of S = SF * F steps to the scratch hf (WALKED: the forward's output pass wrote them already). (2) Walk the segments backwards; in each, (2a) when SF > 1, walk it
     forward from its entering state, writing the state entering each of its SF blocks of F steps to the program's
     own small buffer hb (it stays in L2), and (2b) walk the blocks backwards: recompute a block's F states into
     registers (a tuple), then walk them backwards with the carry R (R_t = a_t G_t; the chunk's last step gets
@@ -408,13 +415,13 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
     hf_b = hf_ptr + _state_ofs(b, 0, 1, N, d, rn1, c)  # + (j * NS + s) * hf_rs for segment s, in int64
     if SF > 1:  # the program's SF block states after hf: (b, chunks, SF, N, d), its (b, j) row, its channels
         hb_b = hf_ptr + (NS * n_chunks).to(tl.int64) * hf_rs + _state_ofs(b * n_chunks + j, 0, 1, SF * N, d, rn1, c)
-    # (1) forward walk: states entering each segment
-    h = tl.load(hin_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), mask=m2, other=0.0)
-    for f in tl.range(NF, num_stages=STAGES):
-        tl.store(hf_b + (j * NS + f // SF).to(tl.int64) * hf_rs, h, mask=m2 & (f % SF == 0))
-        h, _, _, _, _ = _walk_block(h, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn1,
-                                    nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, DT_LOW, HAS_BIAS,
-                                    SOFTPLUS, B_VAR, F, SPREAD)
+    if not WALKED:  # (1) forward walk: states entering each segment
+        h = tl.load(hin_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), mask=m2, other=0.0)
+        for f in tl.range(NF, num_stages=STAGES):
+            tl.store(hf_b + (j * NS + f // SF).to(tl.int64) * hf_rs, h, mask=m2 & (f % SF == 0))
+            h, _, _, _, _ = _walk_block(h, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn1,
+                                        nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, DT_LOW,
+                                        HAS_BIAS, SOFTPLUS, B_VAR, F, SPREAD)
     # (2) backward over the segments and their blocks
     R = tl.load(rin_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), mask=m2, other=0.0)
     gA = tl.zeros((BN, BD), tl.float32)
@@ -640,11 +647,13 @@ def _dt_low(W):
     return W.shape[0], dict(DT_LOW=True, BR=max(2, triton.next_power_of_2(W.shape[0])))
 
 
-def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want_last, W=None, states=None):
+def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want_last, W=None, states=None,
+             hf=None):
     """One forward pass into ``out``. u, z, out: (b, d, L)-strided; dt: (b, d, L), or (b, R, L) with W (R, d) fp32
     (delta = W^T dt); A: (d, N); B, C: (b, G, N, L) views or (d, N). Returns the chunk-entering states
     (b, chunks, N, d), the chunks' dt sums (b, d, chunks) and the last state (b, d, N). ``states``: those two from
-    an earlier pass over the same inputs (a recomputation): only the output pass runs."""
+    an earlier pass over the same inputs (a recomputation): only the output pass runs. ``hf``: the backward's state
+    scratch (``plan.scratch_states``), into which the output pass also writes the segment-entering states."""
     b, d, L = u.shape
     N = A.shape[1]
     A, B, C = _t(A), _t(B), _t(C)
@@ -669,22 +678,24 @@ def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want
         hin = states[0]
     elif plan.n_chunks > 1:
         hloc = torch.empty(b, plan.n_chunks, N, d, device=dev, dtype=f32)
-        _chunk_kernel[plan.grid](u, dt, Wk, zt, out, A, Dt, bt, B, C, hloc, hloc, sloc, *common, OUT=False,
-                                 SAVE_LAST=False, **flags)
+        _chunk_kernel[plan.grid](u, dt, Wk, zt, out, A, Dt, bt, B, C, hloc, hloc, sloc, A, 0, *common, OUT=False,
+                                 SAVE_LAST=False, SEG=0, **flags)
         hin = _carry(A, hloc, sloc, None, False, plan, b, d, N)
         del hloc
     else:
         hin = torch.zeros(b, 1, N, d, device=dev, dtype=f32)
-    _chunk_kernel[plan.grid](u, dt, Wk, zt, out, A, Dt, bt, B, C, hin, last, sloc, *common, OUT=True,
-                             SAVE_LAST=want_last, **flags)
+    _chunk_kernel[plan.grid](u, dt, Wk, zt, out, A, Dt, bt, B, C, hin, last, sloc, hf if hf is not None else A,
+                             b * d * N, *common, OUT=True, SAVE_LAST=want_last, SEG=plan.S if hf is not None else 0,
+                             **flags)
     return hin, sloc, (last.transpose(1, 2) if want_last else None)
 
 
 def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan, order, gu, gdt, gz, gu_accum,
-              W=None):
+              W=None, hf=None):
     """One backward pass: writes gu (accumulating if gu_accum), gdt, gz; returns fp32 (gA, gB, gC, gD, gbias, gW),
     gB/gC time-varying as (b, G, N, L-positions) in the position layout of ``order``. With a low-rank delta (W, see
-    _forward) gdt must be None and the gradient of dt (b, R, L-positions) comes back instead, with gW (d, R)."""
+    _forward) gdt must be None and the gradient of dt (b, R, L-positions) comes back instead, with gW (d, R).
+    ``hf``: the state scratch with the segment-entering states written by the forward (``_forward``)."""
     b, d, L = u.shape
     N = A.shape[1]
     G = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
@@ -711,7 +722,9 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
         rin = (glast.transpose(1, 2).reshape(b, 1, N, d).contiguous() if glast is not None
                else torch.zeros(b, 1, N, d, device=dev, dtype=f32))
     # segment-entering states (chunks * T/S, b, N, d), then the programs' block-state buffers (b, chunks, S/F, N, d)
-    hf = torch.empty(plan.scratch_states(b, d, L, plan.T, plan.S) * N, device=dev, dtype=f32)
+    walked = hf is not None
+    if not walked:
+        hf = torch.empty(plan.scratch_states(b, d, L, plan.T, plan.S) * N, device=dev, dtype=f32)
     rows = b * plan.n_chunks
     gAp = torch.empty(rows, N, d, device=dev, dtype=f32)
     gDp = torch.empty(rows, d, device=dev, dtype=f32) if D is not None else gAp
@@ -736,7 +749,8 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
         HAS_MAP=order.has_map, FLIP=order.flip, GU_ACCUM=gu_accum, B_VAR=B_VAR, C_VAR=C_VAR, HAS_D=D is not None,
         HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, **low,
         BD=plan.BD, BN=plan.BN, T=plan.T, F=plan.F, SF=plan.S // plan.F, STAGES=plan.bwd_stages,
-        OUTER_STAGES=plan.bwd_stages if plan.S == plan.F else 1, SPREAD=plan.spread, num_warps=plan.bwd_warps)
+        OUTER_STAGES=plan.bwd_stages if plan.S == plan.F else 1, SPREAD=plan.spread, WALKED=walked,
+        num_warps=plan.bwd_warps)
     del hf  # back to the caching allocator now (stream-ordered after the kernel): the sums below may reuse it
     gB = gBp.sum(0).transpose(-1, -2)  # time-varying: (b, G, N, positions); constant: (d, N)
     gC = gCp.sum(0).transpose(-1, -2)
@@ -781,10 +795,18 @@ class _ScanFn(torch.autograd.Function):
         v = None
         if W is not None and not W_in_kernels:
             v, delta = delta, _low_rank_product(delta, Wt)
+        # In a recomputed region (an ops.recompute slot) the forward pass keeps the chunk-entering states in the slot;
+        # the recomputation, which the backward pass follows, starts from them at the output pass and has that pass
+        # also write the backward's segment-entering states into the slot. The backward runs on the forward pass's
+        # ctx (checkpoint recomputes only the saved tensors), so it finds them through the slot.
+        kept = slot.value if slot is not None else None
+        hf = None if kept is None else torch.empty(plan.scratch_states(b, d, L, plan.T, plan.S) * A.shape[1],
+                                                   device=u.device, dtype=torch.float32)
         hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True,
-                                   Wt if W_in_kernels else None, None if slot is None else slot.value)
+                                   Wt if W_in_kernels else None, kept["states"] if kept else None, hf)
         if slot is not None:
-            slot.value = (hin, sloc)
+            slot.value = dict(states=(hin, sloc), scratch=hf)
+        ctx.slot = slot
         ctx.save_for_backward(u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt, v)
         ctx.cfg = (softplus, plan, W_in_kernels, reuse)
         ctx.backward_ran = False
@@ -795,6 +817,8 @@ class _ScanFn(torch.autograd.Function):
     def backward(ctx, gout, glast):
         u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt, v = ctx.saved_tensors
         softplus, plan, W_in_kernels, reuse = ctx.cfg
+        # the recomputation's segment states, taken out of the slot: they serve one backward (a second one walks again)
+        hf = ctx.slot.value.pop("scratch", None) if ctx.slot is not None and ctx.slot.value else None
         if ctx.backward_ran and (reuse or v is not None):
             if reuse:
                 raise RuntimeError(
@@ -813,7 +837,7 @@ class _ScanFn(torch.autograd.Function):
         gA, gB, gC, gD, gbias, glow, gW = _backward(
             u, delta, z, gout, Af, Df, _grouped_bc(B), _grouped_bc(C), bf, softplus, hin, sloc,
             glast.contiguous() if glast is not None else None, plan, _IDENTITY, gu, gdt, gz, False,
-            Wt if W_in_kernels else None)
+            Wt if W_in_kernels else None, hf)
         if W is None:
             gv = gdt
         elif W_in_kernels:

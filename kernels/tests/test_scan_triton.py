@@ -322,23 +322,30 @@ def test_second_backward_through_a_reused_buffer(tk, tuning, dev):
         y.square().sum().backward()
 
 
-def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatch):
+@pytest.mark.parametrize("plan", [dict(T=16, BD=4), dict(T=16, BD=4, F=2, S=8)])
+def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatch, plan):
     """In a region checkpointed with ops.recompute's contexts (modules.common.recomputed), the recomputation takes
     the chunk-entering states from the forward pass: one _chunk_kernel launch (the output pass) instead of two
-    (summary, output), with the output and every gradient bitwise those of the same scan not recomputed."""
+    (summary, output); that pass also writes the backward's segment-entering states, so _bwd_kernel skips its forward
+    walk. The output and every gradient are bitwise those of the same scan not recomputed. 3 chunks, L % T != 0;
+    segments of one block (S = F) and of 4 blocks (the scratch's block-state buffers after the segment states)."""
     from torch.utils.checkpoint import checkpoint
 
     from nnunet_mamba.ops import recompute
 
-    tuning(T=16, BD=4)  # 3 chunks
-    launches, kernel = [], tk._chunk_kernel
+    tuning(**plan)
+    launches = []
 
     class Counting:
-        def __getitem__(self, grid):
-            return lambda *args, **meta: (launches.append("output" if meta["OUT"] else "summary"),
-                                          kernel[grid](*args, **meta))[1]
+        def __init__(self, kernel, name, flag):
+            self.kernel, self.name, self.flag = kernel, name, flag
 
-    monkeypatch.setattr(tk, "_chunk_kernel", Counting())
+        def __getitem__(self, grid):
+            return lambda *args, **meta: (launches.append((self.name, meta[self.flag])),
+                                          self.kernel[grid](*args, **meta))[1]
+
+    monkeypatch.setattr(tk, "_chunk_kernel", Counting(tk._chunk_kernel, "chunk", "SEG"))
+    monkeypatch.setattr(tk, "_bwd_kernel", Counting(tk._bwd_kernel, "bwd", "WALKED"))
     names = ["u", "delta", "z", "B", "C", "W", "D", "delta_bias"]
     gy = torch.randn(2, 8, 45, generator=torch.Generator().manual_seed(3)).to(dev)
 
@@ -349,14 +356,14 @@ def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatc
     x = _mixer_like(tk, dev, seed=8)
     y0 = scan(*[x[k] for k in names])
     g0 = torch.autograd.grad(y0, [x[k] for k in names], gy)
-    assert launches == ["summary", "output"]
+    assert [n for n, _ in launches] == ["chunk", "chunk", "bwd"]  # summary, output; backward
     launches.clear()
     x = _mixer_like(tk, dev, seed=8)
     y = checkpoint(lambda *t: scan(*t, slot=recompute.slot()), *[x[k] for k in names], use_reentrant=False,
                    context_fn=recompute.contexts)
-    assert launches == ["summary", "output"] and recompute.slot() is None  # outside the region again
+    assert launches == [("chunk", 0), ("chunk", 0)] and recompute.slot() is None  # outside the region again
     g = torch.autograd.grad(y, [x[k] for k in names], gy)
-    assert launches == ["summary", "output", "output"]
+    assert launches[2:] == [("chunk", plan.get("S", 2)), ("bwd", True)]
     assert torch.equal(y, y0)
     for k, a, b in zip(names, g, g0):
         assert torch.equal(a, b), k
