@@ -578,6 +578,10 @@ class _Plan:
     8-fold, and 16 measured faster than 4 or 8 steps at LightM-UNet's full resolution and on the grouped 2D anchor."""
 
     HF_SCRATCH_BYTES = 2 << 30
+    # a recomputation's output pass writes the backward's segment states (so _bwd_kernel skips its forward walk) only
+    # where that scratch is at most this size: it then lives from the recomputation to the backward. At LightM-UNet's
+    # full resolution (1.07 GB per layer) that raised the step's peak 11.47 -> 12.66 GiB (H200, session 13)
+    FORWARD_SCRATCH_BYTES = 512 << 20
 
     def __init__(self, b, d, G, L, N, device, per_sm=16):
         o = _OVERRIDE
@@ -797,11 +801,13 @@ class _ScanFn(torch.autograd.Function):
             v, delta = delta, _low_rank_product(delta, Wt)
         # In a recomputed region (an ops.recompute slot) the forward pass keeps the chunk-entering states in the slot;
         # the recomputation, which the backward pass follows, starts from them at the output pass and has that pass
-        # also write the backward's segment-entering states into the slot. The backward runs on the forward pass's
-        # ctx (checkpoint recomputes only the saved tensors), so it finds them through the slot.
+        # also write the backward's segment-entering states into the slot where they are small enough (_Plan). The
+        # backward runs on the forward pass's ctx (checkpoint recomputes only the saved tensors), so it finds them
+        # through the slot.
         kept = slot.value if slot is not None else None
-        hf = None if kept is None else torch.empty(plan.scratch_states(b, d, L, plan.T, plan.S) * A.shape[1],
-                                                   device=u.device, dtype=torch.float32)
+        scratch = plan.scratch_states(b, d, L, plan.T, plan.S) * A.shape[1]
+        hf = None if kept is None or scratch * 4 > plan.FORWARD_SCRATCH_BYTES else \
+            torch.empty(scratch, device=u.device, dtype=torch.float32)
         hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True,
                                    Wt if W_in_kernels else None, kept["states"] if kept else None, hf)
         if slot is not None:

@@ -322,18 +322,22 @@ def test_second_backward_through_a_reused_buffer(tk, tuning, dev):
         y.square().sum().backward()
 
 
-@pytest.mark.parametrize("plan", [dict(T=16, BD=4), dict(T=16, BD=4, F=2, S=8)])
-def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatch, plan):
+@pytest.mark.parametrize("plan,walked", [(dict(T=16, BD=4), True), (dict(T=16, BD=4, F=2, S=8), True),
+                                         (dict(T=16, BD=4), False)])
+def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatch, plan, walked):
     """In a region checkpointed with ops.recompute's contexts (modules.common.recomputed), the recomputation takes
     the chunk-entering states from the forward pass: one _chunk_kernel launch (the output pass) instead of two
     (summary, output); that pass also writes the backward's segment-entering states, so _bwd_kernel skips its forward
-    walk. The output and every gradient are bitwise those of the same scan not recomputed. 3 chunks, L % T != 0;
-    segments of one block (S = F) and of 4 blocks (the scratch's block-state buffers after the segment states)."""
+    walk, unless that scratch is larger than _Plan.FORWARD_SCRATCH_BYTES (``walked=False``: set to 0 here). The output
+    and every gradient are bitwise those of the same scan not recomputed. 3 chunks, L % T != 0; segments of one
+    block (S = F) and of 4 blocks (the scratch's block-state buffers after the segment states)."""
     from torch.utils.checkpoint import checkpoint
 
     from nnunet_mamba.ops import recompute
 
     tuning(**plan)
+    if not walked:
+        monkeypatch.setattr(tk._Plan, "FORWARD_SCRATCH_BYTES", 0)
     launches = []
 
     class Counting:
@@ -363,7 +367,7 @@ def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatc
                    context_fn=recompute.contexts)
     assert launches == [("chunk", 0), ("chunk", 0)] and recompute.slot() is None  # outside the region again
     g = torch.autograd.grad(y, [x[k] for k in names], gy)
-    assert launches[2:] == [("chunk", plan.get("S", 2)), ("bwd", True)]
+    assert launches[2:] == [("chunk", plan.get("S", 2) if walked else 0), ("bwd", walked)]
     assert torch.equal(y, y0)
     for k, a, b in zip(names, g, g0):
         assert torch.equal(a, b), k
