@@ -43,6 +43,7 @@ fp32, bf16 or fp16.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -578,10 +579,6 @@ class _Plan:
     8-fold, and 16 measured faster than 4 or 8 steps at LightM-UNet's full resolution and on the grouped 2D anchor."""
 
     HF_SCRATCH_BYTES = 2 << 30
-    # a recomputation's output pass writes the backward's segment states (so _bwd_kernel skips its forward walk) only
-    # where that scratch is at most this size: it then lives from the recomputation to the backward. At LightM-UNet's
-    # full resolution (1.07 GB per layer) that raised the step's peak 11.47 -> 12.66 GiB (H200, session 13)
-    FORWARD_SCRATCH_BYTES = 512 << 20
 
     def __init__(self, b, d, G, L, N, device, per_sm=16):
         o = _OVERRIDE
@@ -767,6 +764,21 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
 # autograd: plain selective scan
 
 
+ENV_EARLY_SCRATCH = "NNUNET_MAMBA_EARLY_SCRATCH"
+
+
+def _early_scratch() -> bool:
+    """``NNUNET_MAMBA_EARLY_SCRATCH=1``: a recomputation's output pass also writes the backward's segment-entering
+    states, and ``_bwd_kernel`` skips its forward walk. The scratch then lives from the recomputation to the backward:
+    LightM-UNet 3D (128^3, batch 2) 271 -> 262 ms per step but 11.47 -> 12.66 GiB (H200, session 13; its 1.07 GB
+    full-resolution scratch is where the time is: limited to scratches of at most 512 MiB it saved nothing). Off by
+    default: issue 4's 12 GiB."""
+    mode = os.environ.get(ENV_EARLY_SCRATCH, "0")
+    if mode not in ("0", "1"):
+        raise ValueError(f"{ENV_EARLY_SCRATCH}={mode!r}: use 1 (faster, more memory) or 0 (default)")
+    return mode == "1"
+
+
 def _grouped_bc(X):
     """(d, N) -> fp32 contiguous (constant); (b, N, L) -> (b, 1, N, L) view; (b, G, N, L) as is."""
     if X.dim() == 2:
@@ -801,13 +813,12 @@ class _ScanFn(torch.autograd.Function):
             v, delta = delta, _low_rank_product(delta, Wt)
         # In a recomputed region (an ops.recompute slot) the forward pass keeps the chunk-entering states in the slot;
         # the recomputation, which the backward pass follows, starts from them at the output pass and has that pass
-        # also write the backward's segment-entering states into the slot where they are small enough (_Plan). The
-        # backward runs on the forward pass's ctx (checkpoint recomputes only the saved tensors), so it finds them
+        # also write the backward's segment-entering states into the slot (with _early_scratch). The backward runs
+        # on the forward pass's ctx (checkpoint recomputes only the saved tensors), so it finds them
         # through the slot.
         kept = slot.value if slot is not None else None
-        scratch = plan.scratch_states(b, d, L, plan.T, plan.S) * A.shape[1]
-        hf = None if kept is None or scratch * 4 > plan.FORWARD_SCRATCH_BYTES else \
-            torch.empty(scratch, device=u.device, dtype=torch.float32)
+        hf = None if kept is None or not _early_scratch() else \
+            torch.empty(plan.scratch_states(b, d, L, plan.T, plan.S) * A.shape[1], device=u.device, dtype=torch.float32)
         hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True,
                                    Wt if W_in_kernels else None, kept["states"] if kept else None, hf)
         if slot is not None:

@@ -328,7 +328,7 @@ def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatc
     """In a region checkpointed with ops.recompute's contexts (modules.common.recomputed), the recomputation takes
     the chunk-entering states from the forward pass: one _chunk_kernel launch (the output pass) instead of two
     (summary, output); that pass also writes the backward's segment-entering states, so _bwd_kernel skips its forward
-    walk, unless that scratch is larger than _Plan.FORWARD_SCRATCH_BYTES (``walked=False``: set to 0 here). The output
+    walk, with NNUNET_MAMBA_EARLY_SCRATCH=1 (``walked``; by default it walks, a scratch less at the peak). The output
     and every gradient are bitwise those of the same scan not recomputed. 3 chunks, L % T != 0; segments of one
     block (S = F) and of 4 blocks (the scratch's block-state buffers after the segment states)."""
     from torch.utils.checkpoint import checkpoint
@@ -336,8 +336,8 @@ def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatc
     from nnunet_mamba.ops import recompute
 
     tuning(**plan)
-    if not walked:
-        monkeypatch.setattr(tk._Plan, "FORWARD_SCRATCH_BYTES", 0)
+    if walked:
+        monkeypatch.setenv("NNUNET_MAMBA_EARLY_SCRATCH", "1")
     launches = []
 
     class Counting:
