@@ -389,7 +389,8 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                 BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, T, F: tl.constexpr, SF: tl.constexpr,
                 STAGES: tl.constexpr, OUTER_STAGES: tl.constexpr, SPREAD: tl.constexpr, WALKED: tl.constexpr):
     """Gradients of chunk j. (1) Walk the chunk forward from its entering state, writing the state entering every
-    segment of S = SF * F steps to the scratch hf (WALKED: the forward's output pass wrote them already). (2) Walk the segments backwards; in each, (2a) when SF > 1, walk it
+    segment of S = SF * F steps to the scratch hf (WALKED: the forward's output pass wrote them already). (2) Walk the
+    segments backwards; in each, (2a) when SF > 1, walk it
     forward from its entering state, writing the state entering each of its SF blocks of F steps to the program's
     own small buffer hb (it stays in L2), and (2b) walk the blocks backwards: recompute a block's F states into
     registers (a tuple), then walk them backwards with the carry R (R_t = a_t G_t; the chunk's last step gets
@@ -820,10 +821,12 @@ class _ScanFn(torch.autograd.Function):
         hf = None if kept is None or not _early_scratch() else \
             torch.empty(plan.scratch_states(b, d, L, plan.T, plan.S) * A.shape[1], device=u.device, dtype=torch.float32)
         hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True,
-                                   Wt if W_in_kernels else None, kept["states"] if kept else None, hf)
+                                   Wt if W_in_kernels else None, kept[0] if kept else None, hf)
+        # ctx keeps only the scratch's box: the states stay with the region (freed with it, not with the graph)
+        ctx.scratch = kept[1] if kept else [None]
+        ctx.scratch[0] = hf
         if slot is not None:
-            slot.value = dict(states=(hin, sloc), scratch=hf)
-        ctx.slot = slot
+            slot.value = ((hin, sloc), ctx.scratch)
         ctx.save_for_backward(u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt, v)
         ctx.cfg = (softplus, plan, W_in_kernels, reuse)
         ctx.backward_ran = False
@@ -834,8 +837,8 @@ class _ScanFn(torch.autograd.Function):
     def backward(ctx, gout, glast):
         u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt, v = ctx.saved_tensors
         softplus, plan, W_in_kernels, reuse = ctx.cfg
-        # the recomputation's segment states, taken out of the slot: they serve one backward (a second one walks again)
-        hf = ctx.slot.value.pop("scratch", None) if ctx.slot is not None and ctx.slot.value else None
+        # the recomputation's segment states, taken out of the box: they serve one backward (a second one walks again)
+        hf, ctx.scratch[0] = ctx.scratch[0], None
         if ctx.backward_ran and (reuse or v is not None):
             if reuse:
                 raise RuntimeError(
