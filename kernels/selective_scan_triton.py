@@ -814,9 +814,8 @@ class _ScanFn(torch.autograd.Function):
             v, delta = delta, _low_rank_product(delta, Wt)
         # In a recomputed region (an ops.recompute slot) the forward pass keeps the chunk-entering states in the slot;
         # the recomputation, which the backward pass follows, starts from them at the output pass and has that pass
-        # also write the backward's segment-entering states into the slot (with _early_scratch). The backward runs
-        # on the forward pass's ctx (checkpoint recomputes only the saved tensors), so it finds them
-        # through the slot.
+        # also write the backward's segment-entering states (with _early_scratch). The backward runs on the forward
+        # pass's ctx (checkpoint recomputes only the saved tensors), so they reach it in a box shared via the slot.
         kept = slot.value if slot is not None else None
         hf = None if kept is None or not _early_scratch() else \
             torch.empty(plan.scratch_states(b, d, L, plan.T, plan.S) * A.shape[1], device=u.device, dtype=torch.float32)
