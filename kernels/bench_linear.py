@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from nnunet_mamba.kernels.linear_triton import _mm_kernel, matmul_tf32x3, weight_grad_tf32x3  # noqa: E402
+from nnunet_mamba.ops.linear import _wgrad_cublas  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False  # SGEMM, as the fp32 recipes run it
 DEV = "cuda"
@@ -139,23 +140,17 @@ def row_wgrad(name, B, L, N, K, layout):
     else:
         g = torch.randn(B, L, N, device=DEV)
     ref = torch.einsum("bln,blk->nk", g.double(), x.double())
-
-    def cublas():
-        dw = g[0].t() @ x[0]
-        for b in range(1, B):
-            dw.addmm_(g[b].t(), x[b])
-        return dw
-
     traffic = B * L * (N + K) * 4 / 4.8e12 * 1e3
     line = (f"{name} (B={B} L={L} N={N} K={K} {layout or 'token-major'}, roofline {traffic:.3f} ms): "
-            f"cuBLAS {do_bench(cublas):.3f} err {max_err(cublas(), ref):.1e}")
-    line += f" | default {do_bench(lambda: weight_grad_tf32x3(g, x)):.3f} err {max_err(weight_grad_tf32x3(g, x), ref):.1e}"
+            f"cuBLAS {do_bench(lambda: _wgrad_cublas(g, x)):.3f} err {max_err(_wgrad_cublas(g, x), ref):.1e}")
+    line += (f" | default {do_bench(lambda: weight_grad_tf32x3(g, x)):.3f} "
+             f"err {max_err(weight_grad_tf32x3(g, x), ref):.1e}")
     if "--sweep" not in sys.argv:
         print(line, flush=True)
         return
     sm = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles = [dict(BL=bl, BN=min(cap, max(16, triton.next_power_of_2(N))), BK=min(cap, max(16, triton.next_power_of_2(K))),
-                  num_warps=nw, num_stages=ns, splits=max(1, per * sm // B))
+    BN, BK = (max(16, triton.next_power_of_2(n)) for n in (N, K))
+    tiles = [dict(BL=bl, BN=min(cap, BN), BK=min(cap, BK), num_warps=nw, num_stages=ns, splits=max(1, per * sm // B))
              for bl, cap, nw, ns, per in itertools.product([64, 128], [64, 128], [4, 8], [2, 3], [2, 4, 8])]
     t, cfg = best_of(lambda c: weight_grad_tf32x3(g, x, **c), [(c,) for c in tiles])
     cfg = cfg[0]
@@ -223,11 +218,7 @@ def row_channels_first(name, B, L, cin, cout):
             matmul_tf32x3(g[b].t(), w, out=dx[b])
     line += f" | dgrad default tiles {do_bench(dgrad_default):.3f}"
 
-    def wgrad_cublas():
-        dw = g[0] @ x[0]
-        for b in range(1, B):
-            dw.addmm_(g[b], x[b])
-    line += f" || wgrad cuBLAS {do_bench(wgrad_cublas):.3f}"
+    line += f" || wgrad cuBLAS {do_bench(lambda: _wgrad_cublas(g.transpose(1, 2), x)):.3f}"
     print(line, flush=True)
 
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .launch import cached_launch
+from .tuning import sm_count
 
 
 @cached_launch
@@ -117,9 +118,6 @@ def _wgrad_config(N, K):
                 num_warps=4, num_stages=3)
 
 
-_SM_COUNT: dict = {}
-
-
 def weight_grad_tf32x3(g: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None, **config) -> torch.Tensor:
     """``sum_b g[b]^T @ x[b]`` for fp32 g (B, L, N) and x (B, L, K) (any strides: a channels-first gradient is
     ``g.transpose(1, 2)``), as a new (N, K) tensor or written into ``out``. ``config`` overrides the tiles and
@@ -134,9 +132,7 @@ def weight_grad_tf32x3(g: torch.Tensor, x: torch.Tensor, out: torch.Tensor | Non
     tiles = triton.cdiv(N, cfg["BN"]) * triton.cdiv(K, cfg["BK"])
     splits = cfg.pop("splits", None)
     if splits is None:
-        if g.device not in _SM_COUNT:
-            _SM_COUNT[g.device] = torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 4
-        splits = max(1, 8 * _SM_COUNT[g.device] // (B * tiles))
+        splits = max(1, 8 * sm_count(g.device, 4) // (B * tiles))
     # whole BL blocks per program; fewer programs where the tokens run out
     ch = triton.cdiv(triton.cdiv(L, splits), cfg["BL"]) * cfg["BL"]
     splits = triton.cdiv(L, ch)

@@ -52,6 +52,12 @@ def _wgrad(g: torch.Tensor, x: torch.Tensor, out=None) -> torch.Tensor:
                                           measured_faster=N <= 64 and K <= 64 and N % 16 == 0 and K % 16 == 0):
         from ..kernels.linear_triton import weight_grad_tf32x3
         return weight_grad_tf32x3(g, x, out=out)
+    return _wgrad_cublas(g, x, out)
+
+
+def _wgrad_cublas(g: torch.Tensor, x: torch.Tensor, out=None) -> torch.Tensor:
+    """``_wgrad`` on cuBLAS: one GEMM over the tokens per batch element (a batched GEMM with the tokens as its
+    reduction axis runs on a handful of thread blocks)."""
     out = torch.mm(g[0].t(), x[0], out=out)
     for b in range(1, g.shape[0]):
         out.addmm_(g[b].t(), x[b])
