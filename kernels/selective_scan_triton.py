@@ -561,7 +561,8 @@ def _order_for(spatial: Sequence[int], perm: Sequence[int], flip: bool) -> _Orde
 # (SPREAD: B/C columns shared through shared memory, a channel per lane in the forward and _bsum kernels).
 # Empty = the defaults of _Plan.
 _OVERRIDE: dict = {}
-_TUNING_KEYS = ("T", "BD", "F", "S", "U", "per_sm", "warps", "bwd_warps", "stages", "bwd_stages", "spread")
+_TUNING_KEYS = ("T", "BD", "F", "S", "U", "per_sm", "warps", "bwd_warps", "stages", "bwd_stages", "spread",
+                "early_S")
 
 
 set_tuning = tuning_setter(_OVERRIDE, _TUNING_KEYS)
@@ -577,11 +578,15 @@ class _Plan:
     measured a 4-6 % faster forward with 3), blocks of F = 2 steps in the backward, and segments of S = F
     steps (one stored state per block), or, where that scratch would pass HF_SCRATCH_BYTES, segments of 16 steps (or
     the next longer one that fits): they cost a second forward walk (anchor: 3.30 -> 3.81 ms) but cut the scratch
-    8-fold, and 16 measured faster than 4 or 8 steps at LightM-UNet's full resolution and on the grouped 2D anchor."""
+    8-fold, and 16 measured faster than 4 or 8 steps at LightM-UNet's full resolution and on the grouped 2D anchor.
+    ``early``: the segment states are written by the forward (the output pass of a recomputation, _early_scratch) and
+    live until the backward: segments of EARLY_S = 64 steps (or the chunk, if shorter). LightM-UNet 3D measured as fast
+    with 64 as with 16 or 32 steps and a quarter of the 16-step scratch (session 14)."""
 
     HF_SCRATCH_BYTES = 2 << 30
+    EARLY_S = 64
 
-    def __init__(self, b, d, G, L, N, device, per_sm=16):
+    def __init__(self, b, d, G, L, N, device, per_sm=16, early=False):
         o = _OVERRIDE
         self.dg = d // G
         self.BN = triton.next_power_of_2(N)
@@ -602,6 +607,8 @@ class _Plan:
                 T = chunk(per_sm)
         self.F = F = o.get("F", 2)
         S = o.get("S")
+        if S is None and early:  # states kept from the forward (a recomputation's output pass): one per EARLY_S steps
+            S = min(o.get("early_S", self.EARLY_S), max(T, self.U, F))
         if S is None:  # S = F if its scratch fits HF_SCRATCH_BYTES, else 16, 32, ... (at most the chunk) until one fits
             T = max(T, self.U, F)
             S = F
@@ -769,14 +776,13 @@ ENV_EARLY_SCRATCH = "NNUNET_MAMBA_EARLY_SCRATCH"
 
 
 def _early_scratch() -> bool:
-    """``NNUNET_MAMBA_EARLY_SCRATCH=1``: a recomputation's output pass also writes the backward's segment-entering
-    states, and ``_bwd_kernel`` skips its forward walk. The scratch then lives from the recomputation to the backward:
-    LightM-UNet 3D (128^3, batch 2) 271 -> 262 ms per step but 11.47 -> 12.66 GiB (H200, session 13; its 1.07 GB
-    full-resolution scratch is where the time is: limited to scratches of at most 512 MiB it saved nothing). Off by
-    default: issue 4's 12 GiB."""
-    mode = os.environ.get(ENV_EARLY_SCRATCH, "0")
+    """A recomputation's output pass also writes the backward's segment-entering states (one per 64 steps,
+    ``_Plan.EARLY_S``), and ``_bwd_kernel`` skips its forward walk; the scratch then lives from the recomputation to
+    the backward. LightM-UNet 3D (128^3, batch 2): 271.0 -> 264.9 ms per step, 11.47 -> 11.85 GiB (H200, session 14).
+    On by default; ``NNUNET_MAMBA_EARLY_SCRATCH=0`` walks in the backward instead (the lower peak)."""
+    mode = os.environ.get(ENV_EARLY_SCRATCH, "1")
     if mode not in ("0", "1"):
-        raise ValueError(f"{ENV_EARLY_SCRATCH}={mode!r}: use 1 (faster, more memory) or 0 (default)")
+        raise ValueError(f"{ENV_EARLY_SCRATCH}={mode!r}: use 1 (default: faster) or 0 (less memory)")
     return mode == "1"
 
 
@@ -806,7 +812,7 @@ class _ScanFn(torch.autograd.Function):
         Af = A.float().contiguous()
         Df = D.float().contiguous() if D is not None else None
         bf = delta_bias.float().contiguous() if delta_bias is not None else None
-        plan = _Plan(b, d, G, L, A.shape[1], u.device)
+        plan = _Plan(b, d, G, L, A.shape[1], u.device, early=slot is not None and _early_scratch())
         out = _empty_in_order(u)
         Wt = W.float().t().contiguous() if W is not None else None  # (R, d)
         v = None

@@ -322,22 +322,25 @@ def test_second_backward_through_a_reused_buffer(tk, tuning, dev):
         y.square().sum().backward()
 
 
-@pytest.mark.parametrize("plan,walked", [(dict(T=16, BD=4), True), (dict(T=16, BD=4, F=2, S=8), True),
-                                         (dict(T=16, BD=4), False)])
-def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatch, plan, walked):
+@pytest.mark.parametrize("plan,env,seg", [(dict(T=16, BD=4), None, 16), (dict(T=16, BD=4, early_S=4), "1", 4),
+                                          (dict(T=16, BD=4, F=2, S=8), "1", 8), (dict(T=16, BD=4), "0", 0)])
+def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatch, plan, env, seg):
     """In a region checkpointed with ops.recompute's contexts (modules.common.recomputed), the recomputation takes
     the chunk-entering states from the forward pass: one _chunk_kernel launch (the output pass) instead of two
-    (summary, output); that pass also writes the backward's segment-entering states, so _bwd_kernel skips its forward
-    walk, with NNUNET_MAMBA_EARLY_SCRATCH=1 (``walked``; by default it walks, a scratch less at the peak). The output
-    and every gradient are bitwise those of the same scan not recomputed. 3 chunks, L % T != 0; segments of one
-    block (S = F) and of 4 blocks (the scratch's block-state buffers after the segment states)."""
+    (summary, output); by default that pass also writes the backward's segment-entering states, one per
+    min(EARLY_S, T) steps (``seg``), and _bwd_kernel skips its forward walk; NNUNET_MAMBA_EARLY_SCRATCH=0 leaves the
+    walk to the backward (a scratch less at the peak). The output and every gradient are bitwise those of the same
+    scan not recomputed. 3 chunks, L % T != 0; segments of a whole chunk, of 2 and of 4 blocks (the scratch's
+    block-state buffers after the segment states)."""
     from torch.utils.checkpoint import checkpoint
 
     from nnunet_mamba.ops import recompute
 
     tuning(**plan)
-    if walked:
-        monkeypatch.setenv("NNUNET_MAMBA_EARLY_SCRATCH", "1")
+    if env is None:
+        monkeypatch.delenv("NNUNET_MAMBA_EARLY_SCRATCH", raising=False)
+    else:
+        monkeypatch.setenv("NNUNET_MAMBA_EARLY_SCRATCH", env)
     launches = []
 
     class Counting:
@@ -367,7 +370,7 @@ def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatc
                    context_fn=recompute.contexts)
     assert launches == [("chunk", 0), ("chunk", 0)] and recompute.slot() is None  # outside the region again
     g = torch.autograd.grad(y, [x[k] for k in names], gy)
-    assert launches[2:] == [("chunk", plan.get("S", 2) if walked else 0), ("bwd", walked)]
+    assert launches[2:] == [("chunk", seg), ("bwd", seg > 0)]
     assert torch.equal(y, y0)
     for k, a, b in zip(names, g, g0):
         assert torch.equal(a, b), k
@@ -376,7 +379,7 @@ def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatc
 def test_default_plan_bounds_the_block_state_scratch(tk, dev):
     """Blocks of F = 2 steps; the backward's scratch keeps one state per segment of S = F steps where that fits
     HF_SCRATCH_BYTES, else per segment of 16 steps (or longer, until it fits), as for LightM-UNet's full-resolution
-    layers (2, 64, 128^3, N = 16)."""
+    layers (2, 64, 128^3, N = 16); 64 steps where a recomputation's forward writes them (``early``)."""
     def nbytes(p, L, S):
         return p.scratch_states(2, 64, L, p.T, S) * 16 * 4
 
@@ -386,6 +389,11 @@ def test_default_plan_bounds_the_block_state_scratch(tk, dev):
     big = tk._Plan(2, 64, 1, 128 ** 3, 16, dev)
     assert big.F == 2 and big.S > 2 and big.T % big.S == 0
     assert nbytes(big, 128 ** 3, big.S) <= tk._Plan.HF_SCRATCH_BYTES < nbytes(big, 128 ** 3, big.S // 2)
+    # states kept from a recomputation's forward: one per 64 steps, on the same chunks; a shorter chunk is one segment
+    early = tk._Plan(2, 64, 1, 128 ** 3, 16, dev, early=True)
+    assert (early.S, early.T) == (64, big.T)
+    short = tk._Plan(2, 64, 1, 40, 16, dev, early=True)
+    assert short.S == short.T == tk._Plan(2, 64, 1, 40, 16, dev).T < 64
 
 
 def test_cross_scan_plan_takes_more_chunks_only_where_it_already_has_several(tk, tuning):
