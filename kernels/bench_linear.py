@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from nnunet_mamba.kernels.linear_triton import _mm_kernel, matmul_tf32x3, weight_grad_tf32x3  # noqa: E402
+from nnunet_mamba.kernels.low_rank_triton import low_rank_grads, low_rank_product  # noqa: E402
 from nnunet_mamba.ops.linear import _wgrad_cublas  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False  # SGEMM, as the fp32 recipes run it
@@ -82,7 +83,8 @@ WG_SHAPES = [("in_proj block 128^3", 1, 2 * 128**3, 64, 32, "rows 128"), ("x_pro
 
 # the Mamba mixer's dt_proj as the scan multiplies it out: delta (M, d) = v (M, R) W^T, v the first R columns of
 # x_proj's output (M, R + 2N); its backward dv = g W and dW = g^T v
-LR_SHAPES = [("dt_proj 128^3", 2 * 128**3, 2, 64, 34), ("dt_proj 64^3", 2 * 64**3, 4, 128, 36)]
+LR_SHAPES = [("dt_proj 128^3", 2 * 128**3, 2, 64, 34), ("dt_proj 64^3", 2 * 64**3, 4, 128, 36),
+             ("dt_proj 32^3", 2 * 32**3, 8, 256, 40)]
 
 
 def main():
@@ -103,29 +105,24 @@ def main():
 
 
 def row_low_rank(name, M, R, d, width):
-    """The low-rank delta's three products in cuBLAS (as the scan ran them) and on the project's kernels."""
+    """The low-rank delta's product and gradients in cuBLAS (as the scan ran them until session 14: SGEMM, and dv on
+    the 3xTF32 GEMM) against kernels/low_rank_triton.py (fp32 multiply-adds; dv and dW from one read of g)."""
     v = torch.randn(M, width, device=DEV)[:, :R]
     Wt = torch.randn(R, d, device=DEV) / R ** 0.5
     g = torch.randn(M, d, device=DEV)
-    delta, dv = torch.empty(M, d, device=DEV), torch.empty(M, R, device=DEV)
-    ref_delta, ref_dv = v.double() @ Wt.double(), g.double() @ Wt.double().t()
-    ref_dw = g.double().t() @ v.double()
-    line = f"{name} (M={M} R={R} d={d}, roofline {M * (R + d) * 4 / 4.8e12 * 1e3:.3f} ms)"
+    ref_delta, ref_dv, ref_dw = v.double() @ Wt.double(), g.double() @ Wt.double().t(), v.double().t() @ g.double()
+    line = f"{name} (M={M} R={R} d={d}, roofline {M * d * 4 / 4.8e12 * 1e3:.3f} ms per pass over delta)"
     line += f": fwd cuBLAS {do_bench(lambda: v @ Wt):.3f} err {max_err(v @ Wt, ref_delta):.1e}"
-    tiles = itertools.product([64, 128, 256], [min(128, d)], [16], [4, 8], [2, 3])
-    t, tile = best_of(lambda *c: mm(v, Wt, delta, "tf32x3", *c), [c for c in tiles if c[0] * c[1] <= 256 * 128])
-    mm(v, Wt, delta, "tf32x3", *tile)
-    line += f" | Triton {t:.3f} {tile} err {max_err(delta, ref_delta):.1e}"
-    line += f" | default {do_bench(lambda: matmul_tf32x3(v, Wt, out=delta)):.3f}"
-    line += f" || dv cuBLAS {do_bench(lambda: g @ Wt.t()):.3f} err {max_err(g @ Wt.t(), ref_dv):.1e}"
-    tiles = itertools.product([64, 128, 256], [16], [32, 64], [4, 8], [2, 3])
-    t, tile = best_of(lambda *c: mm(g, Wt.t(), dv, "tf32x3", *c), list(tiles))
-    mm(g, Wt.t(), dv, "tf32x3", *tile)
-    line += f" | Triton {t:.3f} {tile} err {max_err(dv, ref_dv):.1e}"
-    line += f" | default {do_bench(lambda: matmul_tf32x3(g, Wt.t(), out=dv)):.3f}"
-    line += f" || dW cuBLAS {do_bench(lambda: g.t() @ v):.3f} err {max_err(g.t() @ v, ref_dw):.1e}"
-    dw = weight_grad_tf32x3(g[None], v[None])
-    line += f" | Triton {do_bench(lambda: weight_grad_tf32x3(g[None], v[None])):.3f} err {max_err(dw, ref_dw):.1e}"
+    line += f" | Triton {do_bench(lambda: low_rank_product(v, Wt)):.3f} err {max_err(low_rank_product(v, Wt), ref_delta):.1e}"
+
+    def before():
+        return matmul_tf32x3(g, Wt.t()), v.t() @ g
+
+    dv, dw = before()
+    line += f" || dv+dW before {do_bench(before):.3f} err {max_err(dv, ref_dv):.1e} {max_err(dw, ref_dw):.1e}"
+    dv, dw = low_rank_grads(g, v, Wt)
+    line += f" | fused {do_bench(lambda: low_rank_grads(g, v, Wt)):.3f} err {max_err(dv, ref_dv):.1e} " \
+            f"{max_err(dw, ref_dw):.1e}"
     print(line, flush=True)
 
 

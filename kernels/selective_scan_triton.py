@@ -867,36 +867,45 @@ class _ScanFn(torch.autograd.Function):
             gv = gdt
         elif W_in_kernels:
             gv, gW = glow.to(delta.dtype), gW.to(W.dtype)
-        else:  # the gradients of the product delta = (v^T Wt)^T
-            g_tokens = gdt.transpose(1, 2)  # (b, L, d), dense
-            gv = _low_rank_input_grad(g_tokens, Wt).transpose(1, 2).to(v.dtype)
-            R = v.shape[1]
-            gW = (v.transpose(1, 2).reshape(-1, R).t().float() @ g_tokens.reshape(-1, g_tokens.shape[-1])).t()
-            gW = gW.to(W.dtype)
+        else:  # the gradients of the product delta = (v^T Wt)^T; gdt is the dense (b, L, d) delta buffer
+            gv, gW = _low_rank_grads(gdt.transpose(1, 2), v, Wt)
+            gv, gW = gv.to(v.dtype), gW.to(W.dtype)
         return (gu, gv, gA, gB.reshape(B.shape).to(B.dtype), gC.reshape(C.shape).to(C.dtype), gD, gz, gbias, None,
                 gW, None, None, None)
 
 
-def _low_rank_product(v, Wt):
-    """delta = (v^T Wt)^T for v (b, R, L) and Wt (R, d): one fp32 token-major GEMM, (b, L, R) @ (R, d), returned as
-    the channels-last (b, d, L) view of the dense (b, L, d) result."""
-    with torch.autocast(v.device.type, enabled=False):
-        return (v.transpose(1, 2).float() @ Wt).transpose(1, 2)
-
-
-# from this many elements of the delta's gradient, its product with W runs on the 3xTF32 GEMM: 1.7-1.8x cuBLAS's
-# SGEMM at 2 x 64^3 x 128 and 2 x 128^3 x 64 (H200, session 13, kernels/bench_linear.py --low-rank); the forward
-# product v W^T and dW measured no faster there and stay on cuBLAS
+# from this many elements of the delta (b, L, d), its product and gradients run on kernels/low_rank_triton.py: fp32
+# multiply-adds streamed at the memory's pace instead of cuBLAS's SGEMM (measured at 2 x 64^3 x 128 and 2 x 128^3 x 64,
+# H200, session 14, kernels/bench_linear.py --low-rank)
 _LOW_RANK_TRITON_FROM = 2 * 64 ** 3 * 128
 
 
-def _low_rank_input_grad(g_tokens, Wt):
-    """The gradient of v in delta = v W^T: (b, L, d) @ W (d, R) -> (b, L, R)."""
-    if g_tokens.is_cuda and g_tokens.dtype == torch.float32 and g_tokens.numel() >= _LOW_RANK_TRITON_FROM:
-        from .linear_triton import matmul_tf32x3
-        b, L, d = g_tokens.shape
-        return matmul_tf32x3(g_tokens.reshape(b * L, d), Wt.t()).view(b, L, -1)
-    return g_tokens @ Wt.t()
+def _low_rank_product(v, Wt):
+    """delta = (v^T Wt)^T for v (b, R, L) and Wt (R, d): the dense fp32 (b, L, d) product, returned as its channels-last
+    (b, d, L) view."""
+    b, R, L = v.shape
+    vt = v.transpose(1, 2)
+    if b * L * Wt.shape[1] >= _LOW_RANK_TRITON_FROM:
+        from .low_rank_triton import low_rank_product
+        out = torch.empty(b, L, Wt.shape[1], device=v.device, dtype=torch.float32)
+        low_rank_product(vt.reshape(b * L, R), Wt, out=out.view(b * L, -1))
+        return out.transpose(1, 2)
+    with torch.autocast(v.device.type, enabled=False):
+        return (vt.float() @ Wt).transpose(1, 2)
+
+
+def _low_rank_grads(g_tokens, v, Wt):
+    """The gradients of delta = (v^T Wt)^T for the delta's gradient g_tokens (b, L, d), dense: (gv (b, R, L), the
+    transposed view of a (b, L, R) tensor; gW (d, R)), fp32."""
+    b, L, d = g_tokens.shape
+    R = v.shape[1]
+    vt = v.transpose(1, 2).reshape(b * L, R)
+    g = g_tokens.reshape(b * L, d)
+    if g.numel() >= _LOW_RANK_TRITON_FROM:
+        from .low_rank_triton import low_rank_grads
+        gv, gWt = low_rank_grads(g, vt, Wt)
+        return gv.view(b, L, R).transpose(1, 2), gWt.t()
+    return (g @ Wt.t()).view(b, L, R).transpose(1, 2), (vt.t().float() @ g).t()
 
 
 def _no_overlap(t):

@@ -145,19 +145,6 @@ def test_full_size_weight_grad_as_accurate_as_sgemm(lt, B, L, N, K, layout):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
-def test_low_rank_delta_gradient_as_accurate_as_sgemm():
-    """The scan's gradient of the low-rank delta's v (LightM-UNet's dt_proj at 128^3: (2, 128^3, 64) @ (64, 2)), which
-    takes the 3xTF32 GEMM from its measured size."""
-    from nnunet_mamba.kernels.selective_scan_triton import _LOW_RANK_TRITON_FROM, _low_rank_input_grad
-
-    g, Wt = rand(2, 128 ** 3, 64, seed=32), rand(2, 64, seed=33)
-    assert g.numel() >= _LOW_RANK_TRITON_FROM
-    ref = g.double() @ Wt.double().t()
-    assert max_err(_low_rank_input_grad(g, Wt), ref) <= 2 * sgemm_err(g.view(-1, 64), Wt.t(), ref.view(-1, 2))
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
 def test_channels_first_linear_takes_it_and_matches_float64():
     """ops.linear_channels_first at LightM-UNet's full resolution (out_proj 64 -> 32) runs the Triton GEMM for its
     forward and input gradient and the split-token reduction for its weight gradient (the dispatch), each within

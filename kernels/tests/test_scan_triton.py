@@ -141,19 +141,26 @@ def test_low_rank_delta_matches_oracle(tk, tuning, dev, b, d, L, N, R, layout, g
     check_against_oracle(tk, inp)
 
 
+@pytest.mark.parametrize("low_rank_kernels", [False, True])
 @pytest.mark.parametrize("b,d,L,N,R,layout,groups,tune", LOW_RANK_CASES)
-def test_low_rank_delta_multiplied_out_matches_oracle(tk, tuning, dev, b, d, L, N, R, layout, groups, tune):
-    """delta_in_kernels=False: the op multiplies delta out into its own buffer and writes d(delta) over it."""
+def test_low_rank_delta_multiplied_out_matches_oracle(tk, tuning, dev, monkeypatch, b, d, L, N, R, layout, groups, tune,
+                                                      low_rank_kernels):
+    """delta_in_kernels=False: the op multiplies delta out into its own buffer and writes d(delta) over it; the
+    product and the gradients of v and W by PyTorch or (as from _LOW_RANK_TRITON_FROM elements) by
+    kernels/low_rank_triton.py."""
     tuning(**tune)
+    monkeypatch.setattr(tk, "_LOW_RANK_TRITON_FROM", 0 if low_rank_kernels else 2 ** 62)
     inp = with_low_rank_delta(make_inputs(b, d, L, N, layout, groups=groups, seed=L + R, device=dev), R, seed=R)
     check_against_oracle(tk, inp, delta_in_kernels=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_rank_delta_half_inputs(tk, tuning, dev, dtype):
+def test_low_rank_delta_half_inputs(tk, tuning, dev, monkeypatch, dtype):
     tuning(T=16, BD=2)
     inp = with_low_rank_delta(make_inputs(2, 4, 40, 4, "shared", dtype=dtype, seed=6, device=dev), 2, 3)
     check_against_oracle(tk, inp, tol=1e-2, gtol=1.5e-2)
+    check_against_oracle(tk, inp, tol=1e-2, gtol=1.5e-2, delta_in_kernels=False)
+    monkeypatch.setattr(tk, "_LOW_RANK_TRITON_FROM", 0)  # the product of half v and its gradients on the kernels
     check_against_oracle(tk, inp, tol=1e-2, gtol=1.5e-2, delta_in_kernels=False)
 
 
