@@ -26,14 +26,16 @@ def close(a, b, floor=0.0, tol=1e-2, what="", amp=False):
     weights (the steps below move each tensor by 10 % of its scale) or a stale input is far outside. ``floor``: for
     gradients that are zero up to round-off (a conv bias before a norm), a bound from the step's largest gradient.
 
-    ``amp``: float16 steps are compared by the norm of the difference, within ``tol`` of the tensor's norm (plus
+    ``amp``: float16 steps are compared by the norm of the difference, within 3 * ``tol`` of the tensor's norm (plus
     ``floor`` per element): an element of a weight gradient that sums 65,536 float16 products of both signs can
     differ by more than 3 % of the tensor's largest value with the summation order (H200: LightM-UNet's first conv,
-    1 of 27 elements, in 2 of 11 runs of this file)."""
+    1 of 27 elements, in 2 of 11 runs of this file), and that gradient as a whole by 1.0 % and 1.4 % of its norm
+    (session 14, one run each of two trees whose Mamba layers give bitwise the same steps: the differences come from
+    the network's other kernels, its upsampling's atomic gradient sums among them). A stale replay moves 10 %."""
     a, b = a.detach().double(), b.detach().double()
     if amp:
-        diff, bound = float((a - b).norm()), tol * float(b.norm()) + floor * b.numel() ** 0.5
-        assert diff <= bound, f"{what}: |difference| {diff:.3e} > {bound:.3e} ({tol} of |eager| {float(b.norm()):.3e})"
+        diff, bound = float((a - b).norm()), 3 * tol * float(b.norm()) + floor * b.numel() ** 0.5
+        assert diff <= bound, f"{what}: |difference| {diff:.3e} > {bound:.3e} ({3 * tol} of |eager| {float(b.norm()):.3e})"
         return
     torch.testing.assert_close(a, b, rtol=tol, atol=max(tol * float(b.abs().max()), floor),
                                msg=lambda m: f"{what}: {m}")
@@ -109,3 +111,32 @@ def test_replayed_steps_match_eager_steps(name, amp, deterministic_cudnn):
 def test_refuses_a_cpu_input():
     with pytest.raises(ValueError, match="CUDA"):
         graph_for_training(torch.nn.Linear(2, 2), torch.zeros(1, 2))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphed"])
+def test_kept_segment_states_leave_the_steps_bitwise_unchanged(graphs, monkeypatch):
+    """LightM-UNet's recomputed Mamba layer by default has the recomputation write the backward's segment states,
+    which then live until the backward (kernels/selective_scan_triton.py, ``_early_scratch``); with
+    NNUNET_MAMBA_EARLY_SCRATCH=0 the backward walks for them itself. The same arithmetic either way: two steps give
+    bitwise the same outputs and gradients, eager and replayed from CUDA graphs (the box that hands the states to the
+    backward is filled again at every replay). A layer, not the network: the network's trilinear upsampling sums its
+    gradient with atomics, so two of its steps differ in the last bits whatever the scan does."""
+    from nnunet_mamba.networks.lightm_unet import MambaLayer
+
+    shape = (2, 16, 32, 32, 32)
+    runs = []
+    for mode in ("1", "1", "0"):
+        monkeypatch.setenv("NNUNET_MAMBA_EARLY_SCRATCH", mode)
+        torch.manual_seed(0)
+        net = MambaLayer(16, 16).cuda().train()
+        gen = torch.Generator("cuda").manual_seed(1)
+        xs = [torch.randn(shape, device="cuda", generator=gen) for _ in range(2)]
+        targets = [torch.randint(0, 16, (shape[0], *shape[2:]), device="cuda", generator=gen) for _ in range(2)]
+        if graphs:
+            graph_for_training(net, xs[0])
+        runs.append([_step(net, x, t) for x, t in zip(xs, targets)])
+    for what, other in (("repeated", runs[1]), ("NNUNET_MAMBA_EARLY_SCRATCH=0", runs[2])):
+        for (y1, g1), (y0, g0) in zip(runs[0], other):
+            assert torch.equal(y1, y0), what
+            assert all(torch.equal(a, b) for a, b in zip(g1, g0)), what

@@ -90,3 +90,22 @@ def test_full_resolution_size(lr):
     gv, gW = lr.low_rank_grads(g, v, Wt)
     assert rel_err(gv, g.double() @ Wt.double().t()) < 1e-6
     assert rel_err(gW, v.double().t() @ g.double()) < 1e-5
+
+
+@pytest.mark.parametrize("d", [64, 96])
+def test_the_scans_dispatch_of_the_gradients(lr, monkeypatch, d):
+    """selective_scan_triton._low_rank_grads from _LOW_RANK_TRITON_FROM elements: the fused kernel up to 64 channels,
+    above them gv on the 3xTF32 GEMM and gW on cuBLAS (measured faster at 128); gv as the transposed (b, R, L) view,
+    gW as dt_proj.weight's (d, R)."""
+    from nnunet_mamba.kernels import selective_scan_triton as sst
+
+    monkeypatch.setattr(sst, "_LOW_RANK_TRITON_FROM", 0)
+    b, L, R = 2, 70, 3
+    g = rand(b, L, d, seed=14)
+    v = rand(b, L, R + 32, seed=15)[..., :R].transpose(1, 2)  # (b, R, L), as the mixer's x_dbl view
+    Wt = rand(R, d, seed=16)
+    gv, gW = sst._low_rank_grads(g, v, Wt)
+    assert gv.shape == (b, R, L) and gW.shape == (d, R)
+    ref_gv = torch.einsum("bld,rd->brl", g.double(), Wt.double())
+    ref_gW = torch.einsum("brl,bld->dr", v.double(), g.double())
+    assert rel_err(gv, ref_gv) < 1e-6 and rel_err(gW, ref_gW) < 1e-5
