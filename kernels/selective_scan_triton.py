@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from .launch import cached_launch
+from .layout import column_blocks
 from .tuning import sm_count, tuning_setter
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -700,11 +701,12 @@ def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want
 
 
 def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan, order, gu, gdt, gz, gu_accum,
-              W=None, hf=None):
+              W=None, hf=None, bc_out=None):
     """One backward pass: writes gu (accumulating if gu_accum), gdt, gz; returns fp32 (gA, gB, gC, gD, gbias, gW),
     gB/gC time-varying as (b, G, N, L-positions) in the position layout of ``order``. With a low-rank delta (W, see
     _forward) gdt must be None and the gradient of dt (b, R, L-positions) comes back instead, with gW (d, R).
-    ``hf``: the state scratch with the segment-entering states written by the forward (``_forward``)."""
+    ``hf``: the state scratch with the segment-entering states written by the forward (``_forward``). ``bc_out``:
+    two (b, G, positions, N) tensors (views) into which the time-varying gB and gC are summed."""
     b, d, L = u.shape
     N = A.shape[1]
     G = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
@@ -761,8 +763,9 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
         OUTER_STAGES=plan.bwd_stages if plan.S == plan.F else 1, SPREAD=plan.spread, WALKED=walked,
         num_warps=plan.bwd_warps)
     del hf  # back to the caching allocator now (stream-ordered after the kernel): the sums below may reuse it
-    gB = gBp.sum(0).transpose(-1, -2)  # time-varying: (b, G, N, positions); constant: (d, N)
-    gC = gCp.sum(0).transpose(-1, -2)
+    out = bc_out if bc_out is not None else (None, None)
+    gB = torch.sum(gBp, 0, out=out[0]).transpose(-1, -2)  # time-varying: (b, G, N, positions); constant: (d, N)
+    gC = torch.sum(gCp, 0, out=out[1]).transpose(-1, -2)
     low_grads = (gdt.sum(0).transpose(1, 2), gWp.sum(0).t()) if W is not None else (None, None)
     return (gAp.sum(0).t(), gB, gC, gDp.sum(0) if D is not None else None, gbp.sum(0) if bias is not None else None,
             *low_grads)
@@ -859,10 +862,20 @@ class _ScanFn(torch.autograd.Function):
         gu = gout if into_gout else _empty_in_order(u)
         gdt = None if W_in_kernels else (delta if v is not None else _empty_in_order(delta))
         gz = None if z is None else (z if reuse and _no_overlap(z) else _empty_in_order(z))
+        # the low-rank dt, B and C as side-by-side column blocks of one fp32 tensor (the Mamba mixer's x_proj output):
+        # their gradients go side by side into one buffer too, which ops.linear_split's backward takes as it is
+        low = v if v is not None else (delta if W_in_kernels else None)
+        x_dbl = None if low is None or B.dim() != 3 or C.dim() != 3 or B.dtype != torch.float32 else \
+            column_blocks([low.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)])
+        g_dbl, bc_out = None, None
+        if x_dbl is not None:
+            g_dbl = torch.empty(x_dbl.shape, device=u.device, dtype=torch.float32)
+            R, N = low.shape[1], B.shape[1]
+            bc_out = (g_dbl[..., R:R + N].unsqueeze(1), g_dbl[..., R + N:].unsqueeze(1))  # (b, 1, L, N)
         gA, gB, gC, gD, gbias, glow, gW = _backward(
             u, delta, z, gout, Af, Df, _grouped_bc(B), _grouped_bc(C), bf, softplus, hin, sloc,
             glast.contiguous() if glast is not None else None, plan, _IDENTITY, gu, gdt, gz, False,
-            Wt if W_in_kernels else None, hf)
+            Wt if W_in_kernels else None, hf, bc_out)
         if W is None:
             gv = gdt
         elif W_in_kernels:
@@ -870,6 +883,8 @@ class _ScanFn(torch.autograd.Function):
         else:  # the gradients of the product delta = (v^T Wt)^T; gdt is the dense (b, L, d) delta buffer
             gv, gW = _low_rank_grads(gdt.transpose(1, 2), v, Wt)
             gv, gW = gv.to(v.dtype), gW.to(W.dtype)
+        if g_dbl is not None:
+            gv = g_dbl[..., :gv.shape[1]].copy_(gv.transpose(1, 2)).transpose(1, 2)
         return (gu, gv, gA, gB.reshape(B.shape).to(B.dtype), gC.reshape(C.shape).to(C.dtype), gD, gz, gbias, None,
                 gW, None, None, None)
 

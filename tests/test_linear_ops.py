@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnunet_mamba.ops import linear_channels_first, linear_split, linear_tokens
+from nnunet_mamba.ops import linear_channels_first, linear_split
 from oracle import rel_err
 
 
@@ -67,21 +67,53 @@ def test_linear_channels_first_matches_linear(bias):
             assert rel_err(a.grad, r.grad) < 1e-6
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_tokens_matches_linear(bias):
-    """``linear_tokens`` (the mixer's x_proj; its fp32 CUDA products on the Triton GEMM, tested in
-    kernels/tests/test_kernel_linear.py) against F.linear in float64: output and every gradient."""
-    x, w, b = _inputs((2, 37, 20), 34, bias)
+@pytest.mark.parametrize("case", ["side by side", "narrow, apart", "wide, apart", "one block"])
+def test_linear_split_backward_takes_the_gradient_as_one_where_it_can(monkeypatch, case):
+    """Block gradients written side by side into one buffer (as the Triton scan writes x_proj's dt, B, C) are used as
+    that one (rows, sum(sizes)) gradient: one input-gradient product over all columns, nothing concatenated. Apart,
+    blocks narrower than 16 columns are concatenated first (also one product), wider ones multiply block by block.
+    Gradients against float64 F.linear either way."""
+    import nnunet_mamba.ops.linear as lin
+
+    sizes = {"side by side": (2, 5, 5), "narrow, apart": (2, 5, 5), "wide, apart": (16, 16),
+             "one block": (9,)}[case]
+    x, w, b = _inputs((3, 20, 16), sum(sizes), True)
+    g = torch.randn(3, 20, sum(sizes), generator=torch.Generator().manual_seed(4))
+    if case == "side by side":
+        grads = g.clone().split(sizes, dim=-1)
+    else:
+        grads = [t.clone() for t in g.split(sizes, dim=-1)]  # separate buffers
+    products, cats = [], []
+    monkeypatch.setattr(lin, "_mm", lambda a, b_, out=None: (products.append(a.shape[1]), a @ b_ if out is None
+                                                               else out.addmm_(a, b_))[1])
+    real_cat = torch.cat
+    monkeypatch.setattr(lin.torch, "cat", lambda ts, dim=0: (cats.append(len(ts)), real_cat(ts, dim))[1])
     xs, ws, bs = _leaves(x, w, b)
-    xr, wr, br = _leaves(*(t.double() if t is not None else None for t in (x, w, b)))
-    y, y0 = linear_tokens(xs, ws, bs), F.linear(xr, wr, br)
-    assert y.shape == y0.shape and rel_err(y, y0) < 1e-6
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
-    (y * gy).sum().backward()
-    (y0 * gy.double()).sum().backward()
-    for a, r in ((xs, xr), (ws, wr), (bs, br)):
-        if a is not None:
-            assert a.grad.dtype == a.dtype and rel_err(a.grad, r.grad) < 1e-6
+    gx, gw, gb = torch.autograd.grad(linear_split(xs, ws, bs, sizes), [xs, ws, bs], grads)
+    monkeypatch.undo()
+    whole = case != "wide, apart"
+    assert products == ([sum(sizes)] if whole else list(sizes))
+    assert cats == ([len(sizes)] if case == "narrow, apart" else [])
+    xr, wr, br = _leaves(*(t.double() for t in (x, w, b)))
+    rx, rw, rb = torch.autograd.grad(F.linear(xr, wr, br), [xr, wr, br], g.double())
+    assert rel_err(gx, rx) < 1e-6 and rel_err(gw, rw) < 1e-6 and rel_err(gb, rb) < 1e-6
+
+
+def test_column_blocks_recognises_only_side_by_side_blocks():
+    from nnunet_mamba.kernels.layout import column_blocks
+
+    t = torch.randn(4, 6, 10)
+    parts = t.split((2, 3, 5), dim=-1)
+    assert torch.equal(column_blocks(parts), t) and column_blocks(parts).data_ptr() == t.data_ptr()
+    assert column_blocks(parts[1:]).data_ptr() == parts[1].data_ptr()  # a run of blocks: its columns only
+    assert column_blocks((parts[0], parts[2])) is None  # a gap
+    assert column_blocks((parts[1], parts[0])) is None  # out of order
+    assert column_blocks((parts[0], parts[1].clone())) is None  # another buffer
+    assert column_blocks((parts[0].double(), parts[1].double())) is None  # copies: other buffers
+    assert column_blocks((parts[0], None)) is None
+    assert column_blocks([t.transpose(1, 2)[..., :3]]) is None  # columns not contiguous
+    over = torch.randn(20).as_strided((4, 3), (2, 1))  # rows overlap
+    assert column_blocks([over[:, :2], over[:, 2:]]) is None
 
 
 def test_linear_ops_follow_autocast():
@@ -89,9 +121,7 @@ def test_linear_ops_follow_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         parts = linear_split(x, w, b, (2, 4))
         y = linear_channels_first(x, w, b)
-        y2 = linear_tokens(x, w.requires_grad_(), b)
         ref = F.linear(x, w, b)
-    assert y2.dtype == torch.bfloat16 and torch.equal(y2, ref)
     assert all(p.dtype == ref.dtype == torch.bfloat16 for p in (*parts, y))
     torch.testing.assert_close(torch.cat(parts, -1), ref)
     torch.testing.assert_close(y, ref.transpose(1, 2), atol=1e-2, rtol=2e-2)  # the bias added after rounding

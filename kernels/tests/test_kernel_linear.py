@@ -173,15 +173,17 @@ def test_channels_first_linear_takes_it_and_matches_float64():
 @pytest.mark.cuda
 @pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
 def test_mixer_projections_take_it_and_match_float64():
-    """ops.linear_tokens / linear_split on fp32 CUDA tokens of the measured size run the Triton GEMM (the dispatch), and
-    their outputs and input gradients match float64 as closely as SGEMM's (2x)."""
+    """ops.linear_split (one block, as x_proj's side-by-side gradient is taken, and two) on fp32 CUDA tokens of the
+    measured size runs the Triton GEMM (the dispatch), and its outputs and input gradients match float64 as closely
+    as SGEMM's (2x)."""
     import nnunet_mamba.ops.linear as lin
-    from nnunet_mamba.ops import linear_split, linear_tokens
+    from nnunet_mamba.ops import linear_split
 
     x = rand(2, 64 ** 3, 64, seed=9).requires_grad_()
     w = (rand(256, 64, seed=10) / 8).requires_grad_()
     assert lin._tf32x3(lin._rows(x.detach()), w.detach().t())
-    for fn in (lambda x, w: linear_tokens(x, w), lambda x, w: torch.cat(linear_split(x, w, None, (128, 128)), -1)):
+    for fn in (lambda x, w: linear_split(x, w, None, (256,))[0],
+               lambda x, w: torch.cat(linear_split(x, w, None, (128, 128)), -1)):
         y = fn(x, w)
         gy = rand(*y.shape, seed=11)
         (gx,) = torch.autograd.grad(y, [x], gy)

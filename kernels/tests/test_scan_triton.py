@@ -286,6 +286,63 @@ def _mixer_like(tk, dev, seed, R=2, dtype=torch.float32):
                 **leaves({k: inp[k] for k in ("A", "D", "delta_bias", "W")}))
 
 
+@pytest.mark.parametrize("in_kernels,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16)])
+def test_x_proj_blocks_get_their_gradients_side_by_side(tk, tuning, dev, in_kernels, dtype):
+    """The Mamba mixer's low-rank dt, B and C as column blocks of one x_proj output: fp32 gradients come back side by
+    side in one (b, L, R + 2N) buffer (ops.linear_split's backward then takes it without concatenating), with the
+    delta multiplied out or formed in the kernels; bf16 ones (autocast) separately. Values against the oracle."""
+    from nnunet_mamba.kernels.layout import column_blocks
+
+    tuning(T=16, BD=4)
+    x = _mixer_like(tk, dev, seed=12, dtype=dtype)
+    ref = leaves(x, torch.float64)
+    names = ["delta", "B", "C"]
+    y = call(tk.selective_scan_triton, x, True, False, delta_in_kernels=in_kernels)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(dev)
+    grads = torch.autograd.grad(y, [x[k] for k in names], gy.to(y.dtype))
+    assert (column_blocks([g.transpose(1, 2) for g in grads]) is not None) == (dtype == torch.float32)
+    refs = torch.autograd.grad(call(oracle, ref, True, False), [ref[k] for k in names], gy.double())
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for k, g, r in zip(names, grads, refs):
+        assert g.dtype == dtype and float((g.double() - r).abs().max() / r.abs().max()) < tol, k
+
+
+def test_x_proj_and_scan_compose_without_a_concatenation(tk, tuning, dev, monkeypatch):
+    """x -> ops.linear_split(x_proj) -> dt, B, C -> the scan, as the Mamba mixer calls them: linear_split's backward
+    finds the scan's three gradients side by side and takes them as x_proj's output gradient (torch.cat is not
+    called); the gradients of x and of x_proj's weight against float64."""
+    import nnunet_mamba.ops.linear as lin
+    from nnunet_mamba.ops import linear_split
+
+    tuning(T=16, BD=4)
+    b, d, L, N, R = 2, 8, 45, 4, 2
+    inp = make_inputs(b, d, L, N, "shared", seed=3, device=dev)
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randn(b, L, d, generator=g).to(dev)
+    w = (torch.randn(R + 2 * N, d, generator=g) / d ** 0.5).to(dev)
+    W = (torch.randn(d, R, generator=g) / R ** 0.5).to(dev)
+    gy = torch.randn(b, d, L, generator=g).to(dev)
+
+    def run(fn, tokens, w, W, **kw):
+        dt, B, C = linear_split(tokens, w, None, (R, N, N))
+        return fn(inp["u"].to(tokens.dtype), dt.transpose(1, 2), inp["A"].to(tokens.dtype), B.transpose(1, 2),
+                  C.transpose(1, 2), delta_softplus=True, delta_proj_weight=W, **kw)
+
+    found, cats = [], []
+    blocks = lin.column_blocks
+    monkeypatch.setattr(lin, "column_blocks", lambda parts: (found.append(blocks(parts) is not None), blocks(parts))[1])
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda ts, dim=0: (cats.append(len(ts)), real_cat(ts, dim))[1])
+    ours = [t.clone().requires_grad_() for t in (tokens, w, W)]
+    grads = torch.autograd.grad(run(tk.selective_scan_triton, *ours, delta_in_kernels=False), ours, gy)
+    monkeypatch.undo()
+    assert found == [True] and cats == []
+    ref = [t.double().requires_grad_() for t in (tokens, w, W)]
+    refs = torch.autograd.grad(run(oracle, *ref), ref, gy.double())
+    for name, a, r in zip(["x", "x_proj.weight", "dt_proj.weight"], grads, refs):
+        assert float((a.double() - r).abs().max() / r.abs().max()) < 1e-4, name
+
+
 @pytest.mark.parametrize("expanded,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16)])
 def test_reuse_buffers_writes_dz_and_du_in_place(tk, tuning, dev, expanded, dtype):
     """reuse_buffers=True (the Mamba mixer's call): dz is written over z, du over the output's gradient and d(delta)

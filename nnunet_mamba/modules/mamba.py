@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..ops import causal_conv1d_silu, linear_channels_first, linear_split, linear_tokens, selective_scan
+from ..ops import causal_conv1d_silu, linear_channels_first, linear_split, selective_scan
 
 
 def dt_bias_init(n: int, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4) -> torch.Tensor:
@@ -41,7 +41,7 @@ class Mamba(nn.Module):
     """``Mamba(d_model, d_state=16, d_conv=4, expand=2)``: (B, L, d_model) -> (B, L, d_model).
 
     The weights of ``in_proj``, ``x_proj`` (and of ``out_proj`` for a channels-first output) are applied through
-    ``ops.linear_split`` / ``ops.linear_tokens`` / ``ops.linear_channels_first``: same parameters and function, but
+    ``ops.linear_split`` / ``ops.linear_channels_first``: same parameters and function, but
     those submodules' ``forward`` (and hooks on it) are not called."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
@@ -75,12 +75,11 @@ class Mamba(nn.Module):
         # Token-major (b, L, channels) throughout: the projections' outputs are handed to the conv and the scan as
         # channels-last views (the scan's (b, d, L) arguments are transposed views, no copies). The in_proj output
         # is split without its gradients being concatenated in the backward (ops.linear_split): at full resolution
-        # that concatenation copied 2 GB; x_proj's narrow output keeps the plain split (its per-block GEMMs measured
-        # slower than concatenating its gradient).
+        # that concatenation copied 2 GB. x_proj's output (b, L, R + 2N) too: the Triton scan writes the gradients
+        # of dt, B and C side by side into one buffer, which linear_split's backward takes as it is.
         x, z = linear_split(hidden_states, self.in_proj.weight, self.in_proj.bias, (self.d_inner, self.d_inner))
         x = causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)  # (b, L, D)
-        x_dbl = linear_tokens(x, self.x_proj.weight, self.x_proj.bias)  # (b, L, R + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = linear_split(x, self.x_proj.weight, self.x_proj.bias, (self.dt_rank, self.d_state, self.d_state))
         # dt_proj goes to the scan op: its weight as the low-rank delta's W (multiplied out by the op, or formed inside
         # the Triton kernels with NNUNET_MAMBA_FUSED_DELTA=1, docs/ops.md), its bias as delta_bias. z is this
         # layer's own view and y goes to out_proj alone, so the scan may write dz over z and du over y's gradient.

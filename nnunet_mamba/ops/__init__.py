@@ -11,7 +11,7 @@ mamba-ssm's ``selective_scan_fn``, plus an optional low-rank delta (``delta_proj
 ``"auto"`` picks the best backend available for the tensors' device and says once which one it uses.
 ``causal_conv1d_silu`` and ``layer_norm`` (the Mamba layers' conv + SiLU and LayerNorm on (b, L, C) tokens), and
 ``depthwise_conv`` and ``group_norm`` on (B, C, *S) maps, have a PyTorch and a Triton backend
-(``ops/token_ops.py``); ``linear_tokens``, ``linear_split`` and ``linear_channels_first`` are Linear layers computed
+(``ops/token_ops.py``); ``linear_split`` and ``linear_channels_first`` are Linear layers computed
 in the layouts the Mamba layers need, their fp32 products on a Triton 3xTF32 GEMM where measured faster
 (``ops/linear.py``).
 Nothing here imports mamba_ssm or triton at module import time.
@@ -24,7 +24,7 @@ from .scan import (
     register_backend,
     selective_scan,
 )
-from .linear import linear_channels_first, linear_split, linear_tokens
+from .linear import linear_channels_first, linear_split
 from .token_ops import causal_conv1d_silu, depthwise_conv, group_norm, layer_norm
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "layer_norm",
     "linear_channels_first",
     "linear_split",
-    "linear_tokens",
     "cross_scan_orders",
     "cross_selective_scan",
     "register_backend",

@@ -3,12 +3,13 @@
 * ``linear_split(x, weight, bias, sizes)`` - ``F.linear(x, weight, bias).split(sizes, -1)``. The autograd of
   ``split`` concatenates the blocks' gradients into one (…, sum(sizes)) tensor before the Linear's backward (at
   LightM-UNet's 128^3 tokens: 11 ms of copies per training step for the Mamba mixers' in_proj); here the backward
-  takes each block's gradient where it lies: ``dx = sum_k g_k W_k`` and ``dW_k = g_k^T x``.
+  takes each block's gradient where it lies: ``dx = sum_k g_k W_k`` and ``dW_k = g_k^T x``. Gradients that already
+  lie side by side in one buffer (the Triton scan writes those of the mixer's x_proj blocks dt, B, C so) are used
+  as that one tensor; blocks narrower than 16 columns are otherwise concatenated (x_proj's per-block products
+  measured slower than the concatenation).
 * ``linear_channels_first(x, weight, bias)`` - the Linear of tokens x (B, L, C_in) returned as a channels-first
   (B, C_out, L) tensor (``W x_b^T`` per batch element), the layout of the feature maps around a Mamba layer; its
   backward returns dx token-major (the layout the layer's LayerNorm and the scan read coalesced).
-
-* ``linear_tokens(x, weight, bias)`` - ``F.linear`` (the mixer's ``x_proj``).
 
 Under autocast they run in the autocast dtype as ``F.linear`` would (cuBLAS). In fp32 on CUDA, the products of the
 forward and of the input's gradient whose operand has at least ``TRITON_FROM["linear"]`` elements (ops/token_ops.py)
@@ -25,6 +26,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..kernels.layout import column_blocks
 from .token_ops import _use_triton
 
 
@@ -95,6 +97,14 @@ class _SplitLinearFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         x2 = _rows(x)
+        whole = column_blocks(grads)  # the blocks' gradients side by side in one buffer (the Triton scan's): as is
+        if whole is None and None not in grads and min(ctx.sizes) < 16:
+            whole = torch.cat(grads, dim=-1)  # narrow blocks (x_proj's dt): one product beats per-block products
+        if whole is not None:
+            g2 = _rows(whole)
+            dx = _mm(g2, weight).view(x.shape) if need_x else None
+            dw = _wgrad(g2[None], x2[None]) if need_w else None
+            return dx, dw, g2.sum(0) if need_b else None, None
         dx = None
         dw = torch.zeros_like(weight) if need_w else None
         db = torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype) if need_b else None
@@ -179,29 +189,3 @@ def linear_channels_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
     return _ChannelsFirstLinearFn.apply(x, weight, bias)
-
-
-class _LinearFn(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        return _product(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        g2 = _rows(g)
-        dx = _mm(g2, weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = g2.t() @ _rows(x) if ctx.needs_input_grad[1] else None
-        db = g2.sum(0) if ctx.needs_input_grad[2] else None
-        return dx, dw, db
-
-
-def linear_tokens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` whose fp32 forward and input-gradient products take the Triton 3xTF32 GEMM where
-    measured faster (module docstring); under autocast or without gradients it is ``F.linear``."""
-    if torch.is_autocast_enabled(x.device.type) or not (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
-        return F.linear(x, weight, bias)
-    return _LinearFn.apply(x, weight, bias)
