@@ -87,7 +87,7 @@ def test_linear_split_backward_takes_the_gradient_as_one_where_it_can(monkeypatc
     monkeypatch.setattr(lin, "_mm", lambda a, b_, out=None: (products.append(a.shape[1]), a @ b_ if out is None
                                                                else out.addmm_(a, b_))[1])
     real_cat = torch.cat
-    monkeypatch.setattr(lin.torch, "cat", lambda ts, dim=0: (cats.append(len(ts)), real_cat(ts, dim))[1])
+    monkeypatch.setattr(torch, "cat", lambda ts, dim=0: (cats.append(len(ts)), real_cat(ts, dim))[1])
     xs, ws, bs = _leaves(x, w, b)
     gx, gw, gb = torch.autograd.grad(linear_split(xs, ws, bs, sizes), [xs, ws, bs], grads)
     monkeypatch.undo()
