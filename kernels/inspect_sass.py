@@ -1,6 +1,6 @@
 """Compile the scan kernels for a Hopper GPU on any machine and show what the GPU would run.
 
-    python kernels/inspect_sass.py [--kernels chunk,bsum,bwd,carry] [--spread 0|1] [--out DIR]
+    python kernels/inspect_sass.py [--kernels chunk,bsum,bwd,carry] [--spread 0|1] [--bwd-maxnreg N] [--out DIR]
 
 Uses the Triton on ``sys.path`` (put the GPU's version first: layouts differ between versions) and its bundled ptxas
 and cuobjdump; needs no GPU. The arguments are those of one channels-last fp32 call at (2, 64, 64^3), N = 16,
@@ -61,7 +61,7 @@ def loop_mix(sass: str, top: int = 2) -> list[str]:
     return out
 
 
-def compile_kernel(fn, constexprs: dict, num_warps: int, tag: str, out: pathlib.Path):
+def compile_kernel(fn, constexprs: dict, num_warps: int, tag: str, out: pathlib.Path, maxnreg: int | None = None):
     fn = fn.jit  # the @triton.jit function under @cached_launch
     names = list(inspect.signature(fn.fn).parameters)
     constexprs = {k: v for k, v in constexprs.items() if k in names}
@@ -79,7 +79,8 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, tag: str, out: pathlib.
             if INTS[a] % 16 == 0 and a not in keep:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+                       target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {})))
     for ext in ("ttgir", "ptx"):
         (out / f"{tag}.{ext}").write_text(k.asm[ext])
     (out / f"{tag}.cubin").write_bytes(k.asm["cubin"])
@@ -101,6 +102,8 @@ def main():
     ap.add_argument("--kernels", default="chunk,bsum,bwd,carry")
     ap.add_argument("--spread", type=int, default=1, help="SPREAD constexpr (1: the default for N >= 9)")
     ap.add_argument("--out", default="/tmp/inspect_sass")
+    ap.add_argument("--bwd-maxnreg", type=int, default=None,
+                    help="a register cap for _bwd_kernel (set_tuning's bwd_maxnreg): the spills it costs")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,11 +112,12 @@ def main():
     f = dict(FLAGS, SPREAD=bool(args.spread))
     for name in args.kernels.split(","):
         if name == "chunk":
-            compile_kernel(sst._chunk_kernel, dict(f, OUT=True, SAVE_LAST=False, STAGES=3), 1, "chunk", out)
+            compile_kernel(sst._chunk_kernel, dict(f, OUT=True, SAVE_LAST=False, STAGES=3, SEG=0), 1, "chunk", out)
         elif name == "bsum":
             compile_kernel(sst._bsum_kernel, dict(f, STAGES=3), 1, "bsum", out)
         elif name == "bwd":
-            compile_kernel(sst._bwd_kernel, dict(f, F=2, SF=1, STAGES=3, OUTER_STAGES=3), 1, "bwd", out)
+            compile_kernel(sst._bwd_kernel, dict(f, F=2, SF=1, STAGES=3, OUTER_STAGES=3, WALKED=False), 1, "bwd",
+                           out, args.bwd_maxnreg)
         elif name == "carry":
             compile_kernel(sst._carry_kernel, dict(REV=True, HAS_INIT=True, BD=32, BNC=4, KC=8, STAGES=3), 1,
                            "carry", out)

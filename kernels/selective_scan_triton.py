@@ -559,11 +559,13 @@ def _order_for(spatial: Sequence[int], perm: Sequence[int], flip: bool) -> _Orde
 # per_sm (programs per SM the chunk length aims at), warps / bwd_warps (warps per program of the forward and
 # _bsum kernels / of _bwd_kernel: beyond BD / 32 they split the states over the warps), stages / bwd_stages
 # (software pipelining of the step loops' loads through shared memory, Triton's num_stages; 1 = none), spread
-# (SPREAD: B/C columns shared through shared memory, a channel per lane in the forward and _bsum kernels).
+# (SPREAD: B/C columns shared through shared memory, a channel per lane in the forward and _bsum kernels), early_S
+# (the segment length of states kept from a recomputation), bwd_maxnreg (a register cap for _bwd_kernel, Triton's
+# maxnreg: 248 registers hold it at 8 warps per SM; kernels/inspect_sass.py shows what a cap spills).
 # Empty = the defaults of _Plan.
 _OVERRIDE: dict = {}
 _TUNING_KEYS = ("T", "BD", "F", "S", "U", "per_sm", "warps", "bwd_warps", "stages", "bwd_stages", "spread",
-                "early_S")
+                "early_S", "bwd_maxnreg")
 
 
 set_tuning = tuning_setter(_OVERRIDE, _TUNING_KEYS)
@@ -595,6 +597,7 @@ class _Plan:
         self.cbg = triton.cdiv(self.dg, self.BD)
         self.num_warps = o.get("warps", max(1, self.BD // 32))
         self.bwd_warps = o.get("bwd_warps", self.num_warps)
+        self.bwd_options = {"maxnreg": o["bwd_maxnreg"]} if "bwd_maxnreg" in o else {}
         self.stages = o.get("stages", 3)
         self.bwd_stages = o.get("bwd_stages", 3)
         self.U = o.get("U", 4)
@@ -761,7 +764,7 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
         HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, **low,
         BD=plan.BD, BN=plan.BN, T=plan.T, F=plan.F, SF=plan.S // plan.F, STAGES=plan.bwd_stages,
         OUTER_STAGES=plan.bwd_stages if plan.S == plan.F else 1, SPREAD=plan.spread, WALKED=walked,
-        num_warps=plan.bwd_warps)
+        num_warps=plan.bwd_warps, **plan.bwd_options)
     del hf  # back to the caching allocator now (stream-ordered after the kernel): the sums below may reuse it
     out = bc_out if bc_out is not None else (None, None)
     gB = torch.sum(gBp, 0, out=out[0]).transpose(-1, -2)  # time-varying: (b, G, N, positions); constant: (d, N)

@@ -440,6 +440,28 @@ def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatc
         assert torch.equal(a, b), k
 
 
+def test_register_cap_reaches_the_backward_launch(tk, tuning, dev, monkeypatch):
+    """set_tuning(bwd_maxnreg=...) launches _bwd_kernel with Triton's maxnreg (a sweep knob: kernels/inspect_sass.py
+    --bwd-maxnreg shows the spills; no default cap); the results are the same."""
+    metas = []
+    kernel = tk._bwd_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: (metas.append(meta), kernel[grid](*args, **meta))[1]
+
+    inp = make_inputs(2, 8, 40, 4, "shared", seed=2, device=dev)
+    runs = []
+    for cap in (None, 168):
+        tuning(T=16, BD=4, bwd_maxnreg=cap)
+        monkeypatch.setattr(tk, "_bwd_kernel", Recording())
+        x = leaves(inp)
+        y = call(tk.selective_scan_triton, x, True, False)
+        runs.append([y, *torch.autograd.grad(y, [x["u"], x["delta"], x["B"]], torch.ones_like(y))])
+    assert "maxnreg" not in metas[0] and metas[1]["maxnreg"] == 168
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_default_plan_bounds_the_block_state_scratch(tk, dev):
     """Blocks of F = 2 steps; the backward's scratch keeps one state per segment of S = F steps where that fits
     HF_SCRATCH_BYTES, else per segment of 16 steps (or longer, until it fits), as for LightM-UNet's full-resolution
