@@ -386,6 +386,17 @@ def test_second_backward_through_a_reused_buffer(tk, tuning, dev):
         y.square().sum().backward()
 
 
+class _Recorded:
+    """Stands in for a kernel module attribute: each launch ``kernel[grid](*args, **meta)`` runs the kernel and
+    appends (name, meta) to ``log``."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: (self.log.append((self.name, meta)), self.kernel[grid](*args, **meta))[1]
+
+
 @pytest.mark.parametrize("plan,env,seg", [(dict(T=16, BD=4), None, 16), (dict(T=16, BD=4, early_S=4), "1", 4),
                                           (dict(T=16, BD=4, F=2, S=8), "1", 8), (dict(T=16, BD=4), "0", 0)])
 def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatch, plan, env, seg):
@@ -405,18 +416,13 @@ def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatc
         monkeypatch.delenv("NNUNET_MAMBA_EARLY_SCRATCH", raising=False)
     else:
         monkeypatch.setenv("NNUNET_MAMBA_EARLY_SCRATCH", env)
-    launches = []
+    log = []
+    monkeypatch.setattr(tk, "_chunk_kernel", _Recorded(tk._chunk_kernel, "chunk", log))
+    monkeypatch.setattr(tk, "_bwd_kernel", _Recorded(tk._bwd_kernel, "bwd", log))
 
-    class Counting:
-        def __init__(self, kernel, name, flag):
-            self.kernel, self.name, self.flag = kernel, name, flag
+    def launches():  # (kernel, its SEG or WALKED flag) per launch
+        return [(n, meta["SEG" if n == "chunk" else "WALKED"]) for n, meta in log]
 
-        def __getitem__(self, grid):
-            return lambda *args, **meta: (launches.append((self.name, meta[self.flag])),
-                                          self.kernel[grid](*args, **meta))[1]
-
-    monkeypatch.setattr(tk, "_chunk_kernel", Counting(tk._chunk_kernel, "chunk", "SEG"))
-    monkeypatch.setattr(tk, "_bwd_kernel", Counting(tk._bwd_kernel, "bwd", "WALKED"))
     names = ["u", "delta", "z", "B", "C", "W", "D", "delta_bias"]
     gy = torch.randn(2, 8, 45, generator=torch.Generator().manual_seed(3)).to(dev)
 
@@ -427,14 +433,14 @@ def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatc
     x = _mixer_like(tk, dev, seed=8)
     y0 = scan(*[x[k] for k in names])
     g0 = torch.autograd.grad(y0, [x[k] for k in names], gy)
-    assert [n for n, _ in launches] == ["chunk", "chunk", "bwd"]  # summary, output; backward
-    launches.clear()
+    assert [n for n, _ in launches()] == ["chunk", "chunk", "bwd"]  # summary, output; backward
+    log.clear()
     x = _mixer_like(tk, dev, seed=8)
     y = checkpoint(lambda *t: scan(*t, slot=recompute.slot()), *[x[k] for k in names], use_reentrant=False,
                    context_fn=recompute.contexts)
-    assert launches == [("chunk", 0), ("chunk", 0)] and recompute.slot() is None  # outside the region again
+    assert launches() == [("chunk", 0), ("chunk", 0)] and recompute.slot() is None  # outside the region again
     g = torch.autograd.grad(y, [x[k] for k in names], gy)
-    assert launches[2:] == [("chunk", seg), ("bwd", seg > 0)]
+    assert launches()[2:] == [("chunk", seg), ("bwd", seg > 0)]
     assert torch.equal(y, y0)
     for k, a, b in zip(names, g, g0):
         assert torch.equal(a, b), k
@@ -443,22 +449,16 @@ def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatc
 def test_register_cap_reaches_the_backward_launch(tk, tuning, dev, monkeypatch):
     """set_tuning(bwd_maxnreg=...) launches _bwd_kernel with Triton's maxnreg (a sweep knob: kernels/inspect_sass.py
     --bwd-maxnreg shows the spills; no default cap); the results are the same."""
-    metas = []
-    kernel = tk._bwd_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            return lambda *args, **meta: (metas.append(meta), kernel[grid](*args, **meta))[1]
-
+    log = []
+    monkeypatch.setattr(tk, "_bwd_kernel", _Recorded(tk._bwd_kernel, "bwd", log))
     inp = make_inputs(2, 8, 40, 4, "shared", seed=2, device=dev)
     runs = []
     for cap in (None, 168):
         tuning(T=16, BD=4, bwd_maxnreg=cap)
-        monkeypatch.setattr(tk, "_bwd_kernel", Recording())
         x = leaves(inp)
         y = call(tk.selective_scan_triton, x, True, False)
         runs.append([y, *torch.autograd.grad(y, [x["u"], x["delta"], x["B"]], torch.ones_like(y))])
-    assert "maxnreg" not in metas[0] and metas[1]["maxnreg"] == 168
+    assert "maxnreg" not in log[0][1] and log[1][1]["maxnreg"] == 168
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
