@@ -142,6 +142,14 @@ def profile_step(step, name, top=12, host_top=0):
           f"in all; top {top})")
     for e in gemms[:top]:
         print(f"  {e.device_time_total / 1e3:8.2f} ms {e.count:4d}x  {e.key} {e.input_shapes}")
+    # the other ATen ops by the GPU time of the kernels they launched themselves (elementwise ops, reductions, copies)
+    others = [e for e in prof.key_averages(group_by_input_shape=True)
+              if e.key.startswith("aten::") and e not in gemms and e.self_device_time_total > 0]
+    others.sort(key=lambda e: -e.self_device_time_total)
+    print(f"[profile] {name}: other ATen ops by operand shapes ({sum(e.self_device_time_total for e in others) / 1e3:.1f}"
+          f" ms in all; top {top})")
+    for e in others[:top]:
+        print(f"  {e.self_device_time_total / 1e3:8.2f} ms {e.count:4d}x  {e.key} {e.input_shapes}")
     # the GPU's idle time inside the step (gaps between consecutive kernels): where it waited on the host
     kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                      if e.device_type == torch.autograd.DeviceType.CUDA)

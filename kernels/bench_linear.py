@@ -3,7 +3,7 @@ against the project's Triton tile GEMM (kernels/linear_triton.py) with fp32 FMA 
 each fp32 operand split into a TF32 part and a TF32 remainder, three tensor-core products, fp32 accumulation), each
 at the best of a small tile sweep (its results chose linear_triton's tiles).
 
-    python kernels/bench_linear.py [--channels-first | --wgrad [--sweep] | --low-rank]
+    python kernels/bench_linear.py [--channels-first | --wgrad [--sweep] | --low-rank | --stream [--sweep]]
 
 Prints each time, the memory-traffic floor (one read of x, one write of y at 4.8 TB/s) and the largest error
 against a float64 product, relative to the result's largest value. Latest results: docs/kernels.md, "Projections".
@@ -20,6 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from nnunet_mamba.kernels import linear_triton  # noqa: E402
 from nnunet_mamba.kernels.linear_triton import _mm_kernel, matmul_tf32x3, weight_grad_tf32x3  # noqa: E402
 from nnunet_mamba.kernels.low_rank_triton import low_rank_grads, low_rank_product  # noqa: E402
 from nnunet_mamba.ops.linear import _wgrad_cublas  # noqa: E402
@@ -87,8 +88,75 @@ LR_SHAPES = [("dt_proj 128^3", 2 * 128**3, 2, 64, 34), ("dt_proj 64^3", 2 * 64**
              ("dt_proj 32^3", 2 * 32**3, 8, 256, 40)]
 
 
+# every product matmul_tf32x3 runs in a LightM-UNet 3D step (128^3, batch 2): (name, M, K, N, layout of x, layout
+# of y, accumulate). "rows S": x is a column block of a (M, S) row-major buffer (in_proj's split gradient); "col":
+# column-major (a channels-first gradient read as tokens, or a channels-first output written through its transpose)
+STREAM_SHAPES = [("in_proj fwd 128^3", 2 * 128**3, 32, 128, "row", "row", False),
+                 ("in_proj dgrad block 128^3", 2 * 128**3, 64, 32, "rows 128", "row", True),
+                 ("x_proj fwd 128^3", 2 * 128**3, 64, 34, "row", "row", False),
+                 ("x_proj dgrad 128^3", 2 * 128**3, 34, 64, "row", "row", False),
+                 ("out_proj fwd 128^3 (per b)", 128**3, 64, 32, "row", "col", False),
+                 ("out_proj dgrad 128^3 (per b)", 128**3, 32, 64, "col", "row", False),
+                 ("proj fwd 128^3 (per b)", 128**3, 32, 32, "row", "col", False),
+                 ("proj dgrad 128^3 (per b)", 128**3, 32, 32, "col", "row", False),
+                 ("in_proj fwd 64^3", 2 * 64**3, 64, 256, "row", "row", False),
+                 ("in_proj dgrad block 64^3", 2 * 64**3, 128, 64, "rows 256", "row", True),
+                 ("x_proj fwd 64^3", 2 * 64**3, 128, 36, "row", "row", False),
+                 ("out_proj fwd 64^3 (per b)", 64**3, 128, 64, "row", "col", False),
+                 # x_proj's 34 columns with 16-element-aligned rows, and as 48 columns
+                 ("x_proj fwd 128^3 rows 48", 2 * 128**3, 64, 34, "row", "rows 48", False),
+                 ("x_proj fwd 128^3 N 48", 2 * 128**3, 64, 48, "row", "row", False),
+                 ("x_proj dgrad 128^3 rows 48", 2 * 128**3, 34, 64, "rows 48", "row", False),
+                 ("x_proj dgrad 128^3 K 48", 2 * 128**3, 48, 64, "row", "row", False)]
+
+
+def _operand(M, n, layout):
+    """An (M, n) fp32 operand: "row" (row-major), "col" (column-major) or "rows S" (the first n columns of (M, S))."""
+    if layout.startswith("rows"):
+        return torch.randn(M, int(layout.split()[1]), device=DEV)[:, :n]
+    return torch.randn(n, M, device=DEV).t() if layout == "col" else torch.randn(M, n, device=DEV)
+
+
+def row_stream(name, M, K, N, x_layout, y_layout, accumulate):
+    """matmul_tf32x3 on one program per tile (its tiles until session 15, ``stream=0``), with its default tiles, and at
+    the best of a sweep of the persistent form (programs per SM, row tile, warps, pipeline stages); the memory floor is
+    one read of x (and of y when accumulating) and one write of y at 4.8 TB/s."""
+    x, w, y0 = _operand(M, K, x_layout), torch.randn(K, N, device=DEV) / K ** 0.5, _operand(M, N, y_layout)
+    y = y0.clone() if y_layout == "row" else (y0.t().clone().t() if y_layout == "col" else _operand(M, N, y_layout))
+    ref = x.double() @ w.double() + (y0.double() if accumulate else 0)
+
+    def run():
+        return matmul_tf32x3(x, w, out=y, accumulate=accumulate)
+
+    def timed(**tuning):
+        linear_triton.set_tuning(**tuning)
+        t = do_bench(run, warmup=5, rep=20)
+        y.copy_(y0)
+        return t, max_err(run(), ref)
+
+    floor = M * (K + N * (2 if accumulate else 1)) * 4 / 4.8e12 * 1e3
+    line = f"{name} (M={M} K={K} N={N} x {x_layout} y {y_layout}, floor {floor:.3f} ms)"
+    line += " | per tile {:.3f} err {:.1e} | default {:.3f} err {:.1e}".format(*timed(stream=0), *timed())
+    if "--sweep" in sys.argv:
+        results = []
+        for bm, nw, ns in itertools.product([64, 128], [4, 8], [2, 3, 4]):
+            for per_sm in (1, 2, 4):
+                try:
+                    results.append((timed(stream=per_sm, BM=bm, num_warps=nw, num_stages=ns)[0], (per_sm, bm, nw, ns)))
+                except triton.runtime.errors.OutOfResources:
+                    break
+        t, (per_sm, bm, nw, ns) = min(results)
+        line += f" | best {t:.3f} (per SM {per_sm}, BM {bm}, warps {nw}, stages {ns})"
+    linear_triton.set_tuning()
+    print(line, flush=True)
+
+
 def main():
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
+    if "--stream" in sys.argv:
+        for shape in STREAM_SHAPES:
+            row_stream(*shape)
+        return
     if "--low-rank" in sys.argv:
         for shape in LR_SHAPES:
             row_low_rank(*shape)

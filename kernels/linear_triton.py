@@ -22,7 +22,12 @@ import triton
 import triton.language as tl
 
 from .launch import cached_launch
-from .tuning import sm_count
+from .tuning import sm_count, smem_bytes, tuning_setter
+
+_TUNING: dict = {}
+# matmul_tf32x3's tile overrides for sweeps: BM, BN, BK, num_warps, num_stages; stream = programs per SM of the
+# persistent form (_mm_stream_kernel; 0: one program per tile)
+set_tuning = tuning_setter(_TUNING, ("BM", "BN", "BN2", "BK", "K_MAIN", "num_warps", "num_stages", "stream"))
 
 
 @cached_launch
@@ -49,12 +54,87 @@ def _mm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym
     tl.store(y_ptrs, acc, mask=mm[:, None] & nm[None, :])
 
 
-def _config(K, N, column_major_x=False, column_major_out=False):
-    """Tile sizes and launch shape, from the tile sweeps of kernels/bench_linear.py on the H200: row-major operands
+@triton.jit
+def _epilogue(acc, y_ptr, b_ptr, rows, mm, rn, nm, s_ym, s_yn, HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr,
+              MASK_N: tl.constexpr):
+    """acc (+ bias) (+ y) stored into y's (rows, rn) tile; the column mask nm applied only with MASK_N (a mask of a
+    width that is not a multiple of 16 makes Triton store every element on its own)."""
+    mask = mm[:, None] & nm[None, :] if MASK_N else mm[:, None]
+    if HAS_BIAS:
+        if MASK_N:
+            acc += tl.load(b_ptr + rn, mask=nm, other=0.0)[None, :]
+        else:
+            acc += tl.load(b_ptr + rn)[None, :]
+    y_ptrs = y_ptr + rows * s_ym + rn[None, :] * s_yn
+    if ACCUM:
+        acc += tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, acc, mask=mask)
+
+
+@cached_launch
+@triton.jit
+def _mm_stream_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym, s_yn,
+                      HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr, KSTEPS: tl.constexpr, K_MAIN: tl.constexpr, BN2: tl.constexpr,
+                      PREC: tl.constexpr, STAGES: tl.constexpr):
+    """``_mm_kernel`` as a persistent program: a grid of a few programs per SM, each taking (BM, BN) tiles of y in
+    turn (tile t, t + programs, ...), with the whole K in KSTEPS unrolled steps, so that the tile loop is the
+    innermost loop and Triton pipelines its loads over STAGES tiles (one-step K loops pipeline nothing).
+
+    Widths that are not multiples of 16 are kept out of the masks Triton cannot vectorise: the first K_MAIN K steps
+    load x without a column mask; with BN2 > 0 (one column tile, N not a multiple of 16) columns 0 .. BN - 1 are
+    stored without a column mask and the rest from a second, masked (BM, BN2) accumulator (x_proj's 34 outputs:
+    32 + 2)."""
+    n_tiles_n = 1 if BN2 else tl.cdiv(N, BN)
+    for t in tl.range(tl.program_id(0), tl.cdiv(M, BM) * n_tiles_n, tl.num_programs(0), num_stages=STAGES):
+        rm = (t // n_tiles_n) * BM + tl.arange(0, BM)
+        rn = (t % n_tiles_n) * BN + tl.arange(0, BN)
+        mm, nm = rm < M, rn < N
+        rows = rm[:, None].to(tl.int64)
+        acc = tl.zeros((BM, BN), tl.float32)
+        if BN2:
+            rn2 = BN + tl.arange(0, BN2)
+            nm2 = rn2 < N
+            acc2 = tl.zeros((BM, BN2), tl.float32)
+        for ks in tl.static_range(KSTEPS):
+            rk = ks * BK + tl.arange(0, BK)
+            km = rk < K
+            x_ptrs = x_ptr + rows * s_xm + rk[None, :] * s_xk
+            if ks < K_MAIN:
+                x = tl.load(x_ptrs, mask=mm[:, None], other=0.0)
+            else:
+                x = tl.load(x_ptrs, mask=mm[:, None] & km[None, :], other=0.0)
+            w = tl.load(w_ptr + rk[:, None] * s_wk + rn[None, :] * s_wn, mask=km[:, None] & nm[None, :], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=PREC)
+            if BN2:
+                w2 = tl.load(w_ptr + rk[:, None] * s_wk + rn2[None, :] * s_wn, mask=km[:, None] & nm2[None, :],
+                             other=0.0)
+                acc2 = tl.dot(x, w2, acc2, input_precision=PREC)
+        _epilogue(acc, y_ptr, b_ptr, rows, mm, rn, nm, s_ym, s_yn, HAS_BIAS, ACCUM, BN2 == 0)
+        if BN2:
+            _epilogue(acc2, y_ptr, b_ptr, rows, mm, rn2, nm2, s_ym, s_yn, HAS_BIAS, ACCUM, True)
+
+
+def _config(K, N, device, column_major_x=False, column_major_out=False):
+    """Tile sizes and launch shape, from the sweeps of kernels/bench_linear.py on the H200. Since session 15 the
+    persistent form (``stream`` programs per SM) on 128-row tiles, 3 stages: it was faster than one program per tile
+    on each of LightM-UNet's products (``--stream``). The one-program-per-tile tiles (``stream=0``): row-major operands
     (session 11); a column-major x (a channels-first Linear's input gradient) runs best on 4 warps, a column-major
     output of up to 32 columns (its forward) on 64-row tiles (session 13)."""
     BN = min(128, max(16, triton.next_power_of_2(N)))
     BK = min(32, max(16, triton.next_power_of_2(K)))
+    if _TUNING.get("stream", 2):
+        # N not a multiple of 16 (x_proj): an unmasked tile of the largest power of 2 below N and a masked rest
+        BN, BN2 = (BN, 0) if N % 16 == 0 or N < 16 or N > 128 else (
+            triton.next_power_of_2(N) // 2, max(16, triton.next_power_of_2(N - triton.next_power_of_2(N) // 2)))
+        # the persistent loop's pipeline holds every K step's x and w tiles per stage, the epilogue one (BM, BN)
+        # tile; where fewer than 2 stages fit (K = 256 on the H200) the tiles below
+        BM = 128
+        stages = min(3, (smem_bytes(device) - BM * (BN + BN2) * 4) // (triton.cdiv(K, BK) * BK * (BM + BN + BN2) * 4))
+        if stages >= 2:
+            return dict(BM=BM, BN=BN, BN2=BN2, BK=BK, K_MAIN=K // BK, num_warps=8 if K >= 64 else 4,
+                        num_stages=stages, stream=1 if K >= 128 or N > 128 else 2)
+        BN = min(128, max(16, triton.next_power_of_2(N)))
     cfg = dict(BM=64 if BN >= 128 else 128, BN=BN, BK=BK, num_warps=8 if BN == 64 else 4,
                num_stages=2 if BN >= 128 else 3)
     if column_major_x:
@@ -80,10 +160,19 @@ def matmul_tf32x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     if max((K - 1) * max(abs(x.stride(1)), abs(w.stride(0))), (N - 1) * max(abs(w.stride(1)), abs(out.stride(1)))) \
             >= 2 ** 31:
         raise ValueError("matmul_tf32x3: offsets along K and N are 32-bit in the kernel; make x, w and out row-major")
-    cfg = _config(K, N, x.stride(0) == 1 != x.stride(1), out.stride(0) == 1 != out.stride(1))
-    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))
-    _mm_kernel[grid](x, w, bias if bias is not None else w, out, M, N, K, *x.stride(), *w.stride(), *out.stride(),
-                     HAS_BIAS=bias is not None, ACCUM=accumulate, PREC="tf32x3", **cfg)
+    cfg = _config(K, N, x.device, x.stride(0) == 1 != x.stride(1), out.stride(0) == 1 != out.stride(1))
+    cfg.update(_TUNING)
+    args = (x, w, bias if bias is not None else w, out, M, N, K, *x.stride(), *w.stride(), *out.stride())
+    per_sm = cfg.pop("stream", 0)
+    if per_sm:
+        tiles = triton.cdiv(M, cfg["BM"]) * (1 if cfg["BN2"] else triton.cdiv(N, cfg["BN"]))
+        grid = (min(tiles, per_sm * sm_count(x.device, 4)),)
+        cfg["STAGES"] = cfg.pop("num_stages")
+        _mm_stream_kernel[grid](*args, HAS_BIAS=bias is not None, ACCUM=accumulate, PREC="tf32x3",
+                                KSTEPS=triton.cdiv(K, cfg["BK"]), **cfg)
+        return out
+    _mm_kernel[(triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))](
+        *args, HAS_BIAS=bias is not None, ACCUM=accumulate, PREC="tf32x3", **cfg)
     return out
 
 

@@ -21,6 +21,19 @@ def sm_count(device: torch.device, cpu: int) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=None)
+def _smem(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def smem_bytes(device: torch.device, cpu: int = 1 << 30) -> int:
+    """The shared memory one program may use on a CUDA device (looked up once per device); ``cpu`` for the CPU
+    tensors of Triton's interpreter (no limit)."""
+    if device.type != "cuda":
+        return cpu
+    return _smem(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def tuning_setter(overrides: dict, keys: Sequence[str]) -> Callable[..., None]:
     """A ``set_tuning(**kw)`` that replaces the contents of ``overrides`` with kw (None values dropped); unknown keys
     raise; no arguments resets to the defaults."""

@@ -47,6 +47,43 @@ def test_matches_float64(lt, M, K, N, bias):
     assert max_err(y, ref) <= max(2 * sgemm_err(x, w, ref, b), 1e-6), (max_err(y, ref), sgemm_err(x, w, ref, b))
 
 
+@pytest.mark.parametrize("tuning", [dict(stream=0), dict(stream=1, BM=32), dict(stream=3, BM=16, BN2=0, K_MAIN=0)],
+                         ids=["one program per tile", "persistent", "persistent, every mask"])
+@pytest.mark.parametrize("M,K,N,bias,accumulate", [(300, 34, 50, True, False), (250, 48, 34, False, True),
+                                                   (70, 130, 20, True, True), (33, 64, 128, False, False)])
+def test_both_launch_forms_match_float64(lt, tuning, M, K, N, bias, accumulate):
+    """The persistent form (a program takes several row tiles in turn; the default) and one program per tile, with
+    the split column tile (N = 20, 34, 50: 16 + 16, 32 + 16, 32 + 32 columns), K steps without the column mask and
+    accumulation; and the persistent form with every mask on (BN2=0, K_MAIN=0)."""
+    x, w = rand(M, K, seed=1), rand(K, N, seed=2) / K ** 0.5
+    b = rand(N, seed=3) if bias else None
+    base = rand(M, N, seed=4)
+    ref = x.double() @ w.double() + (b.double() if bias else 0) + (base.double() if accumulate else 0)
+    lt.set_tuning(**tuning)
+    try:
+        y = lt.matmul_tf32x3(x, w, b, out=base.clone() if accumulate else None, accumulate=accumulate)
+    finally:
+        lt.set_tuning()
+    assert max_err(y, ref) <= max(2 * sgemm_err(x, w, ref - (base.double() if accumulate else 0), b), 1e-6)
+
+
+def test_launch_plan(lt, monkeypatch):
+    """The default plan: persistent, x_proj's 34 columns as 32 unmasked + a 16-column masked tile and its one full K
+    step unmasked; 2 stages where 3 do not fit the H200's 227 KiB (K = 128), one program per tile where 2 do not
+    (K = 256)."""
+    monkeypatch.setattr(lt, "smem_bytes", lambda device: 232448)
+    cfg = lt._config(64, 34, torch.device(DEV))
+    assert (cfg["BN"], cfg["BN2"], cfg["K_MAIN"], cfg["num_stages"], cfg["stream"]) == (32, 16, 2, 3, 2)
+    assert lt._config(34, 64, torch.device(DEV))["K_MAIN"] == 1
+    assert lt._config(128, 64, torch.device(DEV))["num_stages"] == 2
+    assert "stream" not in lt._config(256, 64, torch.device(DEV))
+    lt.set_tuning(stream=0)
+    try:
+        assert "stream" not in lt._config(64, 34, torch.device(DEV))
+    finally:
+        lt.set_tuning()
+
+
 def test_strided_operands_and_accumulation(lt):
     """x a column slice of a wider tensor (rows with gaps), w the transposed view of a Linear weight, y written into
     a transposed (column-major) view and accumulated onto what it holds."""
