@@ -9,7 +9,9 @@ walks K in steps of BK; each step's product is ``tl.dot(..., input_precision="tf
 into a TF32 value and a TF32 remainder and three tensor-core products are accumulated in fp32 (the small remainder x
 remainder term is dropped), which is as accurate as SGEMM on these shapes: largest error against a float64 product
 2-4e-7 of the result's scale, SGEMM 3-8e-7, and 1.29-1.71x faster (H200; kernels/bench_linear.py, docs/kernels.md
-"Projections"). A weight gradient reduces over all L tokens into a small (N, K) matrix, which cuBLAS runs on a few
+"Projections"). Since session 15 the product runs persistent (``_mm_stream_kernel``: one or two programs per SM
+take row tiles in turn, so Triton pipelines the next tiles' loads; 1.1-1.8x the one-program-per-tile kernel on
+LightM-UNet's products), with output columns past the last multiple of 16 in a second, masked tile. A weight gradient reduces over all L tokens into a small (N, K) matrix, which cuBLAS runs on a few
 thread blocks (3.7x its memory floor for ``out_proj`` at 128^3); ``weight_grad_tf32x3`` splits the tokens over
 programs that each write a partial (N, K) sum, summed in a fixed order afterwards (no atomics: bitwise repeatable).
 With fp32 FMA instead (``PREC="ieee"``) the same kernel is slower than cuBLAS. Under
