@@ -12,10 +12,10 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..modules.common import (GroupNorm, TokenLayerNorm, conv_nd, depthwise_conv_nd, fp32_core, interp_mode,
-                              max_pool_nd, recomputed)
+from ..modules.common import (GroupNorm, TokenLayerNorm, Upsample, conv_nd, depthwise_conv_nd, fp32_core,
+                              interp_mode, max_pool_nd, recomputed)
 from ..modules.mamba import Mamba
-from ..ops import linear_channels_first
+from ..ops import linear_channels_first, scaled_add
 
 
 class ConvOnly(nn.Sequential):
@@ -63,7 +63,7 @@ class MambaLayer(nn.Module):
         # one layout, and nothing is copied to change layouts.
         t = x.flatten(2)  # (B, C, L)
         # u = mamba(norm(t)) + skip_scale * t, in one pass
-        u = torch.addcmul(self.mamba(self.norm(t.transpose(1, 2)), channels_first=True), self.skip_scale, t)
+        u = scaled_add(self.mamba(self.norm(t.transpose(1, 2)), channels_first=True), self.skip_scale, t)
         # upstream quirk: the same norm applied a second time
         v = linear_channels_first(self.norm(u.transpose(1, 2)), self.proj.weight, self.proj.bias)
         return v.view(*v.shape[:2], *x.shape[2:])
@@ -96,7 +96,7 @@ class ResUpBlock(nn.Module):
 
     def forward(self, x):
         # conv(act(norm1(x))) + skip_scale * x, then act(norm2(y)); the ReLUs fused into the GroupNorms
-        y = torch.addcmul(self.conv(self.norm1(x, relu=True)), self.skip_scale, x)
+        y = scaled_add(self.conv(self.norm1(x, relu=True)), self.skip_scale, x)
         return self.norm2(y, relu=True)
 
 
@@ -134,8 +134,8 @@ class LightMUNet(nn.Module):
             c = widths[n_levels - 1 - j]
             self.up_samples.append(nn.Sequential(
                 ConvOnly(nd, c, c // 2, 1, bias=False),
-                nn.Upsample(scale_factor=tuple(float(f) for f in self.strides[n_levels - 2 - j]),
-                            mode=interp_mode(nd), align_corners=False)))
+                Upsample(scale_factor=tuple(float(f) for f in self.strides[n_levels - 2 - j]),
+                         mode=interp_mode(nd), align_corners=False)))
             self.up_layers.append(nn.Sequential(*[ResUpBlock(nd, c // 2, num_groups) for _ in range(n_blocks)]))
         self.conv_final = nn.Sequential(GroupNorm(num_groups, init_filters), nn.ReLU(),
                                         dw_conv(nd, init_filters, out_channels, 1, bias=True))

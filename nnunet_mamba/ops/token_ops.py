@@ -12,6 +12,9 @@ and on (B, C, *S) feature maps
 * ``group_norm`` - GroupNorm. Torch: ``F.group_norm`` (one thread block per (sample, group) for the statistics), or
   from ``VAR_MEAN_FROM`` elements statistics from ``torch.var_mean``; Triton (``kernels/group_norm_triton.py``):
   many programs per (sample, channel).
+* ``scaled_add`` - y + s * t with a 1-element s (a residual's learnt scale). Forward: ``torch.addcmul`` (one pass);
+  backward: torch ops (``g * s`` and a sum of ``g * t``: three passes), or the Triton kernel
+  (``kernels/scaled_add_triton.py``): both gradients from one read of g and t.
 
 ``backend="auto"`` takes Triton for CUDA tensors (when installed) from the smallest size at which its GPU time measured
 below PyTorch's (kernels/BENCHMARK_mixer_ops.md; ``TRITON_FROM``),
@@ -22,6 +25,7 @@ at module import time.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -38,23 +42,34 @@ ENV_BACKEND = "NNUNET_MAMBA_TOKEN_OPS_BACKEND"
 # measure the host (the Triton GroupNorm's wall time is ~2 ms at every size). The conv1d, the LayerNorm and the
 # depthwise conv won at every measured size (the smallest are listed); the GroupNorm from 2 x 64 x 64^3.
 TRITON_FROM = {"causal-conv1d": 2 * 4096 * 512, "layer-norm": 2 * 4096 * 256, "group-norm": 2 * 64 * 64 ** 3,
-               "depthwise-conv": 2 * 128 * 32 ** 3, "linear": 2 * 64 ** 3 * 64, "linear-wgrad": 2 * 128 ** 3 * 32}
+               "depthwise-conv": 2 * 128 * 32 ** 3, "linear": 2 * 64 ** 3 * 64, "linear-wgrad": 2 * 128 ** 3 * 32,
+               "upsample": 2 * 32 * 64 ** 3}
+# "upsample": counted in OUTPUT elements (LightM-UNet's decoder maps: (2, 32, 128^3) and (2, 64, 64^3) take it). A
+# provisional, conservative size until measured on the GPU: PyTorch's trilinear backward took 1.88 ms and its forward
+# 0.93 ms for (2, 32, 64^3) -> 128^3 fp32 (H200), the Triton kernels are not timed yet
 # "linear": the projections' fp32 GEMMs (ops/linear.py), from the smallest operand kernels/bench_linear.py measured
 # (2 x 64^3 tokens x 64 channels; H200, session 11: the Triton 3xTF32 GEMM 1.29-1.71x cuBLAS's SGEMM, as accurate);
 # "linear-wgrad": their weight gradients, from the output gradient's size (session 13: 2.1-3.2x cuBLAS from 2 x 128^3
 # tokens x 32 outputs; at 2 x 64^3 tokens equal or slower)
+# "scaled-add": provisional, until measured on the GPU (the size is the backward's map, LightM-UNet's 64^3 level).
+# At 2 x 32 x 128^3 PyTorch's backward of addcmul is three passes, 0.38 + 0.37 + 0.28 ms (H200 profile); the fused
+# kernel's single pass is estimated at ~0.34 ms from a pass of the same traffic, not yet timed itself
+TRITON_FROM["scaled-add"] = 2 * 32 * 64 ** 3
 # group_norm's torch backend takes its statistics from var_mean from this size (below: F.group_norm): in GPU time
 # 3.5x faster than F.group_norm at 2 x 128 x 32^3, 2.0x at 2 x 256 x 16^3 (the smallest measured) on the H200, and
 # faster than the Triton kernel below 2 x 64 x 64^3.
 VAR_MEAN_FROM = 2 * 256 * 16 ** 3
 
 
-def _use_triton(op: str, x: torch.Tensor, backend: str, measured_faster: bool = True) -> bool:
-    """Whether to run the Triton kernel: "auto" takes it from the op's ``TRITON_FROM`` size where the caller's layout
-    rule (``measured_faster``) does not exclude x; the environment variable overrides "auto"."""
+def _use_triton(op: str, x: torch.Tensor, backend: str, measured_faster: bool = True,
+                size: int | None = None) -> bool:
+    """Whether to run the Triton kernel: "auto" takes it from the op's ``TRITON_FROM`` size (``size``, by default
+    x's element count) where the caller's layout rule (``measured_faster``) does not exclude x; the environment
+    variable overrides "auto"."""
     if backend == "auto":
+        size = x.numel() if size is None else size
         backend = os.environ.get(ENV_BACKEND) or (
-            "triton" if measured_faster and x.numel() >= TRITON_FROM[op] and _triton_unavailable(x.device) is None
+            "triton" if measured_faster and size >= TRITON_FROM[op] and _triton_unavailable(x.device) is None
             else "torch")
     if backend not in ("torch", "triton"):
         raise ValueError(f"unknown {op} backend {backend!r}; known: auto, torch, triton")
@@ -126,6 +141,23 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     return y.relu_() if relu else y
 
 
+def upsample_linear(x: torch.Tensor, factors, backend: str = "auto") -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=factors, mode="bilinear" / "trilinear", align_corners=False)`` for x (B, C, *S)
+    (nd = 2 or 3) and one integer factor >= 1 per spatial axis (``nn.Upsample``'s default
+    ``recompute_scale_factor=None``: the source scale is 1 / f). The output has x's dtype, also under autocast, as
+    PyTorch's upsampling. "auto" takes the Triton kernel (deterministic backward, no atomics) for contiguous maps
+    from ``TRITON_FROM["upsample"]`` output elements; others, channels-last ones included, go to ``F.interpolate``,
+    which keeps their memory format (the kernel's output is contiguous)."""
+    factors = tuple(int(f) for f in factors)
+    if _use_triton("upsample", x, backend, measured_faster=x.is_contiguous(), size=x.numel() * math.prod(factors)):
+        from ..kernels.upsample_triton import upsample_linear_triton
+        return upsample_linear_triton(x, factors)
+    mode = {4: "bilinear", 5: "trilinear"}.get(x.dim())
+    if mode is None:
+        raise ValueError(f"upsample_linear: x must be (B, C, H, W) or (B, C, D, H, W); got {tuple(x.shape)}")
+    return F.interpolate(x, scale_factor=tuple(float(f) for f in factors), mode=mode, align_corners=False)
+
+
 class _GroupNormFn(torch.autograd.Function):
     """GroupNorm with the statistics from ``torch.var_mean`` and the backward from ATen's own group-norm backward.
 
@@ -160,3 +192,54 @@ class _GroupNormFn(torch.autograd.Function):
             gy.contiguous(), x, mean, rstd, weight, n, c, x[0, 0].numel(), ctx.groups,
             [need[0], weight is not None and need[1], need[2]])
         return gx, gw, gb, None, None
+
+
+def scaled_add(y: torch.Tensor, s: torch.Tensor, t: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``y + s * t``, i.e. ``torch.addcmul(y, s, t)``, for y and t of one shape and a 1-element s (a residual's learnt
+    scale, LightM-UNet's ``skip_scale``); s broadcasts, nothing else does.
+
+    The forward is that ``torch.addcmul`` call (one pass): the same values and dtype, and under autocast the same
+    promotion of the inputs to the widest dtype (autocast stays on inside the autograd Function's forward). The
+    backward returns y's gradient g, t's g * s and s's sum(g * t), each only if required, in the inputs' dtypes. On
+    the Triton backend (``kernels/scaled_add_triton.py``) t's and s's come from one read of g and t, s's as fp32
+    per-block partial sums added in a fixed order (bitwise repeatable); on the torch backend from ``g * s`` and a sum
+    of ``g * t`` (PyTorch's own three passes)."""
+    if not isinstance(s, torch.Tensor) or s.numel() != 1 or s.dim() > y.dim():
+        raise ValueError(f"scaled_add: s must be a 1-element tensor of at most y's {y.dim()} dims, got "
+                         f"{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__}")
+    if y.shape != t.shape:
+        raise ValueError(f"scaled_add: y and t must have one shape, got {tuple(y.shape)} and {tuple(t.shape)}")
+    triton = _use_triton("scaled-add", y, backend)
+    if not (torch.is_grad_enabled() and (y.requires_grad or s.requires_grad or t.requires_grad)):
+        return torch.addcmul(y, s, t)
+    return _ScaledAddFn.apply(y, s, t, triton)
+
+
+class _ScaledAddFn(torch.autograd.Function):
+    """``torch.addcmul(y, s, t)`` (1-element s) with a backward that computes only the required gradients: g for y,
+    g * s for t and sum(g * t) for s, the last two fused on the Triton backend."""
+
+    @staticmethod
+    def forward(ctx, y, s, t, triton):
+        ctx.triton = triton
+        ctx.dtypes = y.dtype, t.dtype
+        ctx.save_for_backward(s, t if ctx.needs_input_grad[1] else None)  # t only for s's gradient
+        return torch.addcmul(y, s, t)
+
+    @staticmethod
+    def backward(ctx, g):
+        s, t = ctx.saved_tensors
+        need_y, need_s, need_t = ctx.needs_input_grad[:3]
+        gy = g.to(ctx.dtypes[0]) if need_y else None
+        gs = gt = None
+        if ctx.triton and (need_s or need_t):
+            from ..kernels.scaled_add_triton import scaled_add_grads
+            gt, gs = scaled_add_grads(g, s.to(g.device), t, need_gt=need_t, need_gs=need_s, dtype=ctx.dtypes[1])
+        else:
+            if need_t:
+                gt = (g * s).to(ctx.dtypes[1])
+            if need_s:  # summed in at least fp32 (a bf16 g * t would otherwise give a bf16 sum)
+                gs = (g * t).sum(dtype=torch.promote_types(g.dtype, torch.float32))
+        if gs is not None:
+            gs = gs.reshape(s.shape).to(s.dtype)
+        return gy, gs, gt, None
