@@ -98,7 +98,7 @@ def _batch(shape, batch, k, learnable=False):
 KERNEL_CATEGORIES = [("selective scan", r"^_(bwd|chunk|bsum|carry)_kernel$|selective_scan"),
                      ("causal conv / LayerNorm / GroupNorm / depthwise conv (Triton)",
                       r"^_(conv_fwd|conv_bwd|ln_\w+|stats|grad_sums|affine|dw_conv|dw_conv_wgrad)_kernel$"),
-                     ("upsampling / scaled residual (Triton)", r"^_(upsample|upsample_grad|scaled_add)_kernel$"),
+                     ("scaled residual's backward (Triton)", r"^_scaled_add_kernel$"),
                      ("depthwise conv (PyTorch)", r"depthwise"),
                      ("cuDNN (convolutions, batch norm)", r"cudnn|implicit_gemm|conv"),
                      ("GEMM (cuBLAS)", r"gemm|gemv"),

@@ -767,11 +767,20 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
         num_warps=plan.bwd_warps, **plan.bwd_options)
     del hf  # back to the caching allocator now (stream-ordered after the kernel): the sums below may reuse it
     out = bc_out if bc_out is not None else (None, None)
-    gB = torch.sum(gBp, 0, out=out[0]).transpose(-1, -2)  # time-varying: (b, G, N, positions); constant: (d, N)
-    gC = torch.sum(gCp, 0, out=out[1]).transpose(-1, -2)
+    gB = _sum_partials(gBp, out[0]).transpose(-1, -2)  # time-varying: (b, G, N, positions); constant: (d, N)
+    gC = _sum_partials(gCp, out[1]).transpose(-1, -2)
     low_grads = (gdt.sum(0).transpose(1, 2), gWp.sum(0).t()) if W is not None else (None, None)
     return (gAp.sum(0).t(), gB, gC, gDp.sum(0) if D is not None else None, gbp.sum(0) if bias is not None else None,
             *low_grads)
+
+
+def _sum_partials(p, out=None):
+    """The sum over the first axis of the per-channel-block partials p, into ``out`` if given: two as one add (0.39
+    against ``torch.sum``'s 0.52 ms for LightM-UNet's 128^3 B gradients into x_proj's side-by-side buffer), more by
+    ``torch.sum`` (0.09 against 0.15 ms of adds for four at 64^3; H200, session 15)."""
+    if p.shape[0] == 2:
+        return torch.add(p[0], p[1], out=out)
+    return torch.sum(p, 0, out=out)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import depthwise_conv, group_norm, layer_norm, recompute, upsample_linear
+from ..ops import depthwise_conv, group_norm, layer_norm, recompute
 
 
 def conv_nd(nd: int) -> type[nn.Module]:
@@ -95,30 +95,6 @@ def depthwise_conv_nd(nd: int) -> type[nn.Module]:
     """``DepthwiseConv{nd}d(channels, kernel_size, bias=True)``: ``nn.Conv{nd}d(c, c, k, padding=(k - 1) // 2,
     groups=c)`` - same parameters, state dict and function - through ``ops.depthwise_conv``."""
     return {2: DepthwiseConv2d, 3: DepthwiseConv3d}[nd]
-
-
-class Upsample(nn.Upsample):
-    """``nn.Upsample`` (same arguments; no parameters, so state dicts are unchanged) whose bilinear / trilinear
-    upsampling by integer factors with ``align_corners`` off goes through ``ops.upsample_linear``: on CUDA, for large
-    contiguous maps, the Triton kernel, whose backward is a deterministic gather where PyTorch's scatters with atomics
-    (kernels/upsample_triton.py). Every other configuration (a size, non-integer factors, other modes, corners
-    aligned, ``recompute_scale_factor``) runs ``nn.Upsample``'s own forward."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        factors = self._integer_factors(x.dim() - 2)
-        if factors is None:
-            return super().forward(x)
-        return upsample_linear(x, factors)
-
-    def _integer_factors(self, nd: int):
-        """The per-axis integer factors when the kernel applies to an nd-dimensional map, else None."""
-        if ((self.mode, nd) not in (("bilinear", 2), ("trilinear", 3)) or self.align_corners or self.size is not None
-                or self.scale_factor is None or self.recompute_scale_factor):
-            return None
-        sf = self.scale_factor if isinstance(self.scale_factor, tuple) else (self.scale_factor,) * nd
-        if len(sf) != nd or not all(float(f).is_integer() and f >= 1 for f in sf):
-            return None
-        return tuple(int(f) for f in sf)
 
 
 class LayerNormNd(nn.LayerNorm):

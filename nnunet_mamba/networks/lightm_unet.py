@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..modules.common import (GroupNorm, TokenLayerNorm, Upsample, conv_nd, depthwise_conv_nd, fp32_core,
-                              interp_mode, max_pool_nd, recomputed)
+from ..modules.common import (GroupNorm, TokenLayerNorm, conv_nd, depthwise_conv_nd, fp32_core, interp_mode,
+                              max_pool_nd, recomputed)
 from ..modules.mamba import Mamba
 from ..ops import linear_channels_first, scaled_add
 
@@ -134,8 +134,8 @@ class LightMUNet(nn.Module):
             c = widths[n_levels - 1 - j]
             self.up_samples.append(nn.Sequential(
                 ConvOnly(nd, c, c // 2, 1, bias=False),
-                Upsample(scale_factor=tuple(float(f) for f in self.strides[n_levels - 2 - j]),
-                         mode=interp_mode(nd), align_corners=False)))
+                nn.Upsample(scale_factor=tuple(float(f) for f in self.strides[n_levels - 2 - j]),
+                            mode=interp_mode(nd), align_corners=False)))
             self.up_layers.append(nn.Sequential(*[ResUpBlock(nd, c // 2, num_groups) for _ in range(n_blocks)]))
         self.conv_final = nn.Sequential(GroupNorm(num_groups, init_filters), nn.ReLU(),
                                         dw_conv(nd, init_filters, out_channels, 1, bias=True))

@@ -10,8 +10,8 @@ mamba-ssm's ``selective_scan_fn``, plus an optional low-rank delta (``delta_proj
 
 ``"auto"`` picks the best backend available for the tensors' device and says once which one it uses.
 ``causal_conv1d_silu`` and ``layer_norm`` (the Mamba layers' conv + SiLU and LayerNorm on (b, L, C) tokens), and
-``depthwise_conv``, ``group_norm`` and ``upsample_linear`` on (B, C, *S) maps, and ``scaled_add`` (y + s * t, s a
-residual's 1-element scale; its backward fused), have a PyTorch and a Triton backend
+``depthwise_conv`` and ``group_norm`` on (B, C, *S) maps, and ``scaled_add`` (y + s * t, s a residual's 1-element
+scale; its backward fused), have a PyTorch and a Triton backend
 (``ops/token_ops.py``); ``linear_split`` and ``linear_channels_first`` are Linear layers computed
 in the layouts the Mamba layers need, their fp32 products on a Triton 3xTF32 GEMM where measured faster
 (``ops/linear.py``).
@@ -26,8 +26,7 @@ from .scan import (
     selective_scan,
 )
 from .linear import linear_channels_first, linear_split
-from .token_ops import causal_conv1d_silu, depthwise_conv, group_norm, layer_norm, upsample_linear
-from .token_ops import scaled_add
+from .token_ops import causal_conv1d_silu, depthwise_conv, group_norm, layer_norm, scaled_add
 
 __all__ = [
     "BackendUnavailable",
@@ -43,5 +42,4 @@ __all__ = [
     "register_backend",
     "scaled_add",
     "selective_scan",
-    "upsample_linear",
 ]

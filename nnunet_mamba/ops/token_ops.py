@@ -25,7 +25,6 @@ at module import time.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -43,33 +42,26 @@ ENV_BACKEND = "NNUNET_MAMBA_TOKEN_OPS_BACKEND"
 # depthwise conv won at every measured size (the smallest are listed); the GroupNorm from 2 x 64 x 64^3.
 TRITON_FROM = {"causal-conv1d": 2 * 4096 * 512, "layer-norm": 2 * 4096 * 256, "group-norm": 2 * 64 * 64 ** 3,
                "depthwise-conv": 2 * 128 * 32 ** 3, "linear": 2 * 64 ** 3 * 64, "linear-wgrad": 2 * 128 ** 3 * 32,
-               "upsample": 2 * 32 * 64 ** 3}
-# "upsample": counted in OUTPUT elements (LightM-UNet's decoder maps: (2, 32, 128^3) and (2, 64, 64^3) take it). A
-# provisional, conservative size until measured on the GPU: PyTorch's trilinear backward took 1.88 ms and its forward
-# 0.93 ms for (2, 32, 64^3) -> 128^3 fp32 (H200), the Triton kernels are not timed yet
+               "scaled-add": 2 * 32 * 64 ** 3}
 # "linear": the projections' fp32 GEMMs (ops/linear.py), from the smallest operand kernels/bench_linear.py measured
 # (2 x 64^3 tokens x 64 channels; H200, session 11: the Triton 3xTF32 GEMM 1.29-1.71x cuBLAS's SGEMM, as accurate);
 # "linear-wgrad": their weight gradients, from the output gradient's size (session 13: 2.1-3.2x cuBLAS from 2 x 128^3
 # tokens x 32 outputs; at 2 x 64^3 tokens equal or slower)
-# "scaled-add": provisional, until measured on the GPU (the size is the backward's map, LightM-UNet's 64^3 level).
-# At 2 x 32 x 128^3 PyTorch's backward of addcmul is three passes, 0.38 + 0.37 + 0.28 ms (H200 profile); the fused
-# kernel's single pass is estimated at ~0.34 ms from a pass of the same traffic, not yet timed itself
-TRITON_FROM["scaled-add"] = 2 * 32 * 64 ** 3
+# "scaled-add": the backward's map; LightM-UNet's 64^3 and 128^3 levels take it. PyTorch's backward is three passes
+# (0.38 + 0.37 + 0.28 ms at 2 x 32 x 128^3, H200 profile); with the kernel the step took 251.4 against 253.9 ms
+# (H200, session 15, CUDA graphs, same call). Smaller maps not measured
 # group_norm's torch backend takes its statistics from var_mean from this size (below: F.group_norm): in GPU time
 # 3.5x faster than F.group_norm at 2 x 128 x 32^3, 2.0x at 2 x 256 x 16^3 (the smallest measured) on the H200, and
 # faster than the Triton kernel below 2 x 64 x 64^3.
 VAR_MEAN_FROM = 2 * 256 * 16 ** 3
 
 
-def _use_triton(op: str, x: torch.Tensor, backend: str, measured_faster: bool = True,
-                size: int | None = None) -> bool:
-    """Whether to run the Triton kernel: "auto" takes it from the op's ``TRITON_FROM`` size (``size``, by default
-    x's element count) where the caller's layout rule (``measured_faster``) does not exclude x; the environment
-    variable overrides "auto"."""
+def _use_triton(op: str, x: torch.Tensor, backend: str, measured_faster: bool = True) -> bool:
+    """Whether to run the Triton kernel: "auto" takes it from the op's ``TRITON_FROM`` size where the caller's layout
+    rule (``measured_faster``) does not exclude x; the environment variable overrides "auto"."""
     if backend == "auto":
-        size = x.numel() if size is None else size
         backend = os.environ.get(ENV_BACKEND) or (
-            "triton" if measured_faster and size >= TRITON_FROM[op] and _triton_unavailable(x.device) is None
+            "triton" if measured_faster and x.numel() >= TRITON_FROM[op] and _triton_unavailable(x.device) is None
             else "torch")
     if backend not in ("torch", "triton"):
         raise ValueError(f"unknown {op} backend {backend!r}; known: auto, torch, triton")
@@ -139,23 +131,6 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     else:
         y = F.group_norm(x, num_groups, weight, bias, eps)
     return y.relu_() if relu else y
-
-
-def upsample_linear(x: torch.Tensor, factors, backend: str = "auto") -> torch.Tensor:
-    """``F.interpolate(x, scale_factor=factors, mode="bilinear" / "trilinear", align_corners=False)`` for x (B, C, *S)
-    (nd = 2 or 3) and one integer factor >= 1 per spatial axis (``nn.Upsample``'s default
-    ``recompute_scale_factor=None``: the source scale is 1 / f). The output has x's dtype, also under autocast, as
-    PyTorch's upsampling. "auto" takes the Triton kernel (deterministic backward, no atomics) for contiguous maps
-    from ``TRITON_FROM["upsample"]`` output elements; others, channels-last ones included, go to ``F.interpolate``,
-    which keeps their memory format (the kernel's output is contiguous)."""
-    factors = tuple(int(f) for f in factors)
-    if _use_triton("upsample", x, backend, measured_faster=x.is_contiguous(), size=x.numel() * math.prod(factors)):
-        from ..kernels.upsample_triton import upsample_linear_triton
-        return upsample_linear_triton(x, factors)
-    mode = {4: "bilinear", 5: "trilinear"}.get(x.dim())
-    if mode is None:
-        raise ValueError(f"upsample_linear: x must be (B, C, H, W) or (B, C, D, H, W); got {tuple(x.shape)}")
-    return F.interpolate(x, scale_factor=tuple(float(f) for f in factors), mode=mode, align_corners=False)
 
 
 class _GroupNormFn(torch.autograd.Function):
