@@ -147,8 +147,8 @@ def profile_step(step, name, top=12, host_top=0):
     others = [e for e in prof.key_averages(group_by_input_shape=True)
               if e.key.startswith("aten::") and e not in gemms and e.self_device_time_total > 0]
     others.sort(key=lambda e: -e.self_device_time_total)
-    print(f"[profile] {name}: other ATen ops by operand shapes ({sum(e.self_device_time_total for e in others) / 1e3:.1f}"
-          f" ms in all; top {top})")
+    total = sum(e.self_device_time_total for e in others) / 1e3
+    print(f"[profile] {name}: other ATen ops by operand shapes ({total:.1f} ms in all; top {top})")
     for e in others[:top]:
         print(f"  {e.self_device_time_total / 1e3:8.2f} ms {e.count:4d}x  {e.key} {e.input_shapes}")
     # the GPU's idle time inside the step (gaps between consecutive kernels): where it waited on the host

@@ -11,11 +11,12 @@ remainder term is dropped), which is as accurate as SGEMM on these shapes: large
 2-4e-7 of the result's scale, SGEMM 3-8e-7, and 1.29-1.71x faster (H200; kernels/bench_linear.py, docs/kernels.md
 "Projections"). Since session 15 the product runs persistent (``_mm_stream_kernel``: one or two programs per SM
 take row tiles in turn, so Triton pipelines the next tiles' loads; 1.1-1.8x the one-program-per-tile kernel on
-LightM-UNet's products), with output columns past the last multiple of 16 in a second, masked tile. A weight gradient reduces over all L tokens into a small (N, K) matrix, which cuBLAS runs on a few
-thread blocks (3.7x its memory floor for ``out_proj`` at 128^3); ``weight_grad_tf32x3`` splits the tokens over
-programs that each write a partial (N, K) sum, summed in a fixed order afterwards (no atomics: bitwise repeatable).
-With fp32 FMA instead (``PREC="ieee"``) the same kernel is slower than cuBLAS. Under
-``TRITON_INTERPRET=1`` the product is numpy's fp32 matmul.
+LightM-UNet's products), with output columns past the last multiple of 16 in a second, masked tile. A weight
+gradient reduces over all L tokens into a small (N, K) matrix, which cuBLAS runs on a few thread blocks (3.7x its
+memory floor for ``out_proj`` at 128^3); ``weight_grad_tf32x3`` splits the tokens over programs that each write a
+partial (N, K) sum, summed in a fixed order afterwards (no atomics: bitwise repeatable). With fp32 FMA instead
+(``PREC="ieee"``) the same kernel is slower than cuBLAS. Under ``TRITON_INTERPRET=1`` the product is numpy's fp32
+matmul.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from .launch import cached_launch
 from .tuning import sm_count, smem_bytes, tuning_setter
 
 _TUNING: dict = {}
-# matmul_tf32x3's tile overrides for sweeps: BM, BN, BK, num_warps, num_stages; stream = programs per SM of the
-# persistent form (_mm_stream_kernel; 0: one program per tile)
+# matmul_tf32x3's launch overrides for sweeps and tests: the tiles (BM, BN, BN2, BK), K_MAIN, num_warps, num_stages;
+# stream = programs per SM of the persistent form (_mm_stream_kernel; 0: one program per tile, _mm_kernel)
 set_tuning = tuning_setter(_TUNING, ("BM", "BN", "BN2", "BK", "K_MAIN", "num_warps", "num_stages", "stream"))
 
 
@@ -118,25 +119,29 @@ def _mm_stream_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_xk, s_wk, s_w
 
 
 def _config(K, N, device, column_major_x=False, column_major_out=False):
-    """Tile sizes and launch shape, from the sweeps of kernels/bench_linear.py on the H200. Since session 15 the
-    persistent form (``stream`` programs per SM) on 128-row tiles, 3 stages: it was faster than one program per tile
-    on each of LightM-UNet's products (``--stream``). The one-program-per-tile tiles (``stream=0``): row-major operands
-    (session 11); a column-major x (a channels-first Linear's input gradient) runs best on 4 warps, a column-major
-    output of up to 32 columns (its forward) on 64-row tiles (session 13)."""
+    """Tile sizes and launch shape, from the sweeps of kernels/bench_linear.py on the H200.
+
+    Since session 15 the persistent form (``stream`` programs per SM) on 128-row tiles: faster than one program per
+    tile on each of LightM-UNet's products but one (``--stream``). Its pipeline holds every K step's x and w tiles
+    per stage, plus the epilogue's tile: up to 3 stages as the device's shared memory allows (2 at K = 128 on the
+    H200); where fewer than 2 fit (K = 256), one program per tile. N not a multiple of 16 (x_proj): an unmasked tile
+    of the largest power of 2 below N and a masked rest (BN2).
+
+    One program per tile (``stream=0``): row-major operands (session 11); a column-major x (a channels-first Linear's
+    input gradient) runs best on 4 warps, a column-major output of up to 32 columns (its forward) on 64-row tiles
+    (session 13)."""
     BN = min(128, max(16, triton.next_power_of_2(N)))
     BK = min(32, max(16, triton.next_power_of_2(K)))
     if _TUNING.get("stream", 2):
-        # N not a multiple of 16 (x_proj): an unmasked tile of the largest power of 2 below N and a masked rest
-        BN, BN2 = (BN, 0) if N % 16 == 0 or N < 16 or N > 128 else (
-            triton.next_power_of_2(N) // 2, max(16, triton.next_power_of_2(N - triton.next_power_of_2(N) // 2)))
-        # the persistent loop's pipeline holds every K step's x and w tiles per stage, the epilogue one (BM, BN)
-        # tile; where fewer than 2 stages fit (K = 256 on the H200) the tiles below
+        p2 = triton.next_power_of_2(N)
+        BN1, BN2 = (BN, 0) if N % 16 == 0 or N < 16 or N > 128 else (
+            p2 // 2, max(16, triton.next_power_of_2(N - p2 // 2)))
         BM = 128
-        stages = min(3, (smem_bytes(device) - BM * (BN + BN2) * 4) // (triton.cdiv(K, BK) * BK * (BM + BN + BN2) * 4))
+        per_stage = triton.cdiv(K, BK) * BK * (BM + BN1 + BN2) * 4
+        stages = min(3, (smem_bytes(device) - BM * (BN1 + BN2) * 4) // per_stage)
         if stages >= 2:
-            return dict(BM=BM, BN=BN, BN2=BN2, BK=BK, K_MAIN=K // BK, num_warps=8 if K >= 64 else 4,
+            return dict(BM=BM, BN=BN1, BN2=BN2, BK=BK, K_MAIN=K // BK, num_warps=8 if K >= 64 else 4,
                         num_stages=stages, stream=1 if K >= 128 or N > 128 else 2)
-        BN = min(128, max(16, triton.next_power_of_2(N)))
     cfg = dict(BM=64 if BN >= 128 else 128, BN=BN, BK=BK, num_warps=8 if BN == 64 else 4,
                num_stages=2 if BN >= 128 else 3)
     if column_major_x:

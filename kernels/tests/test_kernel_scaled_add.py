@@ -95,7 +95,8 @@ def test_half_inputs_and_output_dtype(sa):
     assert ((gt.float() - ref).abs() <= ref.abs() * 2.0 ** -7).all()
     if DEV == "cuda":
         assert torch.equal(gt, ref.bfloat16())
-    assert abs(float(gs) - float((g.double() * t.double()).sum())) <= 1e-6 * float((g.double() * t.double()).abs().sum())
+    prod = g.double() * t.double()
+    assert abs(float(gs) - float(prod.sum())) <= 1e-6 * float(prod.abs().sum())
 
 
 def test_empty_and_errors(sa):
