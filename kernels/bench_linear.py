@@ -103,11 +103,16 @@ STREAM_SHAPES = [("in_proj fwd 128^3", 2 * 128**3, 32, 128, "row", "row", False)
                  ("in_proj dgrad block 64^3", 2 * 64**3, 128, 64, "rows 256", "row", True),
                  ("x_proj fwd 64^3", 2 * 64**3, 128, 36, "row", "row", False),
                  ("out_proj fwd 64^3 (per b)", 64**3, 128, 64, "row", "col", False),
-                 # x_proj's 34 columns with 16-element-aligned rows, and as 48 columns
-                 ("x_proj fwd 128^3 rows 48", 2 * 128**3, 64, 34, "row", "rows 48", False),
-                 ("x_proj fwd 128^3 N 48", 2 * 128**3, 64, 48, "row", "row", False),
-                 ("x_proj dgrad 128^3 rows 48", 2 * 128**3, 34, 64, "rows 48", "row", False),
-                 ("x_proj dgrad 128^3 K 48", 2 * 128**3, 48, 64, "row", "row", False)]
+                 # the 32^3 and 16^3 levels, on cuBLAS in the step (below ops/linear.py's sizes): SGEMM is bound by
+                 # its fp32 arithmetic there, where 3xTF32 runs on the tensor cores
+                 ("in_proj fwd 32^3", 2 * 32**3, 128, 512, "row", "row", False),
+                 ("in_proj dgrad block 32^3", 2 * 32**3, 256, 128, "rows 512", "row", True),
+                 ("x_proj fwd 32^3", 2 * 32**3, 256, 40, "row", "row", False),
+                 ("x_proj dgrad 32^3", 2 * 32**3, 40, 256, "row", "row", False),
+                 ("out_proj fwd 32^3 (per b)", 32**3, 256, 128, "row", "col", False),
+                 ("in_proj fwd 16^3", 2 * 16**3, 256, 1024, "row", "row", False),
+                 ("in_proj dgrad block 16^3", 2 * 16**3, 512, 256, "rows 1024", "row", True),
+                 ("out_proj fwd 16^3 (per b)", 16**3, 512, 256, "row", "col", False)]
 
 
 def _operand(M, n, layout):
@@ -118,8 +123,8 @@ def _operand(M, n, layout):
 
 
 def row_stream(name, M, K, N, x_layout, y_layout, accumulate):
-    """matmul_tf32x3 on one program per tile (its tiles until session 15, ``stream=0``), with its default tiles, and at
-    the best of a sweep of the persistent form (programs per SM, row tile, warps, pipeline stages); the memory floor is
+    """cuBLAS's SGEMM, matmul_tf32x3 on one program per tile (its tiles until session 15, ``stream=0``), with its
+    default tiles, and at the best of a sweep of the persistent form (programs per SM, row tile, warps, pipeline stages); the memory floor is
     one read of x (and of y when accumulating) and one write of y at 4.8 TB/s."""
     x, w, y0 = _operand(M, K, x_layout), torch.randn(K, N, device=DEV) / K ** 0.5, _operand(M, N, y_layout)
     y = y0.clone() if y_layout == "row" else (y0.t().clone().t() if y_layout == "col" else _operand(M, N, y_layout))
@@ -127,6 +132,13 @@ def row_stream(name, M, K, N, x_layout, y_layout, accumulate):
 
     def run():
         return matmul_tf32x3(x, w, out=y, accumulate=accumulate)
+
+    def cublas():  # SGEMM (TF32 off) into the same output layout
+        if accumulate:
+            return y.addmm_(x, w)
+        if y_layout == "col":
+            return torch.mm(w.t(), x.t(), out=y.t()).t()
+        return torch.mm(x, w, out=y)
 
     def timed(**tuning):
         linear_triton.set_tuning(**tuning)
@@ -136,6 +148,9 @@ def row_stream(name, M, K, N, x_layout, y_layout, accumulate):
 
     floor = M * (K + N * (2 if accumulate else 1)) * 4 / 4.8e12 * 1e3
     line = f"{name} (M={M} K={K} N={N} x {x_layout} y {y_layout}, floor {floor:.3f} ms)"
+    t = do_bench(cublas, warmup=5, rep=20)
+    y.copy_(y0)
+    line += f" | cuBLAS {t:.3f} err {max_err(cublas(), ref):.1e}"
     line += " | per tile {:.3f} err {:.1e} | default {:.3f} err {:.1e}".format(*timed(stream=0), *timed())
     if "--sweep" in sys.argv:
         results = []
