@@ -136,16 +136,16 @@ def profile_step(step, name, top=12, host_top=0):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         step()
         torch.cuda.synchronize()
-    gemms = [e for e in prof.key_averages(group_by_input_shape=True)
-             if e.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")]
+    ops = prof.key_averages(group_by_input_shape=True)
+    gemm_ops = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+    gemms = [e for e in ops if e.key in gemm_ops]
     gemms.sort(key=lambda e: -e.device_time_total)
     print(f"[profile] {name}: cuBLAS GEMMs by operand shapes ({sum(e.device_time_total for e in gemms) / 1e3:.1f} ms "
           f"in all; top {top})")
     for e in gemms[:top]:
         print(f"  {e.device_time_total / 1e3:8.2f} ms {e.count:4d}x  {e.key} {e.input_shapes}")
     # the other ATen ops by the GPU time of the kernels they launched themselves (elementwise ops, reductions, copies)
-    others = [e for e in prof.key_averages(group_by_input_shape=True)
-              if e.key.startswith("aten::") and e not in gemms and e.self_device_time_total > 0]
+    others = [e for e in ops if e.key.startswith("aten::") and e.key not in gemm_ops and e.self_device_time_total > 0]
     others.sort(key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in others) / 1e3
     print(f"[profile] {name}: other ATen ops by operand shapes ({total:.1f} ms in all; top {top})")

@@ -33,6 +33,23 @@ _TUNING: dict = {}
 set_tuning = tuning_setter(_TUNING, ("BM", "BN", "BN2", "BK", "K_MAIN", "num_warps", "num_stages", "stream"))
 
 
+@triton.jit
+def _epilogue(acc, y_ptr, b_ptr, rows, mm, rn, nm, s_ym, s_yn, HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr,
+              MASK_N: tl.constexpr):
+    """acc (+ bias) (+ y) stored into y's (rows, rn) tile; the column mask nm applied only with MASK_N (a mask of a
+    width that is not a multiple of 16 makes Triton store every element on its own)."""
+    mask = mm[:, None] & nm[None, :] if MASK_N else mm[:, None]
+    if HAS_BIAS:
+        if MASK_N:
+            acc += tl.load(b_ptr + rn, mask=nm, other=0.0)[None, :]
+        else:
+            acc += tl.load(b_ptr + rn)[None, :]
+    y_ptrs = y_ptr + rows * s_ym + rn[None, :] * s_yn
+    if ACCUM:
+        acc += tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, acc, mask=mask)
+
+
 @cached_launch
 @triton.jit
 def _mm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym, s_yn,
@@ -49,29 +66,7 @@ def _mm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym
         x = tl.load(x_ptr + rows * s_xm + rk[None, :] * s_xk, mask=mm[:, None] & km[None, :], other=0.0)
         w = tl.load(w_ptr + rk[:, None] * s_wk + rn[None, :] * s_wn, mask=km[:, None] & nm[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=PREC)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=nm, other=0.0)[None, :]
-    y_ptrs = y_ptr + rows * s_ym + rn[None, :] * s_yn
-    if ACCUM:
-        acc += tl.load(y_ptrs, mask=mm[:, None] & nm[None, :], other=0.0)
-    tl.store(y_ptrs, acc, mask=mm[:, None] & nm[None, :])
-
-
-@triton.jit
-def _epilogue(acc, y_ptr, b_ptr, rows, mm, rn, nm, s_ym, s_yn, HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr,
-              MASK_N: tl.constexpr):
-    """acc (+ bias) (+ y) stored into y's (rows, rn) tile; the column mask nm applied only with MASK_N (a mask of a
-    width that is not a multiple of 16 makes Triton store every element on its own)."""
-    mask = mm[:, None] & nm[None, :] if MASK_N else mm[:, None]
-    if HAS_BIAS:
-        if MASK_N:
-            acc += tl.load(b_ptr + rn, mask=nm, other=0.0)[None, :]
-        else:
-            acc += tl.load(b_ptr + rn)[None, :]
-    y_ptrs = y_ptr + rows * s_ym + rn[None, :] * s_yn
-    if ACCUM:
-        acc += tl.load(y_ptrs, mask=mask, other=0.0)
-    tl.store(y_ptrs, acc, mask=mask)
+    _epilogue(acc, y_ptr, b_ptr, rows, mm, rn, nm, s_ym, s_yn, HAS_BIAS, ACCUM, True)
 
 
 @cached_launch
@@ -139,9 +134,9 @@ def _config(K, N, device, column_major_x=False, column_major_out=False):
         BM = 128
         per_stage = triton.cdiv(K, BK) * BK * (BM + BN1 + BN2) * 4
         stages = min(3, (smem_bytes(device) - BM * (BN1 + BN2) * 4) // per_stage)
-        if stages >= 2:
+        if stages >= 2 or "stream" in _TUNING:  # a sweep's explicit request is taken (and may not fit)
             return dict(BM=BM, BN=BN1, BN2=BN2, BK=BK, K_MAIN=K // BK, num_warps=8 if K >= 64 else 4,
-                        num_stages=stages, stream=1 if K >= 128 or N > 128 else 2)
+                        num_stages=max(stages, 1), stream=1 if K >= 128 or N > 128 else 2)
     cfg = dict(BM=64 if BN >= 128 else 128, BN=BN, BK=BK, num_warps=8 if BN == 64 else 4,
                num_stages=2 if BN >= 128 else 3)
     if column_major_x:

@@ -70,7 +70,7 @@ def test_both_launch_forms_match_float64(lt, tuning, M, K, N, bias, accumulate):
 def test_launch_plan(lt, monkeypatch):
     """The default plan: persistent, x_proj's 34 columns as 32 unmasked + a 16-column masked tile and its one full K
     step unmasked; 2 stages where 3 do not fit the H200's 227 KiB (K = 128), one program per tile where 2 do not
-    (K = 256)."""
+    (K = 256) unless set_tuning asks for the persistent form."""
     monkeypatch.setattr(lt, "smem_bytes", lambda device: 232448)
     cfg = lt._config(64, 34, torch.device(DEV))
     assert (cfg["BN"], cfg["BN2"], cfg["K_MAIN"], cfg["num_stages"], cfg["stream"]) == (32, 16, 2, 3, 2)
@@ -80,6 +80,8 @@ def test_launch_plan(lt, monkeypatch):
     lt.set_tuning(stream=0)
     try:
         assert "stream" not in lt._config(64, 34, torch.device(DEV))
+        lt.set_tuning(stream=2)  # a sweep asking for the persistent form gets it where it may not fit
+        assert lt._config(256, 64, torch.device(DEV))["num_stages"] == 1
     finally:
         lt.set_tuning()
 
