@@ -79,7 +79,10 @@ CF_SHAPES = [("out_proj 128^3", 2, 128**3, 64, 32), ("proj 128^3", 2, 128**3, 32
 WG_SHAPES = [("in_proj block 128^3", 1, 2 * 128**3, 64, 32, "rows 128"), ("x_proj 128^3", 1, 2 * 128**3, 34, 64, ""),
              ("out_proj 128^3", 2, 128**3, 32, 64, "cf"), ("proj 128^3", 2, 128**3, 32, 32, "cf"),
              ("proj 128^3 32->64", 2, 128**3, 64, 32, "cf"), ("in_proj block 64^3", 1, 2 * 64**3, 128, 64, "rows 256"),
-             ("x_proj 64^3", 1, 2 * 64**3, 36, 128, ""), ("out_proj 64^3", 2, 64**3, 64, 128, "cf")]
+             ("x_proj 64^3", 1, 2 * 64**3, 36, 128, ""), ("out_proj 64^3", 2, 64**3, 64, 128, "cf"),
+             # the 32^3 and 16^3 levels (on cuBLAS in the step)
+             ("in_proj block 32^3", 1, 2 * 32**3, 256, 128, "rows 512"), ("out_proj 32^3", 2, 32**3, 128, 256, "cf"),
+             ("in_proj block 16^3", 1, 2 * 16**3, 512, 256, "rows 1024"), ("out_proj 16^3", 2, 16**3, 256, 512, "cf")]
 
 
 # the Mamba mixer's dt_proj as the scan multiplies it out: delta (M, d) = v (M, R) W^T, v the first R columns of

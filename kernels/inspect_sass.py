@@ -42,7 +42,7 @@ for t in ("u", "d", "z", "o", "g", "gu", "gd", "gz"):
 for t in ("B", "C"):
     INTS.update({f"s_{t}b": N * L, f"s_{t}g": N * L, f"s_{t}n": 1, f"s_{t}l": N})
 FLAGS = dict(HAS_MAP=False, FLIP=False, ACCUM=False, GU_ACCUM=False, B_VAR=True, C_VAR=True, HAS_D=True, HAS_Z=True,
-             HAS_BIAS=True, SOFTPLUS=True, DT_LOW=False, BR=1, BD=32, BN=16, U=4)
+             HAS_BIAS=True, SOFTPLUS=True, DT_DONE=False, DT_OUT=False, DT_LOW=False, BR=1, BD=32, BN=16, U=4)
 
 
 def loop_mix(sass: str, top: int = 2) -> list[str]:

@@ -72,6 +72,20 @@ def _softplus(x):
 
 
 @triton.jit
+def _softplus_grad_of(dt):
+    """sigmoid(x), softplus's derivative, from dt = softplus(x): 1 - exp(-dt), by its Taylor series below 0.5 (no
+    cancellation for small dt; the first term left out is below 2.5e-7 of the result) and 1 - exp(-dt) above. 1 for
+    dt > 20 (dt = x there, as in _softplus). Cheaper than sigmoid(x) from x, and needs only dt."""
+    k = 1.0 - dt * (1.0 / 7.0)
+    k = 1.0 - dt * (1.0 / 6.0) * k
+    k = 1.0 - dt * 0.2 * k
+    k = 1.0 - dt * 0.25 * k
+    k = 1.0 - dt * (1.0 / 3.0) * k
+    k = 1.0 - dt * 0.5 * k
+    return tl.where(dt < 0.5, dt * k, 1.0 - tl.exp2(dt * -1.4426950408889634))
+
+
+@triton.jit
 def _pos(l, L, Q1, Q2, R0, R1, R2, HAS_MAP: tl.constexpr, FLIP: tl.constexpr):
     """Sequence position -> element offset along the position axis (identity, or a permuted/flipped raster)."""
     if HAS_MAP:
@@ -141,13 +155,16 @@ def _dt_operand(dt_ptr, W_ptr, b, c, cm, d, R, one, s_db, s_dd, DT_LOW: tl.const
 
 @triton.jit
 def _step_dt(dt_base, Wt, rm, o, mk, lm, bias, s_dl, DT_LOW: tl.constexpr, HAS_BIAS: tl.constexpr,
-             SOFTPLUS: tl.constexpr):
+             SOFTPLUS: tl.constexpr, DT_DONE: tl.constexpr):
     """One step's dt = softplus(delta + bias) (0 on masked lanes, so a masked step leaves the state alone) and the
-    raw delta + bias; delta read, or formed from the step's R low-rank values (_dt_operand)."""
+    raw delta + bias; delta read, or formed from the step's R low-rank values (_dt_operand). DT_DONE: the operand
+    holds dt itself (an earlier pass wrote it over the delta: DT_OUT), returned twice."""
     if DT_LOW:
         raw = tl.sum(Wt * tl.load(dt_base + o * s_dl, mask=rm & lm, other=0.0).to(tl.float32)[:, None], axis=0)
     else:
         raw = tl.load(dt_base + o * s_dl, mask=mk, other=0.0).to(tl.float32)
+    if DT_DONE:
+        return raw, raw
     if HAS_BIAS:
         raw += bias
     return tl.where(mk, _softplus(raw) if SOFTPLUS else raw, 0.0), raw
@@ -183,11 +200,11 @@ def _bc_column(base, const, o, rn, nm, lm, s_n, s_l, VAR: tl.constexpr, SPREAD: 
 
 @triton.jit
 def _step_inputs(u_base, dt_base, Wt, rm, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
-                 DT_LOW: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VAR: tl.constexpr,
-                 SPREAD: tl.constexpr):
+                 DT_LOW: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DT_DONE: tl.constexpr,
+                 B_VAR: tl.constexpr, SPREAD: tl.constexpr):
     """One step's u, dt, raw delta + bias (_step_dt) and B (_bc_column)."""
     u = tl.load(u_base + o * s_ul, mask=mk, other=0.0).to(tl.float32)
-    dt, raw = _step_dt(dt_base, Wt, rm, o, mk, lm, bias, s_dl, DT_LOW, HAS_BIAS, SOFTPLUS)
+    dt, raw = _step_dt(dt_base, Wt, rm, o, mk, lm, bias, s_dl, DT_LOW, HAS_BIAS, SOFTPLUS, DT_DONE)
     return u, dt, raw, _bc_column(B_base, Bc, o, rn, nm, lm, s_Bn, s_Bl, B_VAR, SPREAD)
 
 
@@ -208,8 +225,8 @@ def _advance(h, A2, dt, u, Bx):
 @triton.jit
 def _walk_block(h, l0, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn, nm, s_ul, s_dl, s_Bn, s_Bl,
                 Q1, Q2, R0, R1, R2, HAS_MAP: tl.constexpr, FLIP: tl.constexpr, DT_LOW: tl.constexpr,
-                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_VAR: tl.constexpr, F: tl.constexpr,
-                SPREAD: tl.constexpr):
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DT_DONE: tl.constexpr, B_VAR: tl.constexpr,
+                F: tl.constexpr, SPREAD: tl.constexpr):
     """Advance h over the F steps l0 .. l0+F-1; also returns, per step, the state before it, dt, u and the raw
     delta + bias (the backward's block recompute keeps them; its forward walk only needs h)."""
     hs = ()
@@ -219,7 +236,7 @@ def _walk_block(h, l0, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn,
     for k in tl.static_range(F):
         o, lm, mk = _step_at(l0 + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
         u, dt, raw, Bx = _step_inputs(u_base, dt_base, Wt, rm, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl,
-                                      s_Bn, s_Bl, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR, SPREAD)
+                                      s_Bn, s_Bl, DT_LOW, HAS_BIAS, SOFTPLUS, DT_DONE, B_VAR, SPREAD)
         hs = hs + (h,)
         h = _advance(h, A2, dt, u, Bx)
         dts = dts + (dt,)
@@ -241,11 +258,12 @@ def _chunk_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, 
                   s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, Q1, Q2, R0, R1, R2,
                   HAS_MAP: tl.constexpr, FLIP: tl.constexpr, ACCUM: tl.constexpr,
                   B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, OUT: tl.constexpr, SAVE_LAST: tl.constexpr,
-                  DT_LOW: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, T, U: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DT_DONE: tl.constexpr, DT_OUT: tl.constexpr,
+                  OUT: tl.constexpr, SAVE_LAST: tl.constexpr, DT_LOW: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, T, U: tl.constexpr,
                   STAGES: tl.constexpr, SPREAD: tl.constexpr, SEG: tl.constexpr):
     # SEG > 0 (output pass of a recomputation): also write the state entering every segment of SEG steps to hf, in
-    # _bwd_kernel's layout, which then skips its own forward walk.
+    # _bwd_kernel's layout, which then skips its own forward walk. DT_OUT: write each step's dt over its delta (a
+    # buffer the scan owns); DT_DONE: the delta operand holds dt already.
     # Tiles are (BN, BD): states x channels. Triton derives their register layout from the loads and stores. With
     # SPREAD (N >= 9) it is a channel per lane, so that a thread holds all BN states of its channel, the sums over n
     # stay inside the thread and no per-channel work is repeated: the state tiles are stored channels-fastest
@@ -274,7 +292,9 @@ def _chunk_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, 
         for k in tl.static_range(U):
             o, lm, mk = _step_at(l0 + t0 + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
             u, dt, raw, Bx = _step_inputs(u_base, dt_base, Wt, rm, B_base, bias, Bc, o, mk, lm, rn1, nm, s_ul, s_dl,
-                                          s_Bn, s_Bl, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR, SPREAD)
+                                          s_Bn, s_Bl, DT_LOW, HAS_BIAS, SOFTPLUS, DT_DONE, B_VAR, SPREAD)
+            if DT_OUT:  # dt over the delta it came from: the later passes read it (DT_DONE)
+                tl.store(dt_base + o * s_dl, dt, mask=mk)
             if SEG > 0:
                 if k % SEG == 0:  # t0 is a multiple of U: only these k can start a segment
                     tl.store(hf_b + ((l0 + t0 + k) // SEG).to(tl.int64) * hf_rs, h, mask=m2 & ((t0 + k) % SEG == 0))
@@ -349,7 +369,7 @@ def _bsum_kernel(dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
                  L, d, dg, N, RK, n_chunks, cbg, one,
                  s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_Cb, s_Cg, s_Cn, s_Cl, Q1, Q2, R0, R1, R2,
                  HAS_MAP: tl.constexpr, FLIP: tl.constexpr, C_VAR: tl.constexpr, HAS_Z: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DT_LOW: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DT_DONE: tl.constexpr, DT_LOW: tl.constexpr,
                  BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, T, U: tl.constexpr, STAGES: tl.constexpr,
                  SPREAD: tl.constexpr):
     """Backward chunk summary: walking chunk j backwards from a zero carry, G_t = C_t dy_t + a_{t+1} G_{t+1};
@@ -365,7 +385,7 @@ def _bsum_kernel(dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
     for t0 in tl.range(0, T, U, num_stages=STAGES):
         for k in tl.static_range(U):
             o, lm, mk = _step_at(l1 - t0 - k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
-            dt, raw = _step_dt(dt_base, Wt, rm, o, mk, lm, bias, s_dl, DT_LOW, HAS_BIAS, SOFTPLUS)
+            dt, raw = _step_dt(dt_base, Wt, rm, o, mk, lm, bias, s_dl, DT_LOW, HAS_BIAS, SOFTPLUS, DT_DONE)
             dy = tl.load(g_ptr + b * s_gb + c * s_gd + o * s_gl, mask=mk, other=0.0).to(tl.float32)
             if HAS_Z:
                 zz = tl.load(z_ptr + b * s_zb + c * s_zd + o * s_zl, mask=mk, other=0.0).to(tl.float32)
@@ -386,7 +406,7 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                 s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_pc, s_pb, s_pg, Q1, Q2, R0, R1, R2,
                 HAS_MAP: tl.constexpr, FLIP: tl.constexpr, GU_ACCUM: tl.constexpr, B_VAR: tl.constexpr,
                 C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                SOFTPLUS: tl.constexpr, DT_LOW: tl.constexpr,
+                SOFTPLUS: tl.constexpr, DT_DONE: tl.constexpr, DT_LOW: tl.constexpr,
                 BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, T, F: tl.constexpr, SF: tl.constexpr,
                 STAGES: tl.constexpr, OUTER_STAGES: tl.constexpr, SPREAD: tl.constexpr, WALKED: tl.constexpr):
     """Gradients of chunk j. (1) Walk the chunk forward from its entering state, writing the state entering every
@@ -424,7 +444,7 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
             tl.store(hf_b + (j * NS + f // SF).to(tl.int64) * hf_rs, h, mask=m2 & (f % SF == 0))
             h, _, _, _, _ = _walk_block(h, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn1,
                                         nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, DT_LOW,
-                                        HAS_BIAS, SOFTPLUS, B_VAR, F, SPREAD)
+                                        HAS_BIAS, SOFTPLUS, DT_DONE, B_VAR, F, SPREAD)
     # (2) backward over the segments and their blocks
     R = tl.load(rin_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), mask=m2, other=0.0)
     gA = tl.zeros((BN, BD), tl.float32)
@@ -439,7 +459,7 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                 tl.store(hb_b + q * N * d, h, mask=m2)
                 h, _, _, _, _ = _walk_block(h, j * T + (s * SF + q) * F, L, cm, u_base, dt_base, Wt, rm, B_base,
                                             bias, Bc, A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2,
-                                            HAS_MAP, FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR, F, SPREAD)
+                                            HAS_MAP, FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, DT_DONE, B_VAR, F, SPREAD)
             tl.store(hb_b + (SF - 1) * N * d, h, mask=m2)
             tl.debug_barrier()  # hb is visible to every thread
         for fb in tl.range(SF, num_stages=STAGES):  # (2b) the segment's blocks, backwards
@@ -450,7 +470,7 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                 hblock = h
             _, hs, dts, us, raws = _walk_block(hblock, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias,
                                                Bc, A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP,
-                                               FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, B_VAR, F, SPREAD)
+                                               FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, DT_DONE, B_VAR, F, SPREAD)
             for k in tl.static_range(F - 1, -1, -1):
                 o, lm, mk = _step_at(j * T + f * F + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
                 hp = hs[k]
@@ -482,7 +502,10 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                     gu += Dv * dy
                     gD += dy * u
                 if SOFTPLUS:
-                    gdt = gdt * tl.where(raws[k] > 20.0, 1.0, tl.sigmoid(raws[k]))
+                    if DT_DONE:
+                        gdt = gdt * _softplus_grad_of(dts[k])
+                    else:
+                        gdt = gdt * tl.where(raws[k] > 20.0, 1.0, tl.sigmoid(raws[k]))
                 gdt = tl.where(mk, gdt, 0.0)
                 gb += gdt
                 guptr = gu_ptr + b * s_gub + c * s_gud + o * s_gul
@@ -661,12 +684,14 @@ def _dt_low(W):
 
 
 def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want_last, W=None, states=None,
-             hf=None):
+             hf=None, dt_owned=False):
     """One forward pass into ``out``. u, z, out: (b, d, L)-strided; dt: (b, d, L), or (b, R, L) with W (R, d) fp32
     (delta = W^T dt); A: (d, N); B, C: (b, G, N, L) views or (d, N). Returns the chunk-entering states
     (b, chunks, N, d), the chunks' dt sums (b, d, chunks) and the last state (b, d, N). ``states``: those two from
     an earlier pass over the same inputs (a recomputation): only the output pass runs. ``hf``: the backward's state
-    scratch (``plan.scratch_states``), into which the output pass also writes the segment-entering states."""
+    scratch (``plan.scratch_states``), into which the output pass also writes the segment-entering states.
+    ``dt_owned``: dt is a buffer of the scan's own (full, not low-rank); the first pass writes softplus(dt + bias)
+    over it, and the later passes (and ``_backward(dt_done=True)``) read that instead of forming it again."""
     b, d, L = u.shape
     N = A.shape[1]
     A, B, C = _t(A), _t(B), _t(C)
@@ -681,7 +706,8 @@ def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want
     common = (L, d, plan.dg, N, R, plan.n_chunks, plan.cbg, 1, *u.stride(), *dt.stride(), *zt.stride(),
               *out.stride(), *_bc(B), *_bc(C), order.Q1, order.Q2, order.R0, order.R1, order.R2)
     flags = dict(HAS_MAP=order.has_map, FLIP=order.flip, ACCUM=accum, B_VAR=B.dim() == 4, C_VAR=C.dim() == 4,
-                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, **low,
+                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, DT_DONE=False,
+                 **low,
                  BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, STAGES=plan.stages, SPREAD=plan.spread,
                  num_warps=plan.num_warps)
     Wk = W if W is not None else A
@@ -692,24 +718,26 @@ def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want
     elif plan.n_chunks > 1:
         hloc = torch.empty(b, plan.n_chunks, N, d, device=dev, dtype=f32)
         _chunk_kernel[plan.grid](u, dt, Wk, zt, out, A, Dt, bt, B, C, hloc, hloc, sloc, A, 0, *common, OUT=False,
-                                 SAVE_LAST=False, SEG=0, **flags)
+                                 SAVE_LAST=False, SEG=0, DT_OUT=dt_owned, **flags)
+        flags["DT_DONE"], dt_owned = dt_owned, False
         hin = _carry(A, hloc, sloc, None, False, plan, b, d, N)
         del hloc
     else:
         hin = torch.zeros(b, 1, N, d, device=dev, dtype=f32)
     _chunk_kernel[plan.grid](u, dt, Wk, zt, out, A, Dt, bt, B, C, hin, last, sloc, hf if hf is not None else A,
                              b * d * N, *common, OUT=True, SAVE_LAST=want_last, SEG=plan.S if hf is not None else 0,
-                             **flags)
+                             DT_OUT=dt_owned, **flags)
     return hin, sloc, (last.transpose(1, 2) if want_last else None)
 
 
 def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan, order, gu, gdt, gz, gu_accum,
-              W=None, hf=None, bc_out=None):
+              W=None, hf=None, bc_out=None, dt_done=False):
     """One backward pass: writes gu (accumulating if gu_accum), gdt, gz; returns fp32 (gA, gB, gC, gD, gbias, gW),
     gB/gC time-varying as (b, G, N, L-positions) in the position layout of ``order``. With a low-rank delta (W, see
     _forward) gdt must be None and the gradient of dt (b, R, L-positions) comes back instead, with gW (d, R).
     ``hf``: the state scratch with the segment-entering states written by the forward (``_forward``). ``bc_out``:
-    two (b, G, positions, N) tensors (views) into which the time-varying gB and gC are summed."""
+    two (b, G, positions, N) tensors (views) into which the time-varying gB and gC are summed. ``dt_done``: dt holds
+    softplus(dt + bias), written by ``_forward(dt_owned=True)``."""
     b, d, L = u.shape
     N = A.shape[1]
     G = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
@@ -728,7 +756,7 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
             dt, Wk, zt, gout, A, bt, C, q, L, d, plan.dg, N, R, plan.n_chunks, plan.cbg, 1,
             *dt.stride(), *zt.stride(), *gout.stride(), *_bc(C), *pos,
             HAS_MAP=order.has_map, FLIP=order.flip, C_VAR=C_VAR, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-            SOFTPLUS=softplus, **low, BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, STAGES=plan.stages,
+            SOFTPLUS=softplus, DT_DONE=dt_done, **low, BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, STAGES=plan.stages,
             SPREAD=plan.spread, num_warps=plan.num_warps)
         rin = _carry(A, q, sloc, glast, True, plan, b, d, N)
         del q
@@ -761,7 +789,7 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
         *u.stride(), *dt.stride(), *zt.stride(), *gout.stride(),
         *gu.stride(), *s_gdt, *(gz if gz is not None else gu).stride(), *_bc(B), *_bc(C), *s_p, *pos,
         HAS_MAP=order.has_map, FLIP=order.flip, GU_ACCUM=gu_accum, B_VAR=B_VAR, C_VAR=C_VAR, HAS_D=D is not None,
-        HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, **low,
+        HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, DT_DONE=dt_done, **low,
         BD=plan.BD, BN=plan.BN, T=plan.T, F=plan.F, SF=plan.S // plan.F, STAGES=plan.bwd_stages,
         OUTER_STAGES=plan.bwd_stages if plan.S == plan.F else 1, SPREAD=plan.spread, WALKED=walked,
         num_warps=plan.bwd_warps, **plan.bwd_options)
@@ -810,7 +838,8 @@ def _grouped_bc(X):
 
 class _ScanFn(torch.autograd.Function):
     """The plain scan. With a low-rank delta (``W``) the (b, d, L) delta is formed by the kernels (``W_in_kernels``)
-    or multiplied out here; multiplied out it is this op's own buffer, and the backward writes d(delta) over it.
+    or multiplied out here; multiplied out it is this op's own buffer: the forward writes dt = softplus(delta + bias)
+    over it, and the backward writes d(delta) over that.
     ``reuse``: the caller reads neither z after the backward nor the output's gradient after this op's backward, so
     dz is written over z and du over the output gradient (where their layouts allow). Each saves a (b, d, L) buffer
     at the backward's memory peak (docs/kernels.md, "Memory")."""
@@ -840,15 +869,18 @@ class _ScanFn(torch.autograd.Function):
         kept = slot.value if slot is not None else None
         hf = None if kept is None or not _early_scratch() else \
             torch.empty(plan.scratch_states(b, d, L, plan.T, plan.S) * A.shape[1], device=u.device, dtype=torch.float32)
+        # the multiplied-out delta is this op's own buffer: the forward writes dt = softplus(delta + bias) over it,
+        # which the later passes and the backward read instead of forming it again
+        dt_done = v is not None and (softplus or bf is not None)
         hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True,
-                                   Wt if W_in_kernels else None, kept[0] if kept else None, hf)
+                                   Wt if W_in_kernels else None, kept[0] if kept else None, hf, dt_done)
         # ctx keeps only the scratch's box: the states stay with the region (freed with it, not with the graph)
         ctx.scratch = kept[1] if kept else [None]
         ctx.scratch[0] = hf
         if slot is not None:
             slot.value = ((hin, sloc), ctx.scratch)
         ctx.save_for_backward(u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt, v)
-        ctx.cfg = (softplus, plan, W_in_kernels, reuse)
+        ctx.cfg = (softplus, plan, W_in_kernels, reuse, dt_done)
         ctx.backward_ran = False
         ctx.set_materialize_grads(False)
         return out, last
@@ -856,7 +888,7 @@ class _ScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gout, glast):
         u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt, v = ctx.saved_tensors
-        softplus, plan, W_in_kernels, reuse = ctx.cfg
+        softplus, plan, W_in_kernels, reuse, dt_done = ctx.cfg
         # the recomputation's segment states, taken out of the box: they serve one backward (a second one walks again)
         hf, ctx.scratch[0] = ctx.scratch[0], None
         if ctx.backward_ran and (reuse or v is not None):
@@ -866,6 +898,9 @@ class _ScanFn(torch.autograd.Function):
                     "(retain_graph=True); its first backward wrote the gradients over z. Call it with "
                     "reuse_buffers=False to backpropagate through it more than once.")
             delta = _low_rank_product(v, Wt)  # the first backward wrote d(delta) over the multiplied-out delta
+            if dt_done:  # and dt over it again, by the same pass as the first time (an output pass, output unused)
+                _forward(u, delta, Af, _grouped_bc(B), _grouped_bc(C), Df, z, bf, softplus, _empty_in_order(u), plan,
+                         _IDENTITY, False, False, states=(hin, sloc), dt_owned=True)
         ctx.backward_ran = True
         if gout is None:
             gout, into_gout = torch.zeros_like(u), True
@@ -887,7 +922,7 @@ class _ScanFn(torch.autograd.Function):
         gA, gB, gC, gD, gbias, glow, gW = _backward(
             u, delta, z, gout, Af, Df, _grouped_bc(B), _grouped_bc(C), bf, softplus, hin, sloc,
             glast.contiguous() if glast is not None else None, plan, _IDENTITY, gu, gdt, gz, False,
-            Wt if W_in_kernels else None, hf, bc_out)
+            Wt if W_in_kernels else None, hf, bc_out, dt_done)
         if W is None:
             gv = gdt
         elif W_in_kernels:

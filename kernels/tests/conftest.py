@@ -53,8 +53,8 @@ def _patch_language_once():
         patched.add(key)
         restore = scope.restore
 
-        def restore_and_forget():
-            patched.discard(key)
+        def restore_and_forget():  # the language is shared: restored, no module's is patched any more (a device
+            patched.clear()  # function of another module called from the kernel added that module's key)
             restore()
         scope.restore = restore_and_forget
         return scope

@@ -9,7 +9,10 @@ GPU (``-m cuda``).
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from nnunet_mamba.kernels.selective_scan_triton import _softplus_grad_of
 from oracle import rel_err, selective_scan_oracle
 
 ON_GPU = torch.cuda.is_available()
@@ -227,6 +230,37 @@ def test_softplus_both_branches(tk, tuning, dev):
     inp["delta"] = (torch.rand(2, 4, 60, generator=g) * 60 - 30).to(dev)
     inp["A"] = inp["A"] * 0.1
     check_against_oracle(tk, inp)
+
+
+def test_softplus_both_branches_with_the_dt_written_over_the_delta(tk, tuning, dev):
+    """The multiplied-out low-rank delta is the op's own buffer: the forward writes dt = softplus(delta + bias) over
+    it and the backward takes softplus's derivative from dt (1 - exp(-dt)). delta + bias over [-30, 30]: dt > 20,
+    the series for small dt and its far tail."""
+    tuning(T=16, BD=2, F=2, S=4)
+    inp = make_inputs(2, 4, 60, 4, "shared", seed=16, device=dev)
+    g = torch.Generator().manual_seed(17)
+    inp["delta"] = (torch.rand(2, 60, 1, generator=g) * 60 - 30).to(dev).transpose(1, 2)  # v (b, R = 1, L)
+    inp["W"] = torch.tensor([[1.0], [0.5], [-0.7], [1.2]], device=dev)
+    inp["A"] = inp["A"] * 0.1
+    check_against_oracle(tk, inp, delta_in_kernels=False)
+
+
+@triton.jit
+def _softplus_grad_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, _softplus_grad_of(tl.load(x_ptr + i, mask=i < n)), mask=i < n)
+
+
+def test_softplus_derivative_from_dt(dev):
+    """_softplus_grad_of(dt) against float64 1 - exp(-dt) element by element, over dt from 1e-30 to 60 (both sides of
+    the series' limit 0.5): relative error below 1e-6."""
+    dt = torch.cat([torch.logspace(-30, 1.78, 2000), torch.linspace(0.45, 0.55, 101), torch.zeros(1)]).to(dev)
+    out = torch.empty_like(dt)
+    _softplus_grad_kernel[(triton.cdiv(dt.numel(), 256),)](dt, out, dt.numel(), BLOCK=256)
+    ref = -torch.expm1(-dt.double())
+    err = ((out.double() - ref).abs() / ref.clamp_min(1e-300))[dt > 0]
+    assert err.max() < 1e-6, err.max()
+    assert out[-1] == 0
 
 
 def test_positive_decay_matches_oracle(tk, tuning, dev):
