@@ -82,9 +82,11 @@ def low_rank_product(v: torch.Tensor, Wt: torch.Tensor, out: torch.Tensor | None
     return out
 
 
-def low_rank_grads(g: torch.Tensor, v: torch.Tensor, Wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def low_rank_grads(g: torch.Tensor, v: torch.Tensor, Wt: torch.Tensor,
+                   gv_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of y = v @ Wt for the output gradient g (M, N): ``(g @ Wt^T, v^T @ g)``, fp32 (M, R) and
-    (R, N), from one read of g. N at most 256 (a program holds whole rows)."""
+    (R, N), from one read of g; the first written into ``gv_out`` (M, R), any strides, if given. N at most 256 (a
+    program holds whole rows)."""
     _check("low_rank_grads", v, Wt)
     M, R = v.shape
     N = Wt.shape[1]
@@ -97,7 +99,9 @@ def low_rank_grads(g: torch.Tensor, v: torch.Tensor, Wt: torch.Tensor) -> tuple[
     splits = max(1, min(triton.cdiv(M, BM), 4 * sm_count(g.device, 4)))
     CH = triton.cdiv(triton.cdiv(M, splits), BM) * BM
     splits = triton.cdiv(M, CH)
-    gv = torch.empty(M, R, device=g.device, dtype=torch.float32)
+    gv = torch.empty(M, R, device=g.device, dtype=torch.float32) if gv_out is None else gv_out
+    if gv.shape != (M, R) or gv.dtype != torch.float32:
+        raise ValueError(f"low_rank_grads: gv_out must be fp32 (M, R) = {(M, R)}, got {tuple(gv.shape)} {gv.dtype}")
     partial = torch.empty(splits, R, N, device=g.device, dtype=torch.float32)
     _grads_kernel[(splits,)](g, v, Wt, gv, partial, M, N, CH, *g.stride(), *v.stride(), *Wt.stride(), *gv.stride(),
                              R=R, BR=triton.next_power_of_2(R), BM=BM, BN=BN, num_warps=4)

@@ -802,13 +802,40 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
             *low_grads)
 
 
+@cached_launch
+@triton.jit
+def _psum_kernel(p_ptr, o_ptr, rows, N, P, s_pp, s_or, BR: tl.constexpr, BN: tl.constexpr):
+    """o[r, :] = p[0, r, :] + p[1, r, :] + ... (in that order) for BR rows of N values; p (P, rows, N) with rows
+    contiguous, o with row stride s_or."""
+    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    n = tl.arange(0, BN)
+    m = (r < rows)[:, None] & (n < N)[None, :]
+    ofs = r[:, None] * N + n[None, :]
+    acc = tl.load(p_ptr + ofs, mask=m, other=0.0)
+    for k in range(1, P):
+        acc += tl.load(p_ptr + k * s_pp + ofs, mask=m, other=0.0)
+    tl.store(o_ptr + r[:, None] * s_or + n[None, :], acc, mask=m)
+
+
 def _sum_partials(p, out=None):
-    """The sum over the first axis of the per-channel-block partials p, into ``out`` if given: two as one add (0.39
-    against ``torch.sum``'s 0.52 ms for LightM-UNet's 128^3 B gradients into x_proj's side-by-side buffer), more by
-    ``torch.sum`` (0.09 against 0.15 ms of adds for four at 64^3; H200, session 15)."""
-    if p.shape[0] == 2:
-        return torch.add(p[0], p[1], out=out)
-    return torch.sum(p, 0, out=out)
+    """The sum over the first axis of the per-channel-block partials p (blocks, b, G, positions, N), in block order,
+    into ``out`` (b, G, positions, N; e.g. a column block of x_proj's gradient buffer) if given: one pass over the
+    partials (``_psum_kernel``). PyTorch took 0.385 ms for two at LightM-UNet's 2 x 128^3 positions into that strided
+    buffer (H200, session 16). Other partials (the per-program sums of a constant B/C): ``torch.sum``."""
+    if p.dim() != 5:
+        return torch.sum(p, 0, out=out)
+    P, b, G, npos, N = p.shape
+    p = p.contiguous()
+    if out is None:
+        out = torch.empty(p.shape[1:], device=p.device, dtype=p.dtype)
+    rows = b * G * npos
+    o2 = out.view(rows, N)  # (b, G, positions) merge: a dense tensor or a column block of a row-major buffer
+    if o2.stride(1) != 1:
+        raise ValueError("selective_scan (triton): the B/C gradient buffer needs its N values contiguous")
+    BN = triton.next_power_of_2(N)
+    BR = max(1, 4096 // BN)
+    _psum_kernel[(triton.cdiv(rows, BR),)](p, o2, rows, N, P, rows * N, o2.stride(0), BR=BR, BN=BN, num_warps=4)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -927,10 +954,12 @@ class _ScanFn(torch.autograd.Function):
             gv = gdt
         elif W_in_kernels:
             gv, gW = glow.to(delta.dtype), gW.to(W.dtype)
-        else:  # the gradients of the product delta = (v^T Wt)^T; gdt is the dense (b, L, d) delta buffer
-            gv, gW = _low_rank_grads(gdt.transpose(1, 2), v, Wt)
+        else:  # the gradients of the product delta = (v^T Wt)^T; gdt is the dense (b, L, d) delta buffer; gv straight
+            # into its columns of x_proj's gradient buffer where there is one
+            gv_out = g_dbl[..., :v.shape[1]] if g_dbl is not None else None
+            gv, gW = _low_rank_grads(gdt.transpose(1, 2), v, Wt, gv_out)
             gv, gW = gv.to(v.dtype), gW.to(W.dtype)
-        if g_dbl is not None:
+        if g_dbl is not None and W_in_kernels:
             gv = g_dbl[..., :gv.shape[1]].copy_(gv.transpose(1, 2)).transpose(1, 2)
         return (gu, gv, gA, gB.reshape(B.shape).to(B.dtype), gC.reshape(C.shape).to(C.dtype), gD, gz, gbias, None,
                 gW, None, None, None)
@@ -956,9 +985,9 @@ def _low_rank_product(v, Wt):
         return (vt.float() @ Wt).transpose(1, 2)
 
 
-def _low_rank_grads(g_tokens, v, Wt):
+def _low_rank_grads(g_tokens, v, Wt, gv_out=None):
     """The gradients of delta = (v^T Wt)^T for the delta's gradient g_tokens (b, L, d), dense: (gv (b, R, L), the
-    transposed view of a (b, L, R) tensor; gW (d, R)), fp32. From _LOW_RANK_TRITON_FROM elements: with d <= 64 both
+    transposed view of a (b, L, R) tensor, or of ``gv_out`` (b, L, R) into which it is written; gW (d, R)), fp32. From _LOW_RANK_TRITON_FROM elements: with d <= 64 both
     from one read of g (low_rank_grads: 0.46 against 0.89 ms at 2 x 128^3 x 64), else gv on the 3xTF32 GEMM and gW on
     cuBLAS (the fused kernel measured 0.28 against 0.23 ms at 2 x 64^3 x 128; H200, session 14)."""
     b, L, d = g_tokens.shape
@@ -966,15 +995,16 @@ def _low_rank_grads(g_tokens, v, Wt):
     vt = v.transpose(1, 2).reshape(b * L, R)
     g = g_tokens.reshape(b * L, d)
     big = g.numel() >= _LOW_RANK_TRITON_FROM
+    gv2 = gv_out.view(b * L, R) if gv_out is not None else None  # (b, L) merge in a row-major buffer
     if big and d <= 64:
         from .low_rank_triton import low_rank_grads
-        gv, gWt = low_rank_grads(g, vt, Wt)
+        gv, gWt = low_rank_grads(g, vt, Wt, gv_out=gv2)
         return gv.view(b, L, R).transpose(1, 2), gWt.t()
     if big:
         from .linear_triton import matmul_tf32x3
-        gv = matmul_tf32x3(g, Wt.t())
+        gv = matmul_tf32x3(g, Wt.t(), out=gv2)
     else:
-        gv = g @ Wt.t()
+        gv = torch.mm(g, Wt.t(), out=gv2)
     return gv.view(b, L, R).transpose(1, 2), (vt.t().float() @ g).t()
 
 

@@ -109,3 +109,22 @@ def test_the_scans_dispatch_of_the_gradients(lr, monkeypatch, d):
     ref_gv = torch.einsum("bld,rd->brl", g.double(), Wt.double())
     ref_gW = torch.einsum("brl,bld->dr", v.double(), g.double())
     assert rel_err(gv, ref_gv) < 1e-6 and rel_err(gW, ref_gW) < 1e-5
+    # gv into its columns of x_proj's gradient buffer (the scan's backward): nothing else in the buffer changes
+    g_dbl = rand(b, L, R + 32, seed=17)
+    before = g_dbl.clone()
+    gv2, gW2 = sst._low_rank_grads(g, v, Wt, g_dbl[..., :R])
+    assert gv2.data_ptr() == g_dbl.data_ptr() and torch.equal(gv2, gv) and torch.equal(gW2, gW)
+    assert torch.equal(g_dbl[..., R:], before[..., R:])
+
+
+def test_grads_into_a_strided_buffer(lr):
+    """gv_out: gv written into the first R columns of a wider row-major buffer, the rest untouched."""
+    M, R, N = 700, 2, 64
+    g, v, Wt = rand(M, N, seed=18), x_dbl_view(M, R, 32, seed=19), rand(R, N, seed=20)
+    buf = rand(M, R + 32, seed=21)
+    before = buf.clone()
+    gv, gW = lr.low_rank_grads(g, v, Wt, gv_out=buf[:, :R])
+    assert gv.data_ptr() == buf.data_ptr() and torch.equal(buf[:, R:], before[:, R:])
+    assert rel_err(buf[:, :R], g.double() @ Wt.double().t()) < 1e-6
+    with pytest.raises(ValueError, match="gv_out must be"):
+        lr.low_rank_grads(g, v, Wt, gv_out=buf[:, :R + 1])
