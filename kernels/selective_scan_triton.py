@@ -259,8 +259,8 @@ def _chunk_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, 
                   HAS_MAP: tl.constexpr, FLIP: tl.constexpr, ACCUM: tl.constexpr,
                   B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DT_DONE: tl.constexpr, DT_OUT: tl.constexpr,
-                  OUT: tl.constexpr, SAVE_LAST: tl.constexpr, DT_LOW: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, T, U: tl.constexpr,
-                  STAGES: tl.constexpr, SPREAD: tl.constexpr, SEG: tl.constexpr):
+                  OUT: tl.constexpr, SAVE_LAST: tl.constexpr, DT_LOW: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+                  BR: tl.constexpr, T, U: tl.constexpr, STAGES: tl.constexpr, SPREAD: tl.constexpr, SEG: tl.constexpr):
     # SEG > 0 (output pass of a recomputation): also write the state entering every segment of SEG steps to hf, in
     # _bwd_kernel's layout, which then skips its own forward walk. DT_OUT: write each step's dt over its delta (a
     # buffer the scan owns); DT_DONE: the delta operand holds dt already.
@@ -802,40 +802,13 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
             *low_grads)
 
 
-@cached_launch
-@triton.jit
-def _psum_kernel(p_ptr, o_ptr, rows, N, P, s_pp, s_or, BR: tl.constexpr, BN: tl.constexpr):
-    """o[r, :] = p[0, r, :] + p[1, r, :] + ... (in that order) for BR rows of N values; p (P, rows, N) with rows
-    contiguous, o with row stride s_or."""
-    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-    n = tl.arange(0, BN)
-    m = (r < rows)[:, None] & (n < N)[None, :]
-    ofs = r[:, None] * N + n[None, :]
-    acc = tl.load(p_ptr + ofs, mask=m, other=0.0)
-    for k in range(1, P):
-        acc += tl.load(p_ptr + k * s_pp + ofs, mask=m, other=0.0)
-    tl.store(o_ptr + r[:, None] * s_or + n[None, :], acc, mask=m)
-
-
 def _sum_partials(p, out=None):
-    """The sum over the first axis of the per-channel-block partials p (blocks, b, G, positions, N), in block order,
-    into ``out`` (b, G, positions, N; e.g. a column block of x_proj's gradient buffer) if given: one pass over the
-    partials (``_psum_kernel``). PyTorch took 0.385 ms for two at LightM-UNet's 2 x 128^3 positions into that strided
-    buffer (H200, session 16). Other partials (the per-program sums of a constant B/C): ``torch.sum``."""
-    if p.dim() != 5:
-        return torch.sum(p, 0, out=out)
-    P, b, G, npos, N = p.shape
-    p = p.contiguous()
-    if out is None:
-        out = torch.empty(p.shape[1:], device=p.device, dtype=p.dtype)
-    rows = b * G * npos
-    o2 = out.view(rows, N)  # (b, G, positions) merge: a dense tensor or a column block of a row-major buffer
-    if o2.stride(1) != 1:
-        raise ValueError("selective_scan (triton): the B/C gradient buffer needs its N values contiguous")
-    BN = triton.next_power_of_2(N)
-    BR = max(1, 4096 // BN)
-    _psum_kernel[(triton.cdiv(rows, BR),)](p, o2, rows, N, P, rows * N, o2.stride(0), BR=BR, BN=BN, num_warps=4)
-    return out
+    """The sum over the first axis of the per-channel-block partials p, into ``out`` if given: two as one add (0.39
+    against ``torch.sum``'s 0.52 ms for LightM-UNet's 128^3 B gradients into x_proj's side-by-side buffer), more by
+    ``torch.sum`` (0.09 against 0.15 ms of adds for four at 64^3; H200, session 15)."""
+    if p.shape[0] == 2:
+        return torch.add(p[0], p[1], out=out)
+    return torch.sum(p, 0, out=out)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -987,9 +960,10 @@ def _low_rank_product(v, Wt):
 
 def _low_rank_grads(g_tokens, v, Wt, gv_out=None):
     """The gradients of delta = (v^T Wt)^T for the delta's gradient g_tokens (b, L, d), dense: (gv (b, R, L), the
-    transposed view of a (b, L, R) tensor, or of ``gv_out`` (b, L, R) into which it is written; gW (d, R)), fp32. From _LOW_RANK_TRITON_FROM elements: with d <= 64 both
-    from one read of g (low_rank_grads: 0.46 against 0.89 ms at 2 x 128^3 x 64), else gv on the 3xTF32 GEMM and gW on
-    cuBLAS (the fused kernel measured 0.28 against 0.23 ms at 2 x 64^3 x 128; H200, session 14)."""
+    transposed view of a (b, L, R) tensor, or of ``gv_out`` (b, L, R) into which it is written; gW (d, R)), fp32.
+    From _LOW_RANK_TRITON_FROM elements: with d <= 64 both from one read of g (low_rank_grads: 0.46 against 0.89 ms
+    at 2 x 128^3 x 64), else gv on the 3xTF32 GEMM and gW on cuBLAS (the fused kernel measured 0.28 against 0.23 ms
+    at 2 x 64^3 x 128; H200, session 14)."""
     b, L, d = g_tokens.shape
     R = v.shape[1]
     vt = v.transpose(1, 2).reshape(b * L, R)
