@@ -33,8 +33,9 @@ def mm(a, b, out, prec, BM, BN, BK, nw, ns):
     """out = a (M, K) @ b (K, N), any strides, on the project's kernel with the given tile and precision."""
     (M, K), N = a.shape, b.shape[1]
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-    _mm_kernel[grid](a, b, b, out, M, N, K, *a.stride(), *b.stride(), *out.stride(), HAS_BIAS=False,
-                     ACCUM=False, BM=BM, BN=BN, BK=BK, PREC=prec, num_warps=nw, num_stages=ns)
+    _mm_kernel[grid](a, b, b, out, out, b, M, N, K, *a.stride(), *b.stride(), *out.stride(), *out.stride(),
+                     HAS_BIAS=False, ACCUM=False, RESID=False, BM=BM, BN=BN, BK=BK, PREC=prec, num_warps=nw,
+                     num_stages=ns)
     return out
 
 

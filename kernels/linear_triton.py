@@ -34,10 +34,10 @@ set_tuning = tuning_setter(_TUNING, ("BM", "BN", "BN2", "BK", "K_MAIN", "num_war
 
 
 @triton.jit
-def _epilogue(acc, y_ptr, b_ptr, rows, mm, rn, nm, s_ym, s_yn, HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr,
-              MASK_N: tl.constexpr):
-    """acc (+ bias) (+ y) stored into y's (rows, rn) tile; the column mask nm applied only with MASK_N (a mask of a
-    width that is not a multiple of 16 makes Triton store every element on its own)."""
+def _epilogue(acc, y_ptr, b_ptr, r_ptr, sc_ptr, rows, mm, rn, nm, s_ym, s_yn, s_rm, s_rn, HAS_BIAS: tl.constexpr,
+              ACCUM: tl.constexpr, RESID: tl.constexpr, MASK_N: tl.constexpr):
+    """acc (+ bias) (+ y) (+ sc * r) stored into y's (rows, rn) tile; the column mask nm applied only with MASK_N (a
+    mask of a width that is not a multiple of 16 makes Triton store every element on its own)."""
     mask = mm[:, None] & nm[None, :] if MASK_N else mm[:, None]
     if HAS_BIAS:
         if MASK_N:
@@ -47,14 +47,16 @@ def _epilogue(acc, y_ptr, b_ptr, rows, mm, rn, nm, s_ym, s_yn, HAS_BIAS: tl.cons
     y_ptrs = y_ptr + rows * s_ym + rn[None, :] * s_yn
     if ACCUM:
         acc += tl.load(y_ptrs, mask=mask, other=0.0)
+    if RESID:
+        acc += tl.load(sc_ptr) * tl.load(r_ptr + rows * s_rm + rn[None, :] * s_rn, mask=mask, other=0.0)
     tl.store(y_ptrs, acc, mask=mask)
 
 
 @cached_launch
 @triton.jit
-def _mm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym, s_yn,
-               HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               PREC: tl.constexpr):
+def _mm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, sc_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym, s_yn, s_rm, s_rn,
+               HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, RESID: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               BK: tl.constexpr, PREC: tl.constexpr):
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     mm, nm = rm < M, rn < N
@@ -66,13 +68,15 @@ def _mm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym
         x = tl.load(x_ptr + rows * s_xm + rk[None, :] * s_xk, mask=mm[:, None] & km[None, :], other=0.0)
         w = tl.load(w_ptr + rk[:, None] * s_wk + rn[None, :] * s_wn, mask=km[:, None] & nm[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=PREC)
-    _epilogue(acc, y_ptr, b_ptr, rows, mm, rn, nm, s_ym, s_yn, HAS_BIAS, ACCUM, True)
+    _epilogue(acc, y_ptr, b_ptr, r_ptr, sc_ptr, rows, mm, rn, nm, s_ym, s_yn, s_rm, s_rn, HAS_BIAS, ACCUM, RESID,
+              True)
 
 
 @cached_launch
 @triton.jit
-def _mm_stream_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym, s_yn,
-                      HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+def _mm_stream_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, sc_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym, s_yn, s_rm,
+                      s_rn, HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, RESID: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr,
                       BK: tl.constexpr, KSTEPS: tl.constexpr, K_MAIN: tl.constexpr, BN2: tl.constexpr,
                       PREC: tl.constexpr, STAGES: tl.constexpr):
     """``_mm_kernel`` as a persistent program: a grid of a few programs per SM, each taking (BM, BN) tiles of y in
@@ -108,9 +112,11 @@ def _mm_stream_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_xk, s_wk, s_w
                 w2 = tl.load(w_ptr + rk[:, None] * s_wk + rn2[None, :] * s_wn, mask=km[:, None] & nm2[None, :],
                              other=0.0)
                 acc2 = tl.dot(x, w2, acc2, input_precision=PREC)
-        _epilogue(acc, y_ptr, b_ptr, rows, mm, rn, nm, s_ym, s_yn, HAS_BIAS, ACCUM, BN2 == 0)
+        _epilogue(acc, y_ptr, b_ptr, r_ptr, sc_ptr, rows, mm, rn, nm, s_ym, s_yn, s_rm, s_rn, HAS_BIAS, ACCUM, RESID,
+                  BN2 == 0)
         if BN2:
-            _epilogue(acc2, y_ptr, b_ptr, rows, mm, rn2, nm2, s_ym, s_yn, HAS_BIAS, ACCUM, True)
+            _epilogue(acc2, y_ptr, b_ptr, r_ptr, sc_ptr, rows, mm, rn2, nm2, s_ym, s_yn, s_rm, s_rn, HAS_BIAS, ACCUM,
+                      RESID, True)
 
 
 def _config(K, N, device, column_major_x=False, column_major_out=False):
@@ -147,9 +153,11 @@ def _config(K, N, device, column_major_x=False, column_major_out=False):
 
 
 def matmul_tf32x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                  accumulate: bool = False) -> torch.Tensor:
+                  accumulate: bool = False, residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x @ w (+ bias)`` for fp32 x (M, K), w (K, N), into ``out`` (M, N) (a new row-major tensor by default); with
-    ``accumulate`` added to what ``out`` holds. K must be at least 1 (tl.dot tiles are at least 16 wide; masked)."""
+    ``accumulate`` added to what ``out`` holds; with ``residual`` = (s, r), s a 1-element fp32 tensor and r (M, N) fp32
+    of any strides, ``+ s * r`` (a scaled residual in the same pass). K must be at least 1 (tl.dot tiles are at least
+    16 wide; masked)."""
     M, K = x.shape
     N = w.shape[1]
     if w.shape[0] != K or any(t.dtype != torch.float32 for t in (x, w)):
@@ -162,19 +170,25 @@ def matmul_tf32x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     if max((K - 1) * max(abs(x.stride(1)), abs(w.stride(0))), (N - 1) * max(abs(w.stride(1)), abs(out.stride(1)))) \
             >= 2 ** 31:
         raise ValueError("matmul_tf32x3: offsets along K and N are 32-bit in the kernel; make x, w and out row-major")
+    sc, r = residual if residual is not None else (w, out)
+    if residual is not None and (sc.numel() != 1 or r.shape != (M, N) or sc.dtype != torch.float32
+                                 or r.dtype != torch.float32):
+        raise ValueError(f"matmul_tf32x3: residual (s, r) needs a 1-element fp32 s and an fp32 r of shape {(M, N)}, "
+                         f"got {tuple(sc.shape)} {sc.dtype} and {tuple(r.shape)} {r.dtype}")
     cfg = _config(K, N, x.device, x.stride(0) == 1 != x.stride(1), out.stride(0) == 1 != out.stride(1))
     cfg.update(_TUNING)
-    args = (x, w, bias if bias is not None else w, out, M, N, K, *x.stride(), *w.stride(), *out.stride())
+    args = (x, w, bias if bias is not None else w, out, r, sc, M, N, K, *x.stride(), *w.stride(), *out.stride(),
+            *r.stride())
     per_sm = cfg.pop("stream", 0)
     if per_sm:
         tiles = triton.cdiv(M, cfg["BM"]) * (1 if cfg["BN2"] else triton.cdiv(N, cfg["BN"]))
         grid = (min(tiles, per_sm * sm_count(x.device, 4)),)
         cfg["STAGES"] = cfg.pop("num_stages")
-        _mm_stream_kernel[grid](*args, HAS_BIAS=bias is not None, ACCUM=accumulate, PREC="tf32x3",
-                                KSTEPS=triton.cdiv(K, cfg["BK"]), **cfg)
+        _mm_stream_kernel[grid](*args, HAS_BIAS=bias is not None, ACCUM=accumulate, RESID=residual is not None,
+                                PREC="tf32x3", KSTEPS=triton.cdiv(K, cfg["BK"]), **cfg)
         return out
     _mm_kernel[(triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))](
-        *args, HAS_BIAS=bias is not None, ACCUM=accumulate, PREC="tf32x3", **cfg)
+        *args, HAS_BIAS=bias is not None, ACCUM=accumulate, RESID=residual is not None, PREC="tf32x3", **cfg)
     return out
 
 

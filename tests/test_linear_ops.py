@@ -67,6 +67,30 @@ def test_linear_channels_first_matches_linear(bias):
             assert rel_err(a.grad, r.grad) < 1e-6
 
 
+@pytest.mark.parametrize("s_grad", [True, False])
+def test_linear_channels_first_with_a_scaled_residual(s_grad):
+    """residual=(s, t): F.linear(...).transpose(1, 2) + s * t (ops.scaled_add's result), every gradient against
+    float64; s's gradient only where it requires one."""
+    x, w, b = _inputs((2, 50, 12), 7, True)
+    t = torch.randn(2, 7, 50, generator=torch.Generator().manual_seed(4))
+    s = torch.tensor([0.6])
+    xs, ws, bs, ts = _leaves(x, w, b, t)
+    ss = s.clone().requires_grad_(s_grad)
+    y = linear_channels_first(xs, ws, bs, residual=(ss, ts))
+    xr, wr, br, tr = _leaves(*(v.double() for v in (x, w, b, t)))
+    sr = s.double().requires_grad_(s_grad)
+    ref = F.linear(xr, wr, br).transpose(1, 2) + sr * tr
+    assert y.shape == (2, 7, 50) and rel_err(y, ref) < 1e-6
+    gy = torch.randn(2, 7, 50, dtype=torch.float64)
+    (y.double() * gy).sum().backward()
+    (ref * gy).sum().backward()
+    for a, r in ((xs, xr), (ws, wr), (bs, br), (ts, tr)) + (((ss, sr),) if s_grad else ()):
+        assert a.grad.dtype == a.dtype and rel_err(a.grad, r.grad) < 1e-6
+    assert s_grad or ss.grad is None
+    with pytest.raises(ValueError, match="residual must be"):
+        linear_channels_first(x, w, b, residual=(s, t[:, :3]))
+
+
 @pytest.mark.parametrize("case", ["side by side", "narrow, apart", "wide, apart", "one block"])
 def test_linear_split_backward_takes_the_gradient_as_one_where_it_can(monkeypatch, case):
     """Block gradients written side by side into one buffer (as the Triton scan writes x_proj's dt, B, C) are used as
@@ -122,6 +146,10 @@ def test_linear_ops_follow_autocast():
         parts = linear_split(x, w, b, (2, 4))
         y = linear_channels_first(x, w, b)
         ref = F.linear(x, w, b)
+        t = torch.randn(2, 6, 9)
+        yr = linear_channels_first(x, w, b, residual=(torch.tensor([0.5]), t))  # as scaled_add(y, s, t) promotes
+    assert yr.dtype == torch.float32
+    torch.testing.assert_close(yr, y.float() + 0.5 * t)
     assert all(p.dtype == ref.dtype == torch.bfloat16 for p in (*parts, y))
     torch.testing.assert_close(torch.cat(parts, -1), ref)
     torch.testing.assert_close(y, ref.transpose(1, 2), atol=1e-2, rtol=2e-2)  # the bias added after rounding

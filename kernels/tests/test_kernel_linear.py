@@ -116,6 +116,27 @@ def test_column_major_input_and_output(lt):
     assert dx.shape == (L, cin) and max_err(dx, gref) <= max(2 * sgemm_err(g.t(), weight, gref), 1e-6)
 
 
+@pytest.mark.parametrize("tuning", [dict(stream=0), dict(stream=2, BM=32)], ids=["one program per tile", "persistent"])
+@pytest.mark.parametrize("N", [24, 34])
+def test_scaled_residual_in_the_epilogue(lt, tuning, N):
+    """residual=(s, r): x W^T + bias + s * r in one pass, into and from column-major (channels-first) tiles as
+    LightM-UNet's out_proj + skip_scale runs it; with the split column tile (N = 34); against float64."""
+    L, cin = 150, 40
+    x, weight, bias = rand(L, cin, seed=30), rand(N, cin, seed=31) / cin ** 0.5, rand(N, seed=32)
+    s, r = rand(1, seed=33), rand(N, L, seed=34)  # r channels-first
+    y = torch.full((N, L), float("nan"), device=DEV)
+    lt.set_tuning(**tuning)
+    try:
+        lt.matmul_tf32x3(x, weight.t(), bias, out=y.t(), residual=(s, r.t()))
+    finally:
+        lt.set_tuning()
+    prod = weight.double() @ x.double().t() + bias.double()[:, None]
+    ref = prod + s.double() * r.double()
+    assert max_err(y, ref) <= max(2 * sgemm_err(x, weight.t(), prod.t(), bias), 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        lt.matmul_tf32x3(x, weight.t(), residual=(rand(2, seed=1), r.t()))
+
+
 @pytest.mark.parametrize("B,L,N,K,layout,cfg", [
     (2, 300, 32, 64, "channels-first", {}),  # L not a multiple of the 64-token step
     (2, 300, 32, 64, "channels-first", dict(splits=3, BL=16)),  # several ranges per batch element, a partial last
@@ -207,6 +228,39 @@ def test_channels_first_linear_takes_it_and_matches_float64():
     gwref = torch.einsum("bol,blc->oc", gd, xd)
     assert max_err(gw, gwref) <= 2 * sgemm_err(g.transpose(1, 2).reshape(-1, 32).t(), x.detach().reshape(-1, 64), gwref)
     assert max_err(gb, gd.sum((0, 2))) <= 1e-6
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
+def test_channels_first_linear_with_the_residual_in_its_epilogue():
+    """ops.linear_channels_first(..., residual=(s, t)) at LightM-UNet's full resolution (out_proj 64 -> 32 with the
+    Mamba layer's skip_scale residual) adds s * t in the Triton GEMM's pass (the fused kernel launched, no separate
+    pass), within twice SGEMM's error of float64; s's and t's gradients as ops.scaled_add gives them."""
+    import nnunet_mamba.kernels.linear_triton as lt_mod
+    from nnunet_mamba.ops import linear_channels_first, scaled_add
+
+    x = rand(2, 128 ** 3, 64, seed=40).requires_grad_()
+    w = (rand(32, 64, seed=41) / 8).requires_grad_()
+    s = torch.full((1,), 0.7, device=DEV, requires_grad=True)
+    t = rand(2, 32, 128 ** 3, seed=42).requires_grad_()
+    g = rand(2, 32, 128 ** 3, seed=43)
+    launches = []
+    real = lt_mod._mm_stream_kernel
+    lt_mod._mm_stream_kernel = type("Rec", (), {"__getitem__": lambda self, grid: lambda *a, **k: (
+        launches.append(k["RESID"]), real[grid](*a, **k))})()
+    try:
+        y = linear_channels_first(x, w, None, residual=(s, t))
+    finally:
+        lt_mod._mm_stream_kernel = real
+    assert launches == [True, True]  # one fused launch per batch element
+    xd, wd = x.detach().double(), w.detach().double()
+    prod = torch.einsum("oc,blc->bol", wd, xd)
+    ref = prod + 0.7 * t.detach().double()
+    assert max_err(y.detach(), ref) <= 2 * sgemm_err(x[0].detach(), w.detach().t(), prod[0].t())
+    grads = torch.autograd.grad(y, [x, w, s, t], g)
+    y2 = scaled_add(linear_channels_first(x, w), s, t)
+    for a, b in zip(grads, torch.autograd.grad(y2, [x, w, s, t], g)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.cuda

@@ -69,9 +69,12 @@ class Mamba(nn.Module):
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
-    def forward(self, hidden_states: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, channels_first: bool = False, residual=None) -> torch.Tensor:
         """(B, L, d_model) tokens -> (B, L, d_model); with ``channels_first`` the same values as a contiguous
-        (B, d_model, L) tensor (out_proj computed in that layout: ``ops.linear_channels_first``)."""
+        (B, d_model, L) tensor (out_proj computed in that layout: ``ops.linear_channels_first``), to which
+        ``residual`` = (s, t), t (B, d_model, L), adds s * t in out_proj's pass (``ops.scaled_add``'s result)."""
+        if residual is not None and not channels_first:
+            raise ValueError("Mamba: a residual is added only to a channels-first output (channels_first=True)")
         # Token-major (b, L, channels) throughout: the projections' outputs are handed to the conv and the scan as
         # channels-last views (the scan's (b, d, L) arguments are transposed views, no copies). The in_proj output
         # is split without its gradients being concatenated in the backward (ops.linear_split): at full resolution
@@ -88,5 +91,5 @@ class Mamba(nn.Module):
                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.scan_backend,
                            delta_proj_weight=self.dt_proj.weight, reuse_buffers=True)
         if channels_first:
-            return linear_channels_first(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
+            return linear_channels_first(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias, residual)
         return self.out_proj(y.transpose(1, 2))

@@ -62,8 +62,8 @@ class MambaLayer(nn.Module):
         # (ops.linear_channels_first), so the residual sums and the layer's neighbours (GroupNorm, ReLU, adds) see
         # one layout, and nothing is copied to change layouts.
         t = x.flatten(2)  # (B, C, L)
-        # u = mamba(norm(t)) + skip_scale * t, in one pass
-        u = scaled_add(self.mamba(self.norm(t.transpose(1, 2)), channels_first=True), self.skip_scale, t)
+        # u = mamba(norm(t)) + skip_scale * t, the residual added in out_proj's pass
+        u = self.mamba(self.norm(t.transpose(1, 2)), channels_first=True, residual=(self.skip_scale, t))
         # upstream quirk: the same norm applied a second time
         v = linear_channels_first(self.norm(u.transpose(1, 2)), self.proj.weight, self.proj.bias)
         return v.view(*v.shape[:2], *x.shape[2:])

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.layout import column_blocks
-from .token_ops import _use_triton
+from .token_ops import _use_triton, scaled_add, scaled_residual_grads
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -143,26 +143,28 @@ def linear_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 class _ChannelsFirstLinearFn(torch.autograd.Function):
     """One GEMM per batch element, each into its slice of a preallocated output: ``torch.matmul`` would fold the
     batch into the rows and hand back a transposed (channels-last) view. The Triton GEMM computes ``x_b W^T`` into the
-    transposed slice (bias fused); cuBLAS ``W x_b^T`` (bias in one more pass)."""
+    transposed slice (bias and the scaled residual s * t fused); cuBLAS ``W x_b^T`` (bias in one more pass, the
+    residual in another)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, weight, bias, s, t, triton_grads):
+        ctx.save_for_backward(x, weight, s, t if s is not None and s.requires_grad else None)  # t: for s's gradient
+        ctx.triton_grads, ctx.t_dtype = triton_grads, None if t is None else t.dtype
         y = x.new_empty(x.shape[0], weight.shape[0], x.shape[1])  # (B, C_out, L)
-        if _tf32x3(x[0], weight.t()):
+        if _tf32x3(x[0], weight.t()) and (s is None or (s.dtype == t.dtype == torch.float32 and s.is_cuda)):
             from ..kernels.linear_triton import matmul_tf32x3
             for b in range(x.shape[0]):
-                matmul_tf32x3(x[b], weight.t(), bias, out=y[b].t())
+                matmul_tf32x3(x[b], weight.t(), bias, out=y[b].t(), residual=None if s is None else (s, t[b].t()))
             return y
         for b in range(x.shape[0]):
             torch.mm(weight, x[b].t(), out=y[b])
         if bias is not None:  # one pass; addmm's broadcast bias (copied into the output first) measured slower
             y += bias[:, None]
-        return y
+        return y if s is None else y.addcmul_(s, t)
 
     @staticmethod
     def backward(ctx, g):
-        x, weight = ctx.saved_tensors
+        x, weight, s, t = ctx.saved_tensors
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = x.new_empty(x.shape)  # (B, L, C_in), token-major
@@ -177,15 +179,28 @@ class _ChannelsFirstLinearFn(torch.autograd.Function):
             dw = _wgrad(g.transpose(1, 2), x)
         if ctx.needs_input_grad[2]:  # False without a bias
             db = g.sum((0, 2))
-        return dx, dw, db
+        gs, gt = scaled_residual_grads(g, s, t, *ctx.needs_input_grad[3:5], ctx.triton_grads, ctx.t_dtype) \
+            if s is not None else (None, None)
+        return dx, dw, db, gs, gt, None
 
 
-def linear_channels_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_channels_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                          residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias).transpose(1, 2)`` for tokens x (B, L, C_in), computed into a contiguous
-    (B, C_out, L) tensor; the gradient of x comes back token-major (module docstring)."""
+    (B, C_out, L) tensor; the gradient of x comes back token-major (module docstring). ``residual`` = (s, t), s a
+    1-element tensor and t (B, C_out, L): ``ops.scaled_add`` of that and s, t, in the GEMM's pass where it runs on
+    Triton (the Mamba mixer's out_proj with LightM-UNet's ``skip_scale`` residual)."""
     if x.dim() != 3:
         raise ValueError(f"linear_channels_first: x must be (B, L, C_in), got {tuple(x.shape)}")
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-    return _ChannelsFirstLinearFn.apply(x, weight, bias)
+        if residual is not None:  # the residual in autocast's promotion, as scaled_add does it
+            return scaled_add(_ChannelsFirstLinearFn.apply(x, weight, bias, None, None, False), *residual)
+    if residual is None:
+        return _ChannelsFirstLinearFn.apply(x, weight, bias, None, None, False)
+    s, t = residual
+    if not isinstance(s, torch.Tensor) or s.numel() != 1 or t.shape != (x.shape[0], weight.shape[0], x.shape[1]):
+        raise ValueError(f"linear_channels_first: residual must be (1-element s, t of the output's shape "
+                         f"{(x.shape[0], weight.shape[0], x.shape[1])})")
+    return _ChannelsFirstLinearFn.apply(x, weight, bias, s, t, _use_triton("scaled-add", t, "auto"))

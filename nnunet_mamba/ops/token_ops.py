@@ -206,15 +206,23 @@ class _ScaledAddFn(torch.autograd.Function):
         s, t = ctx.saved_tensors
         need_y, need_s, need_t = ctx.needs_input_grad[:3]
         gy = g.to(ctx.dtypes[0]) if need_y else None
-        gs = gt = None
-        if ctx.triton and (need_s or need_t):
-            from ..kernels.scaled_add_triton import scaled_add_grads
-            gt, gs = scaled_add_grads(g, s.to(g.device), t, need_gt=need_t, need_gs=need_s, dtype=ctx.dtypes[1])
-        else:
-            if need_t:
-                gt = (g * s).to(ctx.dtypes[1])
-            if need_s:  # summed in at least fp32 (a bf16 g * t would otherwise give a bf16 sum)
-                gs = (g * t).sum(dtype=torch.promote_types(g.dtype, torch.float32))
-        if gs is not None:
-            gs = gs.reshape(s.shape).to(s.dtype)
+        gs, gt = scaled_residual_grads(g, s, t, need_s, need_t, ctx.triton, ctx.dtypes[1])
         return gy, gs, gt, None
+
+
+def scaled_residual_grads(g, s, t, need_s, need_t, triton, t_dtype):
+    """The gradients (of s, of t) of a scaled residual ``... + s * t`` for its output gradient g: ``sum(g * t)`` in s's
+    shape and dtype, ``g * s`` in ``t_dtype``, each only if needed (else None); from one pass over g and t on the
+    Triton backend (``kernels/scaled_add_triton.py``)."""
+    gs = gt = None
+    if triton and (need_s or need_t):
+        from ..kernels.scaled_add_triton import scaled_add_grads
+        gt, gs = scaled_add_grads(g, s.to(g.device), t, need_gt=need_t, need_gs=need_s, dtype=t_dtype)
+    else:
+        if need_t:
+            gt = (g * s).to(t_dtype)
+        if need_s:  # summed in at least fp32 (a bf16 g * t would otherwise give a bf16 sum)
+            gs = (g * t).sum(dtype=torch.promote_types(g.dtype, torch.float32))
+    if gs is not None:
+        gs = gs.reshape(s.shape).to(s.dtype)
+    return gs, gt
