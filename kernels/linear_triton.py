@@ -76,9 +76,8 @@ def _mm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, sc_ptr, M, N, K, s_xm, s_xk, s
 @triton.jit
 def _mm_stream_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, sc_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym, s_yn, s_rm,
                       s_rn, HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, RESID: tl.constexpr, BM: tl.constexpr,
-                      BN: tl.constexpr,
-                      BK: tl.constexpr, KSTEPS: tl.constexpr, K_MAIN: tl.constexpr, BN2: tl.constexpr,
-                      PREC: tl.constexpr, STAGES: tl.constexpr):
+                      BN: tl.constexpr, BK: tl.constexpr, KSTEPS: tl.constexpr, K_MAIN: tl.constexpr,
+                      BN2: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     """``_mm_kernel`` as a persistent program: a grid of a few programs per SM, each taking (BM, BN) tiles of y in
     turn (tile t, t + programs, ...), with the whole K in KSTEPS unrolled steps, so that the tile loop is the
     innermost loop and Triton pipelines its loads over STAGES tiles (one-step K loops pipeline nothing).

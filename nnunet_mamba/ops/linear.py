@@ -7,9 +7,11 @@
   lie side by side in one buffer (the Triton scan writes those of the mixer's x_proj blocks dt, B, C so) are used
   as that one tensor; blocks narrower than 16 columns are otherwise concatenated (x_proj's per-block products
   measured slower than the concatenation).
-* ``linear_channels_first(x, weight, bias)`` - the Linear of tokens x (B, L, C_in) returned as a channels-first
-  (B, C_out, L) tensor (``W x_b^T`` per batch element), the layout of the feature maps around a Mamba layer; its
-  backward returns dx token-major (the layout the layer's LayerNorm and the scan read coalesced).
+* ``linear_channels_first(x, weight, bias, residual=None)`` - the Linear of tokens x (B, L, C_in) returned as a
+  channels-first (B, C_out, L) tensor (``W x_b^T`` per batch element), the layout of the feature maps around a Mamba
+  layer; its backward returns dx token-major (the layout the layer's LayerNorm and the scan read coalesced). With
+  ``residual=(s, t)`` it returns ``ops.scaled_add`` of that and s, t, the residual added in the GEMM's epilogue
+  (LightM-UNet's ``skip_scale`` residual after the mixer's out_proj: one pass over the map less).
 
 Under autocast they run in the autocast dtype as ``F.linear`` would (cuBLAS). In fp32 on CUDA, the products of the
 forward and of the input's gradient whose operand has at least ``TRITON_FROM["linear"]`` elements (ops/token_ops.py)
