@@ -397,3 +397,20 @@ def test_token_ops_auto_takes_triton_only_from_the_measured_size(monkeypatch):
         assert not token_ops._use_triton(op, torch.zeros(1).expand(n), "torch")
     monkeypatch.setenv(token_ops.ENV_BACKEND, "torch")
     assert not token_ops._use_triton("layer-norm", torch.zeros(1).expand(10 ** 9), "auto")
+
+
+@pytest.mark.parametrize("nd,k,stride", [(3, 1, 1), (2, 1, 1), (3, 3, 1), (2, 1, 2)])
+def test_pointwise_conv_module_is_the_conv(nd, k, stride):
+    """PointwiseConv{2,3}d: nn.Conv{2,3}d's parameters, state dict and function; a 1x1(x1) stride-1 one goes through
+    ops.pointwise_conv (cuDNN off CUDA), any other through the conv's own forward."""
+    from nnunet_mamba.modules.common import conv_nd, pointwise_conv_nd
+
+    torch.manual_seed(nd * 10 + k)
+    ours = pointwise_conv_nd(nd)(6, 5, k, stride=stride, padding=k // 2)
+    ref = conv_nd(nd)(6, 5, k, stride=stride, padding=k // 2)
+    ref.load_state_dict(ours.state_dict())
+    assert list(ours.state_dict()) == ["weight", "bias"]
+    x = torch.randn(2, 6, *(9,) * nd)
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pointwise_conv: weight must be"):
+        ops.pointwise_conv(x, torch.randn(5, 6, *(3,) * nd))

@@ -137,6 +137,60 @@ def test_scaled_residual_in_the_epilogue(lt, tuning, N):
         lt.matmul_tf32x3(x, weight.t(), residual=(rand(2, seed=1), r.t()))
 
 
+@pytest.mark.parametrize("spatial,cin,cout,bias", [((5, 6, 7), 20, 24, True), ((9, 11), 16, 40, False)])
+def test_pointwise_conv_on_the_gemm_matches_float64(spatial, cin, cout, bias):
+    """ops.pointwise_conv's GEMM form (ops.linear._PointwiseConvFn, taken on CUDA from the measured size): a 1x1(x1)
+    conv of a channels-first map as column-major GEMMs per batch element, its output, input, weight and bias
+    gradients against float64 F.conv2d/3d (2D and 3D, widths off the tiles)."""
+    import torch.nn.functional as F
+
+    from nnunet_mamba.ops.linear import _PointwiseConvFn
+
+    nd = len(spatial)
+    x = rand(2, cin, *spatial, seed=50).requires_grad_()
+    w = (rand(cout, cin, *(1,) * nd, seed=51) / cin ** 0.5).requires_grad_()
+    b = rand(cout, seed=52).requires_grad_() if bias else None
+    g = rand(2, cout, *spatial, seed=53)
+    y = _PointwiseConvFn.apply(x, w, b)
+    conv = {2: F.conv2d, 3: F.conv3d}[nd]
+    leaves = [t.detach().double().requires_grad_() for t in ([x, w] + ([b] if bias else []))]
+    ref = conv(leaves[0], leaves[1], leaves[2] if bias else None)
+    assert y.shape == ref.shape and y.is_contiguous() and max_err(y.detach(), ref.detach()) < 1e-5
+    grads = torch.autograd.grad(y, [x, w] + ([b] if bias else []), g)
+    refs = torch.autograd.grad(ref, leaves, g.double())
+    for got, want in zip(grads, refs):
+        assert got.shape == want.shape and max_err(got, want) < 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
+def test_pointwise_conv_takes_the_gemm_at_full_resolution(monkeypatch):
+    """LightM-UNet's ResUpBlock conv at 128^3 (32 -> 32, batch 2) runs on the Triton GEMM (forward, input gradient)
+    and the split-token weight-gradient reduction, each within twice SGEMM's error against float64; below the
+    measured size (64^3 x 64) it stays on cuDNN."""
+    import nnunet_mamba.ops.linear as lin
+
+    x = rand(2, 32, 128, 128, 128, seed=54).requires_grad_()
+    w = (rand(32, 32, 1, 1, 1, seed=55) / 32 ** 0.5).requires_grad_()
+    g = rand(2, 32, 128, 128, 128, seed=56)
+    calls = []
+    real = lin._PointwiseConvFn.apply
+    monkeypatch.setattr(lin._PointwiseConvFn, "apply", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    y = lin.pointwise_conv(x, w)
+    lin.pointwise_conv(rand(2, 64, 64, 64, 64, seed=57), rand(64, 64, 1, 1, 1, seed=58))
+    assert calls == [x.shape]
+    gx, gw = torch.autograd.grad(y, [x, w], g)
+    x2, w2 = x.detach().view(2, 32, -1), w.detach().view(32, 32)
+    ref = torch.einsum("oc,bcl->bol", w2.double(), x2.double())
+    assert max_err(y.detach().view(2, 32, -1), ref) <= 2 * sgemm_err(x2[0].t(), w2.t(), ref[0].t())
+    gd = g.view(2, 32, -1).double()
+    gxref = torch.einsum("oc,bol->bcl", w2.double(), gd)
+    assert max_err(gx.view(2, 32, -1), gxref) <= 2 * sgemm_err(g.view(2, 32, -1)[0].t(), w2, gxref[0].t())
+    gwref = torch.einsum("bol,bcl->oc", gd, x2.double())
+    assert max_err(gw.view(32, 32), gwref) <= 2 * sgemm_err(
+        g.view(2, 32, -1).transpose(1, 2).reshape(-1, 32).t(), x2.transpose(1, 2).reshape(-1, 32), gwref)
+
+
 @pytest.mark.parametrize("B,L,N,K,layout,cfg", [
     (2, 300, 32, 64, "channels-first", {}),  # L not a multiple of the 64-token step
     (2, 300, 32, 64, "channels-first", dict(splits=3, BL=16)),  # several ranges per batch element, a partial last

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import depthwise_conv, group_norm, layer_norm, recompute
+from ..ops import depthwise_conv, group_norm, layer_norm, pointwise_conv, recompute
 
 
 def conv_nd(nd: int) -> type[nn.Module]:
@@ -95,6 +95,31 @@ def depthwise_conv_nd(nd: int) -> type[nn.Module]:
     """``DepthwiseConv{nd}d(channels, kernel_size, bias=True)``: ``nn.Conv{nd}d(c, c, k, padding=(k - 1) // 2,
     groups=c)`` - same parameters, state dict and function - through ``ops.depthwise_conv``."""
     return {2: DepthwiseConv2d, 3: DepthwiseConv3d}[nd]
+
+
+class _PointwiseConv:
+    """Forward of a 1x1(x1) conv module (stride 1, no padding, one group) through ``ops.pointwise_conv`` (the Triton
+    GEMM on CUDA where it measured faster); otherwise the conv's own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if set(self.kernel_size) == {1} and set(self.stride) == {1} and set(self.padding) == {0} \
+                and set(self.dilation) == {1} and self.groups == 1 and self.padding_mode == "zeros":
+            return pointwise_conv(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class PointwiseConv2d(_PointwiseConv, nn.Conv2d):
+    pass
+
+
+class PointwiseConv3d(_PointwiseConv, nn.Conv3d):
+    pass
+
+
+def pointwise_conv_nd(nd: int) -> type[nn.Module]:
+    """``PointwiseConv{nd}d(in, out, 1, bias=True)``: ``nn.Conv{nd}d`` - same arguments, parameters, state dict and
+    function - whose 1x1(x1) form runs through ``ops.pointwise_conv``."""
+    return {2: PointwiseConv2d, 3: PointwiseConv3d}[nd]
 
 
 class LayerNormNd(nn.LayerNorm):

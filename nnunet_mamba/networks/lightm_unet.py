@@ -13,18 +13,19 @@ import torch
 import torch.nn as nn
 
 from ..modules.common import (GroupNorm, TokenLayerNorm, conv_nd, depthwise_conv_nd, fp32_core, interp_mode,
-                              max_pool_nd, recomputed)
+                              max_pool_nd, pointwise_conv_nd, recomputed)
 from ..modules.mamba import Mamba
 from ..ops import linear_channels_first, scaled_add
 
 
 class ConvOnly(nn.Sequential):
-    """MONAI ``Convolution(conv_only=True)``: a Sequential holding one conv named ``conv``."""
+    """MONAI ``Convolution(conv_only=True)``: a Sequential holding one conv named ``conv`` (a 1x1(x1) one through
+    ``ops.pointwise_conv``: same parameters and function)."""
 
     def __init__(self, nd, a, b, k, bias, depthwise=False):
         super().__init__()
         self.add_module("conv", depthwise_conv_nd(nd)(a, k, bias=bias) if depthwise else
-                        conv_nd(nd)(a, b, k, padding=k // 2, bias=bias))
+                        (pointwise_conv_nd(nd) if k == 1 else conv_nd(nd))(a, b, k, padding=k // 2, bias=bias))
 
 
 def dw_conv(nd, a, b, k, bias=False) -> nn.Sequential:

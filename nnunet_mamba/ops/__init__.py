@@ -13,8 +13,8 @@ mamba-ssm's ``selective_scan_fn``, plus an optional low-rank delta (``delta_proj
 ``depthwise_conv`` and ``group_norm`` on (B, C, *S) maps, and ``scaled_add`` (y + s * t, s a residual's 1-element
 scale; its backward fused), have a PyTorch and a Triton backend
 (``ops/token_ops.py``); ``linear_split`` and ``linear_channels_first`` are Linear layers computed
-in the layouts the Mamba layers need, their fp32 products on a Triton 3xTF32 GEMM where measured faster
-(``ops/linear.py``).
+in the layouts the Mamba layers need, and ``pointwise_conv`` a 1x1(x1) conv of a channels-first map, their fp32
+products on a Triton 3xTF32 GEMM where measured faster (``ops/linear.py``).
 Nothing here imports mamba_ssm or triton at module import time.
 """
 from .scan import (
@@ -25,7 +25,7 @@ from .scan import (
     register_backend,
     selective_scan,
 )
-from .linear import linear_channels_first, linear_split
+from .linear import linear_channels_first, linear_split, pointwise_conv
 from .token_ops import causal_conv1d_silu, depthwise_conv, group_norm, layer_norm, scaled_add
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "layer_norm",
     "linear_channels_first",
     "linear_split",
+    "pointwise_conv",
     "cross_scan_orders",
     "cross_selective_scan",
     "register_backend",

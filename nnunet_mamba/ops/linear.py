@@ -7,6 +7,9 @@
   lie side by side in one buffer (the Triton scan writes those of the mixer's x_proj blocks dt, B, C so) are used
   as that one tensor; blocks narrower than 16 columns are otherwise concatenated (x_proj's per-block products
   measured slower than the concatenation).
+* ``pointwise_conv(x, weight, bias)`` - a 1x1(x1) convolution of a channels-first (B, C_in, *S) map, ``W x_b`` per
+  batch element: on the Triton GEMM where its size and widths qualify (LightM-UNet's ResUpBlock conv at 128^3),
+  without cuDNN's NCHW <-> NHWC conversions; ``F.conv2d/3d`` otherwise.
 * ``linear_channels_first(x, weight, bias, residual=None)`` - the Linear of tokens x (B, L, C_in) returned as a
   channels-first (B, C_out, L) tensor (``W x_b^T`` per batch element), the layout of the feature maps around a Mamba
   layer; its backward returns dx token-major (the layout the layer's LayerNorm and the scan read coalesced). With
@@ -210,3 +213,62 @@ def linear_channels_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         raise ValueError(f"linear_channels_first: residual must be (1-element s, t of the output's shape "
                          f"{(x.shape[0], weight.shape[0], x.shape[1])})")
     return _ChannelsFirstLinearFn.apply(x, weight, bias, s, t, _use_triton("scaled-add", t, "auto"))
+
+
+class _PointwiseConvFn(torch.autograd.Function):
+    """A 1x1(x1) conv of a contiguous channels-first map as one GEMM per batch element on the Triton kernel: y_b^T =
+    x_b^T W^T with x_b^T (L, C_in) and y_b^T (L, C_out) column-major views (bias fused); dx_b^T = g_b^T W (Triton
+    where its widths qualify, else cuBLAS); dW = sum_b g_b x_b^T (``_wgrad``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        from ..kernels.linear_triton import matmul_tf32x3
+        ctx.save_for_backward(x, weight)
+        (B, C), O = x.shape[:2], weight.shape[0]
+        x3, w2 = x.view(B, C, -1), weight.view(O, C)
+        y = x.new_empty(B, O, *x.shape[2:])
+        y3 = y.view(B, O, -1)
+        for b in range(B):
+            matmul_tf32x3(x3[b].t(), w2.t(), bias, out=y3[b].t())
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        (B, C), O = x.shape[:2], weight.shape[0]
+        x3, w2, g3 = x.view(B, C, -1), weight.view(O, C), g.reshape(B, O, -1)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+            dx3 = dx.view(B, C, -1)
+            if _tf32x3(g3[0].t(), w2):
+                from ..kernels.linear_triton import matmul_tf32x3
+                for b in range(B):
+                    matmul_tf32x3(g3[b].t(), w2, out=dx3[b].t())
+            else:
+                for b in range(B):
+                    torch.mm(w2.t(), g3[b], out=dx3[b])
+        if ctx.needs_input_grad[1]:
+            dw = _wgrad(g3.transpose(1, 2), x3.transpose(1, 2)).view(weight.shape)
+        if ctx.needs_input_grad[2]:
+            db = g3.sum((0, 2))
+        return dx, dw, db
+
+
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d/3d(x, weight, bias)`` for a 1x1(x1) ``weight`` (C_out, C_in, 1, ...) on a (B, C_in, *S) map: one
+    Triton 3xTF32 GEMM per batch element (as accurate as cuBLAS's SGEMM) for contiguous fp32 CUDA maps outside
+    autocast whose per-element operand has the measured size and up to 64 output channels (module docstring), cuDNN
+    otherwise."""
+    nd = x.dim() - 2
+    if weight.dim() != nd + 2 or tuple(weight.shape[2:]) != (1,) * nd or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"pointwise_conv: weight must be (C_out, {x.shape[1]}{', 1' * nd}) for a {nd}D map, got "
+                         f"{tuple(weight.shape)}")
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+    if not (x.is_cuda and x.is_contiguous() and weight.dtype == torch.float32 and x.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)):
+        return conv(x, weight, bias)
+    (B, C), O = x.shape[:2], weight.shape[0]
+    if not _tf32x3(x.view(B, C, -1)[0].t(), weight.view(O, C).t()):
+        return conv(x, weight, bias)
+    return _PointwiseConvFn.apply(x, weight, bias)
