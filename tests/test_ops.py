@@ -414,3 +414,24 @@ def test_pointwise_conv_module_is_the_conv(nd, k, stride):
     torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="pointwise_conv: weight must be"):
         ops.pointwise_conv(x, torch.randn(5, 6, *(3,) * nd))
+
+
+@pytest.mark.parametrize("nd,kernel", [(3, 2), (3, (1, 2, 2)), (2, (2, 3))])
+def test_max_pool_module_is_nn_max_pool(nd, kernel):
+    """MaxPool{2,3}d: nn.MaxPool's function (ops.max_pool: PyTorch's pooling off CUDA), values and gradients; a
+    module whose stride is not its kernel keeps its own forward."""
+    from torch import nn
+
+    from nnunet_mamba.modules.common import max_pool_nd
+
+    x = torch.randn(2, 3, *(6, 6, 6)[:nd], requires_grad=True)
+    ours = max_pool_nd(nd)(kernel_size=kernel, stride=kernel)
+    ref = {2: nn.MaxPool2d, 3: nn.MaxPool3d}[nd](kernel_size=kernel, stride=kernel)
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = ours(x), ref(x2)
+    assert torch.equal(y, y2)
+    y.sum().backward()
+    y2.sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+    overlapping = max_pool_nd(nd)(kernel_size=3, stride=1)
+    assert torch.equal(overlapping(x), {2: nn.MaxPool2d, 3: nn.MaxPool3d}[nd](3, 1)(x))

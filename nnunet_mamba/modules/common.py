@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import depthwise_conv, group_norm, layer_norm, pointwise_conv, recompute
+from ..ops import depthwise_conv, group_norm, layer_norm, max_pool, pointwise_conv, recompute
 
 
 def conv_nd(nd: int) -> type[nn.Module]:
@@ -26,8 +26,31 @@ def instance_norm_nd(nd: int) -> type[nn.Module]:
     return {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[nd]
 
 
+class _MaxPool:
+    """Forward of a max-pool module through ``ops.max_pool`` (the Triton kernel on CUDA where it measured faster) when
+    its stride is its kernel, without padding, dilation, ceil mode or returned indices; otherwise its own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nd = x.dim() - 2
+        per_axis = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd  # noqa: E731
+        kernel = per_axis(self.kernel_size)
+        if per_axis(self.stride) == kernel and set(per_axis(self.padding)) == {0} \
+                and set(per_axis(self.dilation)) == {1} and not self.ceil_mode and not self.return_indices:
+            return max_pool(x, kernel)
+        return super().forward(x)
+
+
+class MaxPool2d(_MaxPool, nn.MaxPool2d):
+    pass
+
+
+class MaxPool3d(_MaxPool, nn.MaxPool3d):
+    pass
+
+
 def max_pool_nd(nd: int) -> type[nn.Module]:
-    return {2: nn.MaxPool2d, 3: nn.MaxPool3d}[nd]
+    """``MaxPool{nd}d``: ``nn.MaxPool{nd}d`` (same arguments and function) through ``ops.max_pool``."""
+    return {2: MaxPool2d, 3: MaxPool3d}[nd]
 
 
 def adaptive_avg_pool_nd(nd: int) -> type[nn.Module]:
