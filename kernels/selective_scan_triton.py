@@ -31,6 +31,10 @@ per element and step, no cross-thread scan; the step loops' loads are software-p
 * **Low-rank delta** (``delta_proj_weight``, constexpr ``DT_LOW``): delta = W v_t formed per step from the step's R
   values v_t (the Mamba mixer's dt_proj); the backward writes the gradient of v (summed over the program's
   channels) and per-program dW partial sums instead of d(delta). Less memory, slower walks (docs/kernels.md).
+* **dt kept**: where the scan owns the (b, d, L) delta (the mixer's low-rank delta multiplied out by the op), the
+  forward's first pass writes dt = softplus(delta + bias) over it (constexpr ``DT_OUT``) and every later pass reads
+  it (``DT_DONE``) instead of forming softplus again; the backward takes softplus's derivative from dt
+  (``_softplus_grad_of``).
 * **Cross (multi-direction) form**: the same kernels with a position map ``l -> spatial offset`` (axis permutation +
   reversal) per scan order; outputs and the gradient of the map are accumulated into one spatial fp32 tensor in
   direction order, so no transposed/flipped copy is made and the sum is deterministic.
@@ -707,8 +711,7 @@ def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want
               *out.stride(), *_bc(B), *_bc(C), order.Q1, order.Q2, order.R0, order.R1, order.R2)
     flags = dict(HAS_MAP=order.has_map, FLIP=order.flip, ACCUM=accum, B_VAR=B.dim() == 4, C_VAR=C.dim() == 4,
                  HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, DT_DONE=False,
-                 **low,
-                 BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, STAGES=plan.stages, SPREAD=plan.spread,
+                 **low, BD=plan.BD, BN=plan.BN, T=plan.T, U=plan.U, STAGES=plan.stages, SPREAD=plan.spread,
                  num_warps=plan.num_warps)
     Wk = W if W is not None else A
     Dt = D if D is not None else A
