@@ -264,11 +264,9 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if weight.dim() != nd + 2 or tuple(weight.shape[2:]) != (1,) * nd or weight.shape[1] != x.shape[1]:
         raise ValueError(f"pointwise_conv: weight must be (C_out, {x.shape[1]}{', 1' * nd}) for a {nd}D map, got "
                          f"{tuple(weight.shape)}")
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
-    if not (x.is_cuda and x.is_contiguous() and weight.dtype == torch.float32 and x.dtype == torch.float32
-            and not torch.is_autocast_enabled(x.device.type)):
-        return conv(x, weight, bias)
     (B, C), O = x.shape[:2], weight.shape[0]
-    if not _tf32x3(x.view(B, C, -1)[0].t(), weight.view(O, C).t()):
-        return conv(x, weight, bias)
-    return _PointwiseConvFn.apply(x, weight, bias)
+    # _tf32x3 checks device, dtypes, widths and size (x_b^T as the column-major operand it will be)
+    if x.is_contiguous() and not torch.is_autocast_enabled(x.device.type) and \
+            _tf32x3(x.view(B, C, -1)[0].t(), weight.view(O, C).t()):
+        return _PointwiseConvFn.apply(x, weight, bias)
+    return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd](x, weight, bias)
