@@ -255,7 +255,7 @@ def _walk_block(h, l0, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn,
 
 @cached_launch
 @triton.jit(do_not_specialize=["one", "T"])
-def _chunk_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr,
+def _chunk_kernel(u_ptr, dt_ptr, dto_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr,
                   hin_ptr, hloc_ptr, sloc_ptr, hf_ptr, hf_rs,
                   L, d, dg, N, RK, n_chunks, cbg, one,
                   s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
@@ -266,8 +266,9 @@ def _chunk_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, 
                   OUT: tl.constexpr, SAVE_LAST: tl.constexpr, DT_LOW: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
                   BR: tl.constexpr, T, U: tl.constexpr, STAGES: tl.constexpr, SPREAD: tl.constexpr, SEG: tl.constexpr):
     # SEG > 0 (output pass of a recomputation): also write the state entering every segment of SEG steps to hf, in
-    # _bwd_kernel's layout, which then skips its own forward walk. DT_OUT: write each step's dt over its delta (a
-    # buffer the scan owns); DT_DONE: the delta operand holds dt already.
+    # _bwd_kernel's layout, which then skips its own forward walk. DT_OUT: write each step's dt to dto, a buffer of
+    # the scan's own with the delta's strides (the delta itself where the scan owns it); DT_DONE: the delta operand
+    # holds dt already.
     # Tiles are (BN, BD): states x channels. Triton derives their register layout from the loads and stores. With
     # SPREAD (N >= 9) it is a channel per lane, so that a thread holds all BN states of its channel, the sums over n
     # stay inside the thread and no per-channel work is repeated: the state tiles are stored channels-fastest
@@ -292,13 +293,15 @@ def _chunk_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, out_ptr, A_ptr, D_ptr, bias_ptr, 
     dt_base, Wt, rm = _dt_operand(dt_ptr, W_ptr, b, c, cm, d, RK, one, s_db, s_dd, DT_LOW, BR)
     if SEG > 0:
         hf_b = hf_ptr + _state_ofs(b, 0, 1, N, d, rn1, c)
+    if DT_OUT:
+        dto_base = dto_ptr + b * s_db + c * s_dd
     for t0 in tl.range(0, T, U, num_stages=STAGES):
         for k in tl.static_range(U):
             o, lm, mk = _step_at(l0 + t0 + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
             u, dt, raw, Bx = _step_inputs(u_base, dt_base, Wt, rm, B_base, bias, Bc, o, mk, lm, rn1, nm, s_ul, s_dl,
                                           s_Bn, s_Bl, DT_LOW, HAS_BIAS, SOFTPLUS, DT_DONE, B_VAR, SPREAD)
-            if DT_OUT:  # dt over the delta it came from: the later passes read it (DT_DONE)
-                tl.store(dt_base + o * s_dl, dt, mask=mk)
+            if DT_OUT:  # the later passes read it (DT_DONE)
+                tl.store(dto_base + o * s_dl, dt, mask=mk)
             if SEG > 0:
                 if k % SEG == 0:  # t0 is a multiple of U: only these k can start a segment
                     tl.store(hf_b + ((l0 + t0 + k) // SEG).to(tl.int64) * hf_rs, h, mask=m2 & ((t0 + k) % SEG == 0))
@@ -688,14 +691,15 @@ def _dt_low(W):
 
 
 def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want_last, W=None, states=None,
-             hf=None, dt_owned=False):
+             hf=None, dt_out=None):
     """One forward pass into ``out``. u, z, out: (b, d, L)-strided; dt: (b, d, L), or (b, R, L) with W (R, d) fp32
     (delta = W^T dt); A: (d, N); B, C: (b, G, N, L) views or (d, N). Returns the chunk-entering states
     (b, chunks, N, d), the chunks' dt sums (b, d, chunks) and the last state (b, d, N). ``states``: those two from
     an earlier pass over the same inputs (a recomputation): only the output pass runs. ``hf``: the backward's state
     scratch (``plan.scratch_states``), into which the output pass also writes the segment-entering states.
-    ``dt_owned``: dt is a buffer of the scan's own (full, not low-rank); the first pass writes softplus(dt + bias)
-    over it, and the later passes (and ``_backward(dt_done=True)``) read that instead of forming it again."""
+    ``dt_out``: an fp32 buffer of the scan's own with dt's strides (dt itself where the scan owns dt; full, not
+    low-rank): the first pass writes dt = softplus(dt + bias) into it, and the later passes (and
+    ``_backward(dt_done=True)``, given it as dt) read that instead of forming it again."""
     b, d, L = u.shape
     N = A.shape[1]
     A, B, C = _t(A), _t(B), _t(C)
@@ -707,6 +711,9 @@ def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want
     last = torch.empty(b, N, d, device=dev, dtype=f32) if want_last else sloc
     zt = z if z is not None else u
     R, low = _dt_low(W)
+    if dt_out is not None and (W is not None or dt_out.stride() != dt.stride() or dt_out.dtype != f32):
+        raise ValueError("selective_scan (triton): dt_out must be fp32 with the full delta's strides")
+    dto = dt_out if dt_out is not None else dt
     common = (L, d, plan.dg, N, R, plan.n_chunks, plan.cbg, 1, *u.stride(), *dt.stride(), *zt.stride(),
               *out.stride(), *_bc(B), *_bc(C), order.Q1, order.Q2, order.R0, order.R1, order.R2)
     flags = dict(HAS_MAP=order.has_map, FLIP=order.flip, ACCUM=accum, B_VAR=B.dim() == 4, C_VAR=C.dim() == 4,
@@ -720,16 +727,17 @@ def _forward(u, dt, A, B, C, D, z, bias, softplus, out, plan, order, accum, want
         hin = states[0]
     elif plan.n_chunks > 1:
         hloc = torch.empty(b, plan.n_chunks, N, d, device=dev, dtype=f32)
-        _chunk_kernel[plan.grid](u, dt, Wk, zt, out, A, Dt, bt, B, C, hloc, hloc, sloc, A, 0, *common, OUT=False,
-                                 SAVE_LAST=False, SEG=0, DT_OUT=dt_owned, **flags)
-        flags["DT_DONE"], dt_owned = dt_owned, False
+        _chunk_kernel[plan.grid](u, dt, dto, Wk, zt, out, A, Dt, bt, B, C, hloc, hloc, sloc, A, 0, *common,
+                                 OUT=False, SAVE_LAST=False, SEG=0, DT_OUT=dt_out is not None, **flags)
+        if dt_out is not None:  # the output pass reads dt
+            dt, flags["DT_DONE"], dt_out = dt_out, True, None
         hin = _carry(A, hloc, sloc, None, False, plan, b, d, N)
         del hloc
     else:
         hin = torch.zeros(b, 1, N, d, device=dev, dtype=f32)
-    _chunk_kernel[plan.grid](u, dt, Wk, zt, out, A, Dt, bt, B, C, hin, last, sloc, hf if hf is not None else A,
+    _chunk_kernel[plan.grid](u, dt, dto, Wk, zt, out, A, Dt, bt, B, C, hin, last, sloc, hf if hf is not None else A,
                              b * d * N, *common, OUT=True, SAVE_LAST=want_last, SEG=plan.S if hf is not None else 0,
-                             DT_OUT=dt_owned, **flags)
+                             DT_OUT=dt_out is not None, **flags)
     return hin, sloc, (last.transpose(1, 2) if want_last else None)
 
 
@@ -740,7 +748,7 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
     _forward) gdt must be None and the gradient of dt (b, R, L-positions) comes back instead, with gW (d, R).
     ``hf``: the state scratch with the segment-entering states written by the forward (``_forward``). ``bc_out``:
     two (b, G, positions, N) tensors (views) into which the time-varying gB and gC are summed. ``dt_done``: dt holds
-    softplus(dt + bias), written by ``_forward(dt_owned=True)``."""
+    softplus(dt + bias), written by ``_forward(dt_out=...)``."""
     b, d, L = u.shape
     N = A.shape[1]
     G = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
@@ -842,7 +850,8 @@ def _grouped_bc(X):
 class _ScanFn(torch.autograd.Function):
     """The plain scan. With a low-rank delta (``W``) the (b, d, L) delta is formed by the kernels (``W_in_kernels``)
     or multiplied out here; multiplied out it is this op's own buffer: the forward writes dt = softplus(delta + bias)
-    over it, and the backward writes d(delta) over that.
+    over it, and the backward writes d(delta) over that. A full fp32 delta: the forward writes dt into a new buffer,
+    which the backward keeps instead of the delta (_dt_buffer).
     ``reuse``: the caller reads neither z after the backward nor the output's gradient after this op's backward, so
     dz is written over z and du over the output gradient (where their layouts allow). Each saves a (b, d, L) buffer
     at the backward's memory peak (docs/kernels.md, "Memory")."""
@@ -872,11 +881,14 @@ class _ScanFn(torch.autograd.Function):
         kept = slot.value if slot is not None else None
         hf = None if kept is None or not _early_scratch() else \
             torch.empty(plan.scratch_states(b, d, L, plan.T, plan.S) * A.shape[1], device=u.device, dtype=torch.float32)
-        # the multiplied-out delta is this op's own buffer: the forward writes dt = softplus(delta + bias) over it,
-        # which the later passes and the backward read instead of forming it again
-        dt_done = v is not None and (softplus or bf is not None)
+        dt_out = _dt_buffer(delta, softplus or bf is not None, owned=v is not None) if not W_in_kernels else None
+        if dt_out is not None and dt_out.stride() != delta.stride():
+            delta = dt_out.copy_(delta)  # a delta with gaps: dt is written over its copy
         hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True,
-                                   Wt if W_in_kernels else None, kept[0] if kept else None, hf, dt_done)
+                                   Wt if W_in_kernels else None, kept[0] if kept else None, hf, dt_out)
+        dt_done = dt_out is not None
+        if dt_done and v is None:
+            delta = dt_out  # kept for the backward instead of the delta
         # ctx keeps only the scratch's box: the states stay with the region (freed with it, not with the graph)
         ctx.scratch = kept[1] if kept else [None]
         ctx.scratch[0] = hf
@@ -903,7 +915,7 @@ class _ScanFn(torch.autograd.Function):
             delta = _low_rank_product(v, Wt)  # the first backward wrote d(delta) over the multiplied-out delta
             if dt_done:  # and dt over it again, by the same pass as the first time (an output pass, output unused)
                 _forward(u, delta, Af, _grouped_bc(B), _grouped_bc(C), Df, z, bf, softplus, _empty_in_order(u), plan,
-                         _IDENTITY, False, False, states=(hin, sloc), dt_owned=True)
+                         _IDENTITY, False, False, states=(hin, sloc), dt_out=delta)
         ctx.backward_ran = True
         if gout is None:
             gout, into_gout = torch.zeros_like(u), True
@@ -983,6 +995,18 @@ def _low_rank_grads(g_tokens, v, Wt, gv_out=None):
     else:
         gv = torch.mm(g, Wt.t(), out=gv2)
     return gv.view(b, L, R).transpose(1, 2), (vt.t().float() @ g).t()
+
+
+def _dt_buffer(delta, formed, owned):
+    """Where the forward writes dt = softplus(delta + bias), which its later passes and the backward read instead of
+    forming it again (and the backward keeps instead of delta): the delta itself where the scan owns it (``owned``: a
+    product it multiplied out), else a new fp32 buffer in delta's layout. None where there is nothing to form
+    (``formed``: softplus or a bias) or delta is not fp32 (an fp32 dt would be a larger buffer than a half delta)."""
+    if not formed:
+        return None
+    if owned:
+        return delta
+    return _empty_in_order(delta) if delta.dtype == torch.float32 else None
 
 
 def _no_overlap(t):
@@ -1067,29 +1091,35 @@ class _CrossFn(torch.autograd.Function):
         bf = delta_bias.float().contiguous() if delta_bias is not None else None
         out = _empty_in_order(x, torch.float32).view(b, d, L)  # in the map's layout (channels-last stays so)
         plan = _Plan(b, d, 1, L, N, x.device, per_sm=32)  # one launch per direction: more chunks fill the GPU
+        # a full delta: the forward writes every direction's dt into a buffer of the op's own, kept for the backward
+        dts = _dt_buffer(delta, softplus or bf is not None, owned=False) if W is None else None
+        if dts is not None:
+            dts = dts.view(ds.shape)
+            if dts.stride() != ds.stride():
+                ds = dts.copy_(ds)
         saved = []
         for k, (perm, flip) in enumerate(orders):
             rows = slice(k * d, (k + 1) * d)
             hin, sloc, _ = _forward(xs, ds[:, k], Af[rows], Bs[:, k:k + 1], Cs[:, k:k + 1],
                                     Df[rows] if Df is not None else None, None, bf[rows] if bf is not None else None,
                                     softplus, out, plan, _order_for(spatial, perm, flip), k > 0, False,
-                                    Wt[k] if Wt is not None else None)
+                                    Wt[k] if Wt is not None else None, dt_out=dts[:, k] if dts is not None else None)
             saved += [hin, sloc]
-        ctx.save_for_backward(x, delta, Af, B, C, Df, bf, W, Wt, *saved)
-        ctx.cfg = (softplus, list(orders), plan)
+        ctx.save_for_backward(x, dts if dts is not None else delta, Af, B, C, Df, bf, W, Wt, *saved)
+        ctx.cfg = (softplus, list(orders), plan, dts is not None, delta.shape, delta.dtype)
         return out.view(b, d, *spatial)
 
     @staticmethod
     def backward(ctx, gout):
         x, delta, Af, B, C, Df, bf, W, Wt, *saved = ctx.saved_tensors
-        softplus, orders, plan = ctx.cfg
+        softplus, orders, plan, dt_done, dshape, ddtype = ctx.cfg
         b, d = x.shape[:2]
         spatial = tuple(x.shape[2:])
         L = math.prod(spatial)
         K = len(orders)
         N = Af.shape[1]
         f32 = torch.float32
-        xs, ds = x.reshape(b, d, L), delta.reshape(b, K, delta.shape[2], L)
+        xs, ds = x.reshape(b, d, L), delta.reshape(b, K, dshape[2], L)  # delta: the dt buffer where dt_done
         Bs, Cs = B.reshape(b, K, N, L), C.reshape(b, K, N, L)
         go = gout.reshape(b, d, L)
         # gradients in their inputs' layouts (so that channels-last inputs get coalesced stores)
@@ -1107,7 +1137,7 @@ class _CrossFn(torch.autograd.Function):
                 xs, ds[:, k], None, go, Af[rows], Df[rows] if Df is not None else None, Bs[:, k:k + 1],
                 Cs[:, k:k + 1], bf[rows] if bf is not None else None, softplus, saved[2 * k], saved[2 * k + 1], None,
                 plan, _order_for(spatial, perm, flip), gx, gdelta[:, k] if W is None else None, None, k > 0,
-                Wt[k] if W is not None else None)
+                Wt[k] if W is not None else None, dt_done=dt_done)
             if W is not None:
                 gdelta[:, k] = glow
                 gW[k] = gWk
@@ -1118,7 +1148,7 @@ class _CrossFn(torch.autograd.Function):
                 gD[rows] = gDk
             if gbias is not None:
                 gbias[rows] = gbk
-        return (gx.view(x.shape).to(x.dtype), gdelta.view(delta.shape).to(delta.dtype), gA,
+        return (gx.view(x.shape).to(x.dtype), gdelta.view(dshape).to(ddtype), gA,
                 gB.view(B.shape).to(B.dtype), gC.view(C.shape).to(C.dtype), gD, gbias, None, None,
                 gW.to(W.dtype) if W is not None else None)
 

@@ -444,6 +444,42 @@ class _Recorded:
         return lambda *args, **meta: (self.log.append((self.name, meta)), self.kernel[grid](*args, **meta))[1]
 
 
+@pytest.mark.parametrize("dtype,kept", [(torch.float32, True), (torch.bfloat16, False)])
+def test_full_delta_dt_formed_once_into_a_buffer_of_the_ops_own(tk, tuning, dev, monkeypatch, dtype, kept):
+    """A full fp32 delta with softplus: the forward's first pass writes dt = softplus(delta + bias) into a new buffer
+    (DT_OUT), the output pass, _bsum_kernel and _bwd_kernel read it (DT_DONE), and the backward keeps it instead of
+    the delta. The caller's delta is left as it was, a second backward (retain_graph) gives the same gradients, and
+    both match the oracle. A half delta keeps the plain path (an fp32 dt would be a larger buffer)."""
+    tuning(T=16, BD=4, F=2)
+    log = []
+    for name in ("_chunk_kernel", "_bsum_kernel", "_bwd_kernel"):
+        monkeypatch.setattr(tk, name, _Recorded(getattr(tk, name), name, log))
+    inp = make_inputs(2, 8, 45, 4, "shared", seed=31, device=dev, dtype=dtype)
+    x = leaves(inp)
+    before = x["delta"].detach().clone()
+    y = call(tk.selective_scan_triton, x, True, False)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(dev, dtype)
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    first = torch.autograd.grad(y, [x[k] for k in names], gy, retain_graph=True)
+    second = torch.autograd.grad(y, [x[k] for k in names], gy)
+    assert torch.equal(x["delta"].detach(), before)
+    for k, g1, g2 in zip(names, first, second):
+        assert torch.equal(g1, g2), k
+    flags = [(n, m["DT_OUT"] if n == "_chunk_kernel" else None, m["DT_DONE"]) for n, m in log]
+    if kept:  # summary pass writes dt; the output pass and both backwards read it
+        assert flags == [("_chunk_kernel", True, False), ("_chunk_kernel", False, True)] + \
+            [("_bsum_kernel", None, True), ("_bwd_kernel", None, True)] * 2
+    else:
+        assert all(not out and not done for _, out, done in flags)
+    ref = leaves(inp, torch.float64)
+    y0 = call(oracle, ref, True, False)
+    g0 = torch.autograd.grad(y0, [ref[k] for k in names], gy.double())
+    tol, gtol = (2e-5, 1e-4) if kept else (1e-2, 1.5e-2)
+    assert rel_err(y, y0) < tol
+    for k, g, r in zip(names, first, g0):
+        assert rel_err(g, r) < gtol, k
+
+
 @pytest.mark.parametrize("plan,env,seg", [(dict(T=16, BD=4), None, 16), (dict(T=16, BD=4, early_S=4), "1", 4),
                                           (dict(T=16, BD=4, F=2, S=8), "1", 8), (dict(T=16, BD=4), "0", 0)])
 def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatch, plan, env, seg):
