@@ -1,6 +1,7 @@
 """Compile the scan kernels for a Hopper GPU on any machine and show what the GPU would run.
 
-    python kernels/inspect_sass.py [--kernels chunk,bsum,bwd,carry] [--spread 0|1] [--bwd-maxnreg N] [--out DIR]
+    python kernels/inspect_sass.py [--kernels chunk,bsum,bwd,carry] [--spread 0|1] [--dt-done 0|1] [--bwd-maxnreg N]
+                                   [--out DIR]
 
 Uses the Triton on ``sys.path`` (put the GPU's version first: layouts differ between versions) and its bundled ptxas
 and cuobjdump; needs no GPU. The arguments are those of one channels-last fp32 call at (2, 64, 64^3), N = 16,
@@ -102,6 +103,9 @@ def main():
     ap.add_argument("--kernels", default="chunk,bsum,bwd,carry")
     ap.add_argument("--spread", type=int, default=1, help="SPREAD constexpr (1: the default for N >= 9)")
     ap.add_argument("--out", default="/tmp/inspect_sass")
+    ap.add_argument("--dt-done", type=int, default=1,
+                    help="DT_DONE constexpr of bsum/bwd and the output pass (1: dt read from the scan's own buffer, "
+                         "the default for an fp32 delta with softplus; 0: softplus formed in every pass)")
     ap.add_argument("--bwd-maxnreg", type=int, default=None,
                     help="a register cap for _bwd_kernel (set_tuning's bwd_maxnreg): the spills it costs")
     args = ap.parse_args()
@@ -109,7 +113,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     print(f"triton {triton.__version__} from {pathlib.Path(triton.__file__).parent}; sm_90; (b, d, L, N) = "
           f"({b}, {d}, {L}, {N}), chunks of {T}")
-    f = dict(FLAGS, SPREAD=bool(args.spread))
+    f = dict(FLAGS, SPREAD=bool(args.spread), DT_DONE=bool(args.dt_done))
     for name in args.kernels.split(","):
         if name == "chunk":
             compile_kernel(sst._chunk_kernel, dict(f, OUT=True, SAVE_LAST=False, STAGES=3, SEG=0), 1, "chunk", out)
