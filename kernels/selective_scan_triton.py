@@ -31,10 +31,11 @@ per element and step, no cross-thread scan; the step loops' loads are software-p
 * **Low-rank delta** (``delta_proj_weight``, constexpr ``DT_LOW``): delta = W v_t formed per step from the step's R
   values v_t (the Mamba mixer's dt_proj); the backward writes the gradient of v (summed over the program's
   channels) and per-program dW partial sums instead of d(delta). Less memory, slower walks (docs/kernels.md).
-* **dt kept**: where the scan owns the (b, d, L) delta (the mixer's low-rank delta multiplied out by the op), the
-  forward's first pass writes dt = softplus(delta + bias) over it (constexpr ``DT_OUT``) and every later pass reads
-  it (``DT_DONE``) instead of forming softplus again; the backward takes softplus's derivative from dt
-  (``_softplus_grad_of``).
+* **dt kept**: for a full fp32 delta with softplus or a bias, the forward's first pass writes dt = softplus(delta +
+  bias) into a buffer of the scan's own (constexpr ``DT_OUT``): the delta itself where the scan owns it (the mixer's
+  low-rank delta multiplied out by the op), else a new one (``_dt_buffer``), kept for the backward instead of the
+  delta. Every later pass reads it (``DT_DONE``) instead of forming softplus again; the backward takes softplus's
+  derivative from dt (``_softplus_grad_of``).
 * **Cross (multi-direction) form**: the same kernels with a position map ``l -> spatial offset`` (axis permutation +
   reversal) per scan order; outputs and the gradient of the map are accumulated into one spatial fp32 tensor in
   direction order, so no transposed/flipped copy is made and the sum is deterministic.
