@@ -888,8 +888,8 @@ class _ScanFn(torch.autograd.Function):
         hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True,
                                    Wt if W_in_kernels else None, kept[0] if kept else None, hf, dt_out)
         dt_done = dt_out is not None
-        if dt_done and v is None:
-            delta = dt_out  # kept for the backward instead of the delta
+        if dt_done:
+            delta = dt_out  # the backward keeps dt instead of the delta
         # ctx keeps only the scratch's box: the states stay with the region (freed with it, not with the graph)
         ctx.scratch = kept[1] if kept else [None]
         ctx.scratch[0] = hf
