@@ -882,9 +882,7 @@ class _ScanFn(torch.autograd.Function):
         kept = slot.value if slot is not None else None
         hf = None if kept is None or not _early_scratch() else \
             torch.empty(plan.scratch_states(b, d, L, plan.T, plan.S) * A.shape[1], device=u.device, dtype=torch.float32)
-        dt_out = _dt_buffer(delta, softplus or bf is not None, owned=v is not None) if not W_in_kernels else None
-        if dt_out is not None and dt_out.stride() != delta.stride():
-            delta = dt_out.copy_(delta)  # a delta with gaps: dt is written over its copy
+        dt_out, delta = _dt_buffer(delta, (softplus or bf is not None) and not W_in_kernels, owned=v is not None)
         hin, sloc, last = _forward(u, delta, Af, Bg, Cg, Df, z, bf, softplus, out, plan, _IDENTITY, False, True,
                                    Wt if W_in_kernels else None, kept[0] if kept else None, hf, dt_out)
         dt_done = dt_out is not None
@@ -999,15 +997,18 @@ def _low_rank_grads(g_tokens, v, Wt, gv_out=None):
 
 
 def _dt_buffer(delta, formed, owned):
-    """Where the forward writes dt = softplus(delta + bias), which its later passes and the backward read instead of
-    forming it again (and the backward keeps instead of delta): the delta itself where the scan owns it (``owned``: a
-    product it multiplied out), else a new fp32 buffer in delta's layout. None where there is nothing to form
-    (``formed``: softplus or a bias) or delta is not fp32 (an fp32 dt would be a larger buffer than a half delta)."""
-    if not formed:
-        return None
+    """(buffer, delta to read): where the forward writes dt = softplus(delta + bias), which its later passes and the
+    backward read instead of forming it again (and the backward keeps instead of delta), and the full delta the first
+    pass reads. The buffer is the delta itself where the scan owns it (``owned``: a product it multiplied out), else a
+    new fp32 buffer in delta's layout; a delta with gaps, whose strides the buffer cannot share, is copied into it and
+    read from there. (None, delta) where there is nothing to form (``formed``: softplus or a bias, full delta) or
+    delta is not fp32 (an fp32 dt would be a larger buffer than a half delta)."""
+    if not formed or (not owned and delta.dtype != torch.float32):
+        return None, delta
     if owned:
-        return delta
-    return _empty_in_order(delta) if delta.dtype == torch.float32 else None
+        return delta, delta
+    buf = _empty_in_order(delta)
+    return buf, (delta if buf.stride() == delta.stride() else buf.copy_(delta))
 
 
 def _no_overlap(t):
@@ -1093,11 +1094,7 @@ class _CrossFn(torch.autograd.Function):
         out = _empty_in_order(x, torch.float32).view(b, d, L)  # in the map's layout (channels-last stays so)
         plan = _Plan(b, d, 1, L, N, x.device, per_sm=32)  # one launch per direction: more chunks fill the GPU
         # a full delta: the forward writes every direction's dt into a buffer of the op's own, kept for the backward
-        dts = _dt_buffer(delta, softplus or bf is not None, owned=False) if W is None else None
-        if dts is not None:
-            dts = dts.view(ds.shape)
-            if dts.stride() != ds.stride():
-                ds = dts.copy_(ds)
+        dts, ds = _dt_buffer(ds, (softplus or bf is not None) and W is None, owned=False)
         saved = []
         for k, (perm, flip) in enumerate(orders):
             rows = slice(k * d, (k + 1) * d)
