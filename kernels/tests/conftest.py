@@ -83,3 +83,27 @@ def tuning(tk):
     """Set plan overrides for one test; reset afterwards."""
     yield tk.set_tuning
     tk.set_tuning()
+
+
+class _Recorded:
+    """Stands in for a kernel module attribute: each launch ``kernel[grid](*args, **meta)`` runs the kernel and
+    appends (label, meta) to ``log``."""
+
+    def __init__(self, kernel, label, log):
+        self.kernel, self.label, self.log = kernel, label, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: (self.log.append((self.label, meta)), self.kernel[grid](*args, **meta))[1]
+
+
+@pytest.fixture
+def record_launches(tk, monkeypatch):
+    """record_launches({kernel attribute: label}) -> log: from then on (for this test), every launch of those scan
+    kernels runs the kernel and appends (label, its launch keywords) to log."""
+    log = []
+
+    def record(labels):
+        for attr, label in labels.items():
+            monkeypatch.setattr(tk, attr, _Recorded(getattr(tk, attr), label, log))
+        return log
+    return record

@@ -103,22 +103,12 @@ def test_cross_reads_channels_last_maps_in_place(tk, tuning, dev, spatial, K):
 
 
 @pytest.mark.parametrize("gaps", [False, True])
-def test_cross_forms_dt_once_and_leaves_the_delta_alone(tk, tuning, dev, monkeypatch, gaps):
+def test_cross_forms_dt_once_and_leaves_the_delta_alone(tk, tuning, dev, record_launches, gaps):
     """A full fp32 delta: each direction's first pass writes dt = softplus(delta + bias) into a buffer of the op's own
     (DT_OUT), the later passes read it (DT_DONE); the caller's delta (token-major, or a view with gaps, which is
     copied first) is left as it was, and the results match the oracle."""
     tuning(T=16, BD=2)
-    log = []
-
-    class Recorded:  # kernel[grid](*args, **meta): launches it and logs (name, DT_OUT, DT_DONE)
-        def __init__(self, name):
-            self.name, self.kernel = name, getattr(tk, name)
-
-        def __getitem__(self, grid):
-            return lambda *a, **m: (log.append((self.name, m.get("DT_OUT"), m["DT_DONE"])), self.kernel[grid](*a, **m))
-
-    for name in ("_chunk_kernel", "_bsum_kernel", "_bwd_kernel"):
-        monkeypatch.setattr(tk, name, Recorded(name))
+    log = record_launches({name: name for name in ("_chunk_kernel", "_bsum_kernel", "_bwd_kernel")})
     spatial, K = (5, 7), 4
     orders = cross_scan_orders(2, K)
     inp = make(2, 3, spatial, 4, K, seed=11, device=dev)
@@ -134,7 +124,8 @@ def test_cross_forms_dt_once_and_leaves_the_delta_alone(tk, tuning, dev, monkeyp
     gr = dict(zip(x, torch.autograd.grad((y * gy).sum(), list(x.values()))))
     assert torch.equal(x["delta"].detach(), before)
     fwd = [("_chunk_kernel", True, False), ("_chunk_kernel", False, True)]  # per direction: summary, output pass
-    assert log == fwd * K + [("_bsum_kernel", None, True), ("_bwd_kernel", None, True)] * K
+    flags = [(name, meta.get("DT_OUT"), meta["DT_DONE"]) for name, meta in log]
+    assert flags == fwd * K + [("_bsum_kernel", None, True), ("_bwd_kernel", None, True)] * K
     y0, gr0 = run_and_grad(lambda t: cross_oracle(t["x"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["bias"],
                                                   orders), inp, gy, torch.float64)
     assert rel_err(y, y0) < 2e-5, rel_err(y, y0)

@@ -433,27 +433,14 @@ def test_second_backward_through_a_reused_buffer(tk, tuning, dev):
         y.square().sum().backward()
 
 
-class _Recorded:
-    """Stands in for a kernel module attribute: each launch ``kernel[grid](*args, **meta)`` runs the kernel and
-    appends (name, meta) to ``log``."""
-
-    def __init__(self, kernel, name, log):
-        self.kernel, self.name, self.log = kernel, name, log
-
-    def __getitem__(self, grid):
-        return lambda *args, **meta: (self.log.append((self.name, meta)), self.kernel[grid](*args, **meta))[1]
-
-
 @pytest.mark.parametrize("dtype,kept", [(torch.float32, True), (torch.bfloat16, False)])
-def test_full_delta_dt_formed_once_into_a_buffer_of_the_ops_own(tk, tuning, dev, monkeypatch, dtype, kept):
+def test_full_delta_dt_formed_once_into_a_buffer_of_the_ops_own(tk, tuning, dev, record_launches, dtype, kept):
     """A full fp32 delta with softplus: the forward's first pass writes dt = softplus(delta + bias) into a new buffer
     (DT_OUT), the output pass, _bsum_kernel and _bwd_kernel read it (DT_DONE), and the backward keeps it instead of
     the delta. The caller's delta is left as it was, a second backward (retain_graph) gives the same gradients, and
     both match the oracle. A half delta keeps the plain path (an fp32 dt would be a larger buffer)."""
     tuning(T=16, BD=4, F=2)
-    log = []
-    for name in ("_chunk_kernel", "_bsum_kernel", "_bwd_kernel"):
-        monkeypatch.setattr(tk, name, _Recorded(getattr(tk, name), name, log))
+    log = record_launches({name: name for name in ("_chunk_kernel", "_bsum_kernel", "_bwd_kernel")})
     inp = make_inputs(2, 8, 45, 4, "shared", seed=31, device=dev, dtype=dtype)
     x = leaves(inp)
     before = x["delta"].detach().clone()
@@ -482,7 +469,7 @@ def test_full_delta_dt_formed_once_into_a_buffer_of_the_ops_own(tk, tuning, dev,
 
 @pytest.mark.parametrize("plan,env,seg", [(dict(T=16, BD=4), None, 16), (dict(T=16, BD=4, early_S=4), "1", 4),
                                           (dict(T=16, BD=4, F=2, S=8), "1", 8), (dict(T=16, BD=4), "0", 0)])
-def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatch, plan, env, seg):
+def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatch, record_launches, plan, env, seg):
     """In a region checkpointed with ops.recompute's contexts (modules.common.recomputed), the recomputation takes
     the chunk-entering states from the forward pass: one _chunk_kernel launch (the output pass) instead of two
     (summary, output); by default that pass also writes the backward's segment-entering states, one per
@@ -499,9 +486,7 @@ def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatc
         monkeypatch.delenv("NNUNET_MAMBA_EARLY_SCRATCH", raising=False)
     else:
         monkeypatch.setenv("NNUNET_MAMBA_EARLY_SCRATCH", env)
-    log = []
-    monkeypatch.setattr(tk, "_chunk_kernel", _Recorded(tk._chunk_kernel, "chunk", log))
-    monkeypatch.setattr(tk, "_bwd_kernel", _Recorded(tk._bwd_kernel, "bwd", log))
+    log = record_launches({"_chunk_kernel": "chunk", "_bwd_kernel": "bwd"})
 
     def launches():  # (kernel, its SEG or WALKED flag) per launch
         return [(n, meta["SEG" if n == "chunk" else "WALKED"]) for n, meta in log]
@@ -529,11 +514,10 @@ def test_recomputed_region_starts_at_the_output_pass(tk, tuning, dev, monkeypatc
         assert torch.equal(a, b), k
 
 
-def test_register_cap_reaches_the_backward_launch(tk, tuning, dev, monkeypatch):
+def test_register_cap_reaches_the_backward_launch(tk, tuning, dev, record_launches):
     """set_tuning(bwd_maxnreg=...) launches _bwd_kernel with Triton's maxnreg (a sweep knob: kernels/inspect_sass.py
     --bwd-maxnreg shows the spills; no default cap); the results are the same."""
-    log = []
-    monkeypatch.setattr(tk, "_bwd_kernel", _Recorded(tk._bwd_kernel, "bwd", log))
+    log = record_launches({"_bwd_kernel": "bwd"})
     inp = make_inputs(2, 8, 40, 4, "shared", seed=2, device=dev)
     runs = []
     for cap in (None, 168):
