@@ -79,14 +79,15 @@ def _softplus(x):
 @triton.jit
 def _softplus_grad_of(dt):
     """sigmoid(x), softplus's derivative, from dt = softplus(x): 1 - exp(-dt), by its Taylor series below 0.5 (no
-    cancellation for small dt; the first term left out is below 2.5e-7 of the result) and 1 - exp(-dt) above. 1 for
-    dt > 20 (dt = x there, as in _softplus). Cheaper than sigmoid(x) from x, and needs only dt."""
-    k = 1.0 - dt * (1.0 / 7.0)
-    k = 1.0 - dt * (1.0 / 6.0) * k
-    k = 1.0 - dt * 0.2 * k
-    k = 1.0 - dt * 0.25 * k
-    k = 1.0 - dt * (1.0 / 3.0) * k
-    k = 1.0 - dt * 0.5 * k
+    cancellation for small dt; the first term left out is below 2.5e-7 of the result; Horner's rule, one FMA per
+    term) and 1 - exp(-dt) above. 1 for dt > 20 (dt = x there, as in _softplus). Cheaper than sigmoid(x) from x, and
+    needs only dt."""
+    k = dt * (1.0 / 5040.0) - (1.0 / 720.0)
+    k = dt * k + (1.0 / 120.0)
+    k = dt * k - (1.0 / 24.0)
+    k = dt * k + (1.0 / 6.0)
+    k = dt * k - 0.5
+    k = dt * k + 1.0
     return tl.where(dt < 0.5, dt * k, 1.0 - tl.exp2(dt * -1.4426950408889634))
 
 
@@ -222,6 +223,17 @@ def _step_at(l, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP: tl.constexpr, FLIP: tl.const
 
 
 @triton.jit
+def _store_channels(ptrs, vals, mask, ROWS: tl.constexpr):
+    """Store a per-channel vector of _bwd_kernel as a (ROWS, BD) tile whose first row is stored: with a channel stride
+    of 1 Triton gives that store the register layout of the state tiles (4 channels per thread, the states on ROWS = 4
+    lanes), so a value computed from the tiles' sums over the states is stored without a layout conversion (each
+    one a round trip through shared memory and a barrier)."""
+    r = tl.arange(0, ROWS)[:, None]
+    tl.store(ptrs[None, :] + r * 0, tl.broadcast_to(vals[None, :], (ROWS, vals.shape[0])),
+             mask=mask[None, :] & (r == 0))
+
+
+@triton.jit
 def _advance(h, A2, dt, u, Bx):
     """h_t = exp(dt A) h_{t-1} + dt B_t u_t (A2 = A * log2(e))."""
     return tl.exp2(A2 * dt[None, :]) * h + Bx * (dt * u)[None, :]
@@ -238,6 +250,7 @@ def _walk_block(h, l0, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn,
     dts = ()
     us = ()
     raws = ()
+    bxs = ()
     for k in tl.static_range(F):
         o, lm, mk = _step_at(l0 + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
         u, dt, raw, Bx = _step_inputs(u_base, dt_base, Wt, rm, B_base, bias, Bc, o, mk, lm, rn, nm, s_ul, s_dl,
@@ -247,7 +260,8 @@ def _walk_block(h, l0, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn,
         dts = dts + (dt,)
         us = us + (u,)
         raws = raws + (raw,)
-    return h, hs, dts, us, raws
+        bxs = bxs + (Bx,)
+    return h, hs + (h,), dts, us, raws, bxs
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -428,8 +442,8 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
     inner loop is then a single block), else the walk (2a) and the block loop (2b)."""
     j, b, g, cbi, c, cm, rn, rn1, nm, m2, A2 = _program_tile(A_ptr, d, dg, N, cbg, one, BD, BN)
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0) if HAS_BIAS else 0.0
-    if HAS_D:
-        Dv = tl.load(D_ptr + c, mask=cm, other=0.0)
+    if HAS_D:  # in the layout of the tiles' sums over the states, through a tile load and sum (see _store_channels)
+        Dv = tl.sum(tl.load(D_ptr + c[None, :] + rn1[:, None] * 0, mask=m2 & (rn1 == 0)[:, None], other=0.0), axis=0)
     Bc, B_base = _bc_operand(B_ptr, b, g, s_Bb, s_Bg, c, d, rn1, m2, B_VAR)
     if not B_VAR:
         gBc = tl.zeros((BN, BD), tl.float32)
@@ -450,7 +464,7 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
         h = tl.load(hin_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), mask=m2, other=0.0)
         for f in tl.range(NF, num_stages=STAGES):
             tl.store(hf_b + (j * NS + f // SF).to(tl.int64) * hf_rs, h, mask=m2 & (f % SF == 0))
-            h, _, _, _, _ = _walk_block(h, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn1,
+            h, _, _, _, _, _ = _walk_block(h, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn1,
                                         nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, DT_LOW,
                                         HAS_BIAS, SOFTPLUS, DT_DONE, B_VAR, F, SPREAD)
     # (2) backward over the segments and their blocks
@@ -465,7 +479,7 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
             tl.debug_barrier()  # every thread is done reading the previous segment's hb
             for q in tl.range(SF - 1, num_stages=STAGES):
                 tl.store(hb_b + q * N * d, h, mask=m2)
-                h, _, _, _, _ = _walk_block(h, j * T + (s * SF + q) * F, L, cm, u_base, dt_base, Wt, rm, B_base,
+                h, _, _, _, _, _ = _walk_block(h, j * T + (s * SF + q) * F, L, cm, u_base, dt_base, Wt, rm, B_base,
                                             bias, Bc, A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2,
                                             HAS_MAP, FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, DT_DONE, B_VAR, F, SPREAD)
             tl.store(hb_b + (SF - 1) * N * d, h, mask=m2)
@@ -476,7 +490,7 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                 hblock = tl.load(hb_b + (SF - 1 - fb) * N * d, mask=m2, other=0.0)
             else:
                 hblock = h
-            _, hs, dts, us, raws = _walk_block(hblock, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias,
+            _, hs, dts, us, raws, bxs = _walk_block(hblock, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias,
                                                Bc, A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP,
                                                FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, DT_DONE, B_VAR, F, SPREAD)
             for k in tl.static_range(F - 1, -1, -1):
@@ -484,25 +498,26 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                 hp = hs[k]
                 dt = dts[k]
                 u = us[k]
-                Bx = _bc_column(B_base, Bc, o, rn1, nm, lm, s_Bn, s_Bl, B_VAR, SPREAD)
+                Bx = bxs[k]
                 Cx = _bc_column(C_base, Cc, o, rn1, nm, lm, s_Cn, s_Cl, C_VAR, SPREAD)
                 du = dt * u
                 a = tl.exp2(A2 * dt[None, :])
-                ht = a * hp + Bx * du[None, :]  # h_t
+                ht = hs[k + 1]  # h_t
                 go = tl.load(g_ptr + b * s_gb + c * s_gd + o * s_gl, mask=mk, other=0.0).to(tl.float32)
                 if HAS_Z:
                     zz = tl.load(z_ptr + b * s_zb + c * s_zd + o * s_zl, mask=mk, other=0.0).to(tl.float32)
+                    sg = tl.sigmoid(zz)
+                    gsg = go * sg
+                    dy = gsg * zz
                     y = tl.sum(ht * Cx, axis=0)
                     if HAS_D:
                         y += Dv * u
-                    sg = tl.sigmoid(zz)
-                    dy = go * (zz * sg)
-                    tl.store(gz_ptr + b * s_gzb + c * s_gzd + o * s_gzl, go * y * sg * (1.0 + zz * (1.0 - sg)),
-                             mask=mk)
+                    _store_channels(gz_ptr + b * s_gzb + c * s_gzd + o * s_gzl, y * (gsg + dy * (1.0 - sg)), mk, 4)
                 else:
                     dy = go
                 Gt = R + Cx * dy[None, :]
-                ghx = Gt * (a * hp)  # G_t a_t h_{t-1}
+                R = a * Gt
+                ghx = R * hp  # G_t a_t h_{t-1}
                 ghB = tl.sum(Gt * Bx, axis=0)
                 gdt = u * ghB + tl.sum(ghx * A2, axis=0) * 0.6931471805599453
                 gu = dt * ghB
@@ -519,14 +534,14 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                 guptr = gu_ptr + b * s_gub + c * s_gud + o * s_gul
                 if GU_ACCUM:
                     gu += tl.load(guptr, mask=mk, other=0.0).to(tl.float32)
-                tl.store(guptr, gu, mask=mk)
+                _store_channels(guptr, gu, mk, 4)
                 if DT_LOW:  # the step's R low-rank values get sum_c W[c, r] gdt_c (a partial over this program's
                     # channels, like B/C, at gdt[channel block, b, position, r]); W gets sum_t v_t gdt_t
                     tl.store(gdt_ptr + (g * cbg + cbi) * s_gdd + b * s_gdb + o * s_gdl + tl.arange(0, BR),
                              tl.sum(Wt * gdt[None, :], axis=1), mask=rm & lm)
                     gW += tl.load(dt_base + o * s_dl, mask=rm & lm, other=0.0).to(tl.float32)[:, None] * gdt[None, :]
                 else:
-                    tl.store(gdt_ptr + b * s_gdb + c * s_gdd + o * s_gdl, gdt, mask=mk)
+                    _store_channels(gdt_ptr + b * s_gdb + c * s_gdd + o * s_gdl, gdt, mk, 4)
                 gA += ghx * dt[None, :]
                 pofs = cbi * s_pc + b * s_pb + g * s_pg + o * N + rn1
                 if B_VAR:
@@ -537,7 +552,6 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                     tl.store(gCp_ptr + pofs, tl.sum(ht * dy[None, :], axis=1), mask=nm & lm)
                 else:
                     gCc += ht * dy[None, :]
-                R = a * Gt
     prow = b * n_chunks + j  # per-program partial sums (rows, N, d), reduced on the host
     pm = _state_ofs(prow, 0, 1, N, d, rn1, c)
     tl.store(gAp_ptr + pm, gA, mask=m2)
