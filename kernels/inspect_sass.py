@@ -8,7 +8,8 @@ and cuobjdump; needs no GPU. The arguments are those of one channels-last fp32 c
 specialised as Triton specialises them at launch: integers divisible by 16 are marked so, integers equal to 1 become
 constants (except the ``do_not_specialize`` ones), pointers are 16-byte aligned. Without that specialisation the
 layouts differ (docs/kernels.md, "Layout"). Prints, per kernel: registers and spills, the TTGIR register layouts,
-and the SASS instruction mix of its longest loops (the step loops). Writes TTGIR, PTX and SASS to --out.
+and the SASS instruction mix of its longest loops (the step loops) with their barriers (each layout
+conversion through shared memory costs one). Writes TTGIR, PTX and SASS to --out.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def loop_mix(sass: str, top: int = 2) -> list[str]:
     out = []
     for lo, hi in sorted(loops, key=lambda x: x[0] - x[1])[:top]:
         ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for a, t in ins if lo <= a <= hi)
-        out.append(f"  loop {lo:#x}-{hi:#x}: {sum(ops.values())} instructions; "
+        bars = sum(v for k, v in ops.items() if k.startswith("BAR"))  # layout conversions through shared memory
+        out.append(f"  loop {lo:#x}-{hi:#x}: {sum(ops.values())} instructions, {bars} barriers; "
                    + ", ".join(f"{k} {v}" for k, v in ops.most_common(14)))
     return out
 

@@ -223,14 +223,13 @@ def _step_at(l, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP: tl.constexpr, FLIP: tl.const
 
 
 @triton.jit
-def _store_channels(ptrs, vals, mask, ROWS: tl.constexpr):
-    """Store a per-channel vector of _bwd_kernel as a (ROWS, BD) tile whose first row is stored: with a channel stride
-    of 1 Triton gives that store the register layout of the state tiles (4 channels per thread, the states on ROWS = 4
+def _store_channels(ptrs, vals, mask):
+    """Store a per-channel vector of _bwd_kernel as a (4, BD) tile whose first row is written: with a channel stride
+    of 1 Triton gives that store the register layout of the state tiles (4 channels per thread, the states on 4
     lanes), so a value computed from the tiles' sums over the states is stored without a layout conversion (each
-    one a round trip through shared memory and a barrier)."""
-    r = tl.arange(0, ROWS)[:, None]
-    tl.store(ptrs[None, :] + r * 0, tl.broadcast_to(vals[None, :], (ROWS, vals.shape[0])),
-             mask=mask[None, :] & (r == 0))
+    one a round trip through shared memory behind a barrier). Other strides: a conversion, as a plain store."""
+    r = tl.arange(0, 4)[:, None]
+    tl.store(ptrs[None, :] + r * 0, tl.broadcast_to(vals[None, :], (4, vals.shape[0])), mask=mask[None, :] & (r == 0))
 
 
 @triton.jit
@@ -512,11 +511,11 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                     y = tl.sum(ht * Cx, axis=0)
                     if HAS_D:
                         y += Dv * u
-                    _store_channels(gz_ptr + b * s_gzb + c * s_gzd + o * s_gzl, y * (gsg + dy * (1.0 - sg)), mk, 4)
+                    _store_channels(gz_ptr + b * s_gzb + c * s_gzd + o * s_gzl, y * (gsg + dy * (1.0 - sg)), mk)
                 else:
                     dy = go
                 Gt = R + Cx * dy[None, :]
-                R = a * Gt
+                R = a * Gt  # the carry into step t-1
                 ghx = R * hp  # G_t a_t h_{t-1}
                 ghB = tl.sum(Gt * Bx, axis=0)
                 gdt = u * ghB + tl.sum(ghx * A2, axis=0) * 0.6931471805599453
@@ -534,14 +533,14 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                 guptr = gu_ptr + b * s_gub + c * s_gud + o * s_gul
                 if GU_ACCUM:
                     gu += tl.load(guptr, mask=mk, other=0.0).to(tl.float32)
-                _store_channels(guptr, gu, mk, 4)
+                _store_channels(guptr, gu, mk)
                 if DT_LOW:  # the step's R low-rank values get sum_c W[c, r] gdt_c (a partial over this program's
                     # channels, like B/C, at gdt[channel block, b, position, r]); W gets sum_t v_t gdt_t
                     tl.store(gdt_ptr + (g * cbg + cbi) * s_gdd + b * s_gdb + o * s_gdl + tl.arange(0, BR),
                              tl.sum(Wt * gdt[None, :], axis=1), mask=rm & lm)
                     gW += tl.load(dt_base + o * s_dl, mask=rm & lm, other=0.0).to(tl.float32)[:, None] * gdt[None, :]
                 else:
-                    _store_channels(gdt_ptr + b * s_gdb + c * s_gdd + o * s_gdl, gdt, mk, 4)
+                    _store_channels(gdt_ptr + b * s_gdb + c * s_gdd + o * s_gdl, gdt, mk)
                 gA += ghx * dt[None, :]
                 pofs = cbi * s_pc + b * s_pb + g * s_pg + o * N + rn1
                 if B_VAR:
