@@ -243,8 +243,9 @@ def _walk_block(h, l0, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn,
                 Q1, Q2, R0, R1, R2, HAS_MAP: tl.constexpr, FLIP: tl.constexpr, DT_LOW: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DT_DONE: tl.constexpr, B_VAR: tl.constexpr,
                 F: tl.constexpr, SPREAD: tl.constexpr):
-    """Advance h over the F steps l0 .. l0+F-1; also returns, per step, the state before it, dt, u and the raw
-    delta + bias (the backward's block recompute keeps them; its forward walk only needs h)."""
+    """Walk h over the F steps l0 .. l0+F-1: the F + 1 states (before each step, then after the last) and, per step,
+    dt, u, the raw delta + bias and B_t (the backward's block recompute keeps them; its forward walks only need the
+    last state)."""
     hs = ()
     dts = ()
     us = ()
@@ -260,7 +261,7 @@ def _walk_block(h, l0, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn,
         us = us + (u,)
         raws = raws + (raw,)
         bxs = bxs + (Bx,)
-    return h, hs + (h,), dts, us, raws, bxs
+    return hs + (h,), dts, us, raws, bxs
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -463,9 +464,9 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
         h = tl.load(hin_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), mask=m2, other=0.0)
         for f in tl.range(NF, num_stages=STAGES):
             tl.store(hf_b + (j * NS + f // SF).to(tl.int64) * hf_rs, h, mask=m2 & (f % SF == 0))
-            h, _, _, _, _, _ = _walk_block(h, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn1,
-                                        nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, DT_LOW,
-                                        HAS_BIAS, SOFTPLUS, DT_DONE, B_VAR, F, SPREAD)
+            h = _walk_block(h, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2, rn1, nm, s_ul,
+                            s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, DT_DONE,
+                            B_VAR, F, SPREAD)[0][F]
     # (2) backward over the segments and their blocks
     R = tl.load(rin_ptr + _state_ofs(b, j, n_chunks, N, d, rn1, c), mask=m2, other=0.0)
     gA = tl.zeros((BN, BD), tl.float32)
@@ -478,9 +479,9 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
             tl.debug_barrier()  # every thread is done reading the previous segment's hb
             for q in tl.range(SF - 1, num_stages=STAGES):
                 tl.store(hb_b + q * N * d, h, mask=m2)
-                h, _, _, _, _, _ = _walk_block(h, j * T + (s * SF + q) * F, L, cm, u_base, dt_base, Wt, rm, B_base,
-                                            bias, Bc, A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2,
-                                            HAS_MAP, FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, DT_DONE, B_VAR, F, SPREAD)
+                h = _walk_block(h, j * T + (s * SF + q) * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias, Bc, A2,
+                                rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP, DT_LOW, HAS_BIAS,
+                                SOFTPLUS, DT_DONE, B_VAR, F, SPREAD)[0][F]
             tl.store(hb_b + (SF - 1) * N * d, h, mask=m2)
             tl.debug_barrier()  # hb is visible to every thread
         for fb in tl.range(SF, num_stages=STAGES):  # (2b) the segment's blocks, backwards
@@ -489,9 +490,9 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                 hblock = tl.load(hb_b + (SF - 1 - fb) * N * d, mask=m2, other=0.0)
             else:
                 hblock = h
-            _, hs, dts, us, raws, bxs = _walk_block(hblock, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias,
-                                               Bc, A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP,
-                                               FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, DT_DONE, B_VAR, F, SPREAD)
+            hs, dts, us, raws, bxs = _walk_block(hblock, j * T + f * F, L, cm, u_base, dt_base, Wt, rm, B_base, bias,
+                                                 Bc, A2, rn1, nm, s_ul, s_dl, s_Bn, s_Bl, Q1, Q2, R0, R1, R2, HAS_MAP,
+                                                 FLIP, DT_LOW, HAS_BIAS, SOFTPLUS, DT_DONE, B_VAR, F, SPREAD)
             for k in tl.static_range(F - 1, -1, -1):
                 o, lm, mk = _step_at(j * T + f * F + k, L, cm, Q1, Q2, R0, R1, R2, HAS_MAP, FLIP)
                 hp = hs[k]
@@ -511,6 +512,7 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                     y = tl.sum(ht * Cx, axis=0)
                     if HAS_D:
                         y += Dv * u
+                    # dz = go y sg (1 + z (1 - sg)), with go sg and dy = go sg z formed once
                     _store_channels(gz_ptr + b * s_gzb + c * s_gzd + o * s_gzl, y * (gsg + dy * (1.0 - sg)), mk)
                 else:
                     dy = go
