@@ -624,10 +624,12 @@ class _Plan:
     channels per program (one warp), the B/C columns spread over the lanes where a column and its copy are at least
     one value per lane (N >= 9), chunks long enough for ~16 programs per SM (the cross-scan asks for more: see its
     call), the step loops' loads pipelined 3 stages deep (2 in the forward and _bsum until session 7, whose sweep
-    measured a 4-6 % faster forward with 3), blocks of F = 2 steps in the backward, and segments of S = F
-    steps (one stored state per block), or, where that scratch would pass HF_SCRATCH_BYTES, segments of 16 steps (or
-    the next longer one that fits): they cost a second forward walk (anchor: 3.30 -> 3.81 ms) but cut the scratch
-    8-fold, and 16 measured faster than 4 or 8 steps at LightM-UNet's full resolution and on the grouped 2D anchor.
+    measured a 4-6 % faster forward with 3) and 4 in the backward (3 until session 19: 4 measured faster on the
+    anchor, the grouped 2D anchor and the cross-scan, session 18), blocks of F = 2 steps in the backward, and
+    segments of S = F steps (one stored state per block), or, where that scratch would pass HF_SCRATCH_BYTES,
+    segments of 16 steps (or the next longer one that fits): they cost a second forward walk (anchor: 3.30 -> 3.81
+    ms) but cut the scratch 8-fold, and 16 measured faster than 4 or 8 steps at LightM-UNet's full resolution and
+    on the grouped 2D anchor.
     ``early``: the segment states are written by the forward (the output pass of a recomputation, _early_scratch) and
     live until the backward: segments of EARLY_S = 64 steps (or the chunk, if shorter). LightM-UNet 3D measured as fast
     with 64 as with 16 or 32 steps and a quarter of the 16-step scratch (session 14)."""
@@ -645,7 +647,7 @@ class _Plan:
         self.bwd_warps = o.get("bwd_warps", self.num_warps)
         self.bwd_options = {"maxnreg": o["bwd_maxnreg"]} if "bwd_maxnreg" in o else {}
         self.stages = o.get("stages", 3)
-        self.bwd_stages = o.get("bwd_stages", 3)
+        self.bwd_stages = o.get("bwd_stages", 4)
         self.U = o.get("U", 4)
         self.spread = o.get("spread", 2 * self.BN >= 32 * self.num_warps)
         T = o.get("T")
