@@ -122,7 +122,7 @@ def main():
         elif name == "bsum":
             compile_kernel(sst._bsum_kernel, dict(f, STAGES=3), 1, "bsum", out)
         elif name == "bwd":
-            compile_kernel(sst._bwd_kernel, dict(f, F=2, SF=1, STAGES=3, OUTER_STAGES=3, WALKED=False), 1, "bwd",
+            compile_kernel(sst._bwd_kernel, dict(f, F=2, SF=1, STAGES=4, OUTER_STAGES=4, WALKED=False), 1, "bwd",
                            out, args.bwd_maxnreg)
         elif name == "carry":
             compile_kernel(sst._carry_kernel, dict(REV=True, HAS_INIT=True, BD=32, BNC=4, KC=8, STAGES=3), 1,

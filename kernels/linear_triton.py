@@ -11,9 +11,10 @@ remainder term is dropped), which is as accurate as SGEMM on these shapes: large
 2-4e-7 of the result's scale, SGEMM 3-8e-7, and 1.29-1.71x faster (H200; kernels/bench_linear.py, docs/kernels.md
 "Projections"). Since session 15 the product runs persistent (``_mm_stream_kernel``: one or two programs per SM
 take row tiles in turn, so Triton pipelines the next tiles' loads; 1.1-1.8x the one-program-per-tile kernel on
-LightM-UNet's products), with output columns past the last multiple of 16 in a second, masked tile. A weight
-gradient reduces over all L tokens into a small (N, K) matrix, which cuBLAS runs on a few thread blocks (3.7x its
-memory floor for ``out_proj`` at 128^3); ``weight_grad_tf32x3`` splits the tokens over programs that each write a
+LightM-UNet's products; since session 19 each program splits its weight tile once and keeps it in shared memory:
+1.1-3.4x faster again on the 128^3 and 64^3 products), with output columns past the last multiple of 16 in a second,
+masked tile. A weight gradient reduces over all L tokens into a small (N, K) matrix, which cuBLAS runs on a few
+thread blocks (3.7x its memory floor for ``out_proj`` at 128^3); ``weight_grad_tf32x3`` splits the tokens over programs that each write a
 partial (N, K) sum, summed in a fixed order afterwards (no atomics: bitwise repeatable). With fp32 FMA instead
 (``PREC="ieee"``) the same kernel is slower than cuBLAS. Under ``TRITON_INTERPRET=1`` the product is numpy's fp32
 matmul.
@@ -72,45 +73,56 @@ def _mm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, sc_ptr, M, N, K, s_xm, s_xk, s
               True)
 
 
+@triton.jit
+def _w_tiles(w_ptr, rn, nm, K, s_wk, s_wn, BK: tl.constexpr, KSTEPS: tl.constexpr):
+    """The (BK, len(rn)) tiles of w over all K steps, as a tuple."""
+    tiles = ()
+    for ks in tl.static_range(KSTEPS):
+        rk = ks * BK + tl.arange(0, BK)
+        tiles = tiles + (tl.load(w_ptr + rk[:, None] * s_wk + rn[None, :] * s_wn,
+                                 mask=(rk < K)[:, None] & nm[None, :], other=0.0),)
+    return tiles
+
+
 @cached_launch
 @triton.jit
 def _mm_stream_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, sc_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym, s_yn, s_rm,
                       s_rn, HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, RESID: tl.constexpr, BM: tl.constexpr,
                       BN: tl.constexpr, BK: tl.constexpr, KSTEPS: tl.constexpr, K_MAIN: tl.constexpr,
                       BN2: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
-    """``_mm_kernel`` as a persistent program: a grid of a few programs per SM, each taking (BM, BN) tiles of y in
-    turn (tile t, t + programs, ...), with the whole K in KSTEPS unrolled steps, so that the tile loop is the
-    innermost loop and Triton pipelines its loads over STAGES tiles (one-step K loops pipeline nothing).
+    """``_mm_kernel`` as a persistent program: programs (p, column tile), a few per SM, each loading its column
+    tile's weight for all of K once and taking the (BM, BN) row tiles p, p + programs, ... of y in turn, with the
+    whole K in KSTEPS unrolled steps, so that the tile loop is the innermost loop and Triton pipelines its loads over
+    STAGES tiles (one-step K loops pipeline nothing).
 
     Widths that are not multiples of 16 are kept out of the masks Triton cannot vectorise: the first K_MAIN K steps
     load x without a column mask; with BN2 > 0 (one column tile, N not a multiple of 16) columns 0 .. BN - 1 are
     stored without a column mask and the rest from a second, masked (BM, BN2) accumulator (x_proj's 34 outputs:
     32 + 2)."""
-    n_tiles_n = 1 if BN2 else tl.cdiv(N, BN)
-    for t in tl.range(tl.program_id(0), tl.cdiv(M, BM) * n_tiles_n, tl.num_programs(0), num_stages=STAGES):
-        rm = (t // n_tiles_n) * BM + tl.arange(0, BM)
-        rn = (t % n_tiles_n) * BN + tl.arange(0, BN)
-        mm, nm = rm < M, rn < N
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    nm = rn < N
+    w = _w_tiles(w_ptr, rn, nm, K, s_wk, s_wn, BK, KSTEPS)
+    if BN2:
+        rn2 = BN + tl.arange(0, BN2)
+        nm2 = rn2 < N
+        w2 = _w_tiles(w_ptr, rn2, nm2, K, s_wk, s_wn, BK, KSTEPS)
+    for t in tl.range(tl.program_id(0), tl.cdiv(M, BM), tl.num_programs(0), num_stages=STAGES):
+        rm = t * BM + tl.arange(0, BM)
+        mm = rm < M
         rows = rm[:, None].to(tl.int64)
         acc = tl.zeros((BM, BN), tl.float32)
         if BN2:
-            rn2 = BN + tl.arange(0, BN2)
-            nm2 = rn2 < N
             acc2 = tl.zeros((BM, BN2), tl.float32)
         for ks in tl.static_range(KSTEPS):
             rk = ks * BK + tl.arange(0, BK)
-            km = rk < K
             x_ptrs = x_ptr + rows * s_xm + rk[None, :] * s_xk
             if ks < K_MAIN:
                 x = tl.load(x_ptrs, mask=mm[:, None], other=0.0)
             else:
-                x = tl.load(x_ptrs, mask=mm[:, None] & km[None, :], other=0.0)
-            w = tl.load(w_ptr + rk[:, None] * s_wk + rn[None, :] * s_wn, mask=km[:, None] & nm[None, :], other=0.0)
-            acc = tl.dot(x, w, acc, input_precision=PREC)
+                x = tl.load(x_ptrs, mask=mm[:, None] & (rk < K)[None, :], other=0.0)
+            acc = tl.dot(x, w[ks], acc, input_precision=PREC)
             if BN2:
-                w2 = tl.load(w_ptr + rk[:, None] * s_wk + rn2[None, :] * s_wn, mask=km[:, None] & nm2[None, :],
-                             other=0.0)
-                acc2 = tl.dot(x, w2, acc2, input_precision=PREC)
+                acc2 = tl.dot(x, w2[ks], acc2, input_precision=PREC)
         _epilogue(acc, y_ptr, b_ptr, r_ptr, sc_ptr, rows, mm, rn, nm, s_ym, s_yn, s_rm, s_rn, HAS_BIAS, ACCUM, RESID,
                   BN2 == 0)
         if BN2:
@@ -122,9 +134,11 @@ def _config(K, N, device, column_major_x=False, column_major_out=False):
     """Tile sizes and launch shape, from the sweeps of kernels/bench_linear.py on the H200.
 
     Since session 15 the persistent form (``stream`` programs per SM) on 128-row tiles: faster than one program per
-    tile on each of LightM-UNet's products but one (``--stream``). Its pipeline holds every K step's x and w tiles
-    per stage, plus the epilogue's tile: up to 3 stages as the device's shared memory allows (2 at K = 128 on the
-    H200); where fewer than 2 fit (K = 256), one program per tile. N not a multiple of 16 (x_proj): an unmasked tile
+    tile on each of LightM-UNet's products but one (``--stream``). Since session 19 each program keeps its column
+    tile's weight for all of K in shared memory (as the TF32 value and remainder that tf32x3 splits it into, split
+    once instead of in every row tile: in_proj at 128^3 1.12 -> 0.76 ms, x_proj 1.48 -> 0.57 ms); its pipeline holds
+    every K step's x tile per stage, plus the epilogue's tile: up to 3 stages as the device's shared memory allows
+    (2 at K = 128 on the H200); where fewer than 2 fit (K = 256), one program per tile. N not a multiple of 16 (x_proj): an unmasked tile
     of the largest power of 2 below N and a masked rest (BN2).
 
     One program per tile (``stream=0``): row-major operands (session 11); a column-major x (a channels-first Linear's
@@ -137,8 +151,9 @@ def _config(K, N, device, column_major_x=False, column_major_out=False):
         BN1, BN2 = (BN, 0) if N % 16 == 0 or N < 16 or N > 128 else (
             p2 // 2, max(16, triton.next_power_of_2(N - p2 // 2)))
         BM = 128
-        per_stage = triton.cdiv(K, BK) * BK * (BM + BN1 + BN2) * 4
-        stages = min(3, (smem_bytes(device) - BM * (BN1 + BN2) * 4) // per_stage)
+        Kp = triton.cdiv(K, BK) * BK
+        resident = Kp * (BN1 + BN2) * 4 * 2  # the weight, as its TF32 value and remainder
+        stages = min(3, (smem_bytes(device) - BM * (BN1 + BN2) * 4 - resident) // (Kp * BM * 4))
         if stages >= 2 or "stream" in _TUNING:  # a sweep's explicit request is taken (and may not fit)
             return dict(BM=BM, BN=BN1, BN2=BN2, BK=BK, K_MAIN=K // BK, num_warps=8 if K >= 64 else 4,
                         num_stages=max(stages, 1), stream=1 if K >= 128 or N > 128 else 2)
@@ -176,18 +191,17 @@ def matmul_tf32x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
                          f"got {tuple(sc.shape)} {sc.dtype} and {tuple(r.shape)} {r.dtype}")
     cfg = _config(K, N, x.device, x.stride(0) == 1 != x.stride(1), out.stride(0) == 1 != out.stride(1))
     cfg.update(_TUNING)
+    per_sm = cfg.pop("stream", 0)
     args = (x, w, bias if bias is not None else w, out, r, sc, M, N, K, *x.stride(), *w.stride(), *out.stride(),
             *r.stride())
-    per_sm = cfg.pop("stream", 0)
+    flags = dict(HAS_BIAS=bias is not None, ACCUM=accumulate, RESID=residual is not None, PREC="tf32x3")
     if per_sm:
-        tiles = triton.cdiv(M, cfg["BM"]) * (1 if cfg["BN2"] else triton.cdiv(N, cfg["BN"]))
-        grid = (min(tiles, per_sm * sm_count(x.device, 4)),)
+        col_tiles = 1 if cfg["BN2"] else triton.cdiv(N, cfg["BN"])
+        grid = (min(triton.cdiv(M, cfg["BM"]), triton.cdiv(per_sm * sm_count(x.device, 4), col_tiles)), col_tiles)
         cfg["STAGES"] = cfg.pop("num_stages")
-        _mm_stream_kernel[grid](*args, HAS_BIAS=bias is not None, ACCUM=accumulate, RESID=residual is not None,
-                                PREC="tf32x3", KSTEPS=triton.cdiv(K, cfg["BK"]), **cfg)
-        return out
-    _mm_kernel[(triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))](
-        *args, HAS_BIAS=bias is not None, ACCUM=accumulate, RESID=residual is not None, PREC="tf32x3", **cfg)
+        _mm_stream_kernel[grid](*args, KSTEPS=triton.cdiv(K, cfg["BK"]), **flags, **cfg)
+    else:
+        _mm_kernel[(triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))](*args, **flags, **cfg)
     return out
 
 
