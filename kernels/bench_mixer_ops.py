@@ -1,6 +1,6 @@
 """Benchmark: the Mamba layers' non-scan ops (project kernels) against PyTorch, in one process on one GPU.
 
-    python kernels/bench_mixer_ops.py [--out DIR]
+    python kernels/bench_mixer_ops.py [--out DIR] [--only OP,...]
 
 * causal depthwise conv (K = 4) + SiLU on (b, L, C) tokens: ``kernels/causal_conv1d_triton.py`` against what the
   mixer ran before, PyTorch's ``conv1d`` on the (b, C, L) transpose + SiLU (``ops/token_ops.py``, backend "torch");
@@ -9,9 +9,13 @@
 * GroupNorm(8) of the (b, C, *S) maps around LightM-UNet's Mamba layers: ``kernels/group_norm_triton.py`` and
   the session-4 form (statistics from ``torch.var_mean``, ATen's backward) against ``F.group_norm``, and followed
   by a ReLU (separate, or fused into the kernel) against ``F.relu(F.group_norm(...))``;
-* depthwise k^nd convs of LightM-UNet (ResUpBlock), MSVM-UNet (MS-MLP, SS3D) and VM-UNet (SS2D):
-  ``kernels/depthwise_conv_triton.py`` against PyTorch's ``conv3d`` / ``conv2d`` with ``groups=C``, on the memory
-  format the network passes (channels-first, or channels-last as SS2D/SS3D pass their maps).
+* depthwise k^nd convs of LightM-UNet (ResUpBlock, and its one-channel convInit), MSVM-UNet (MS-MLP, SS3D) and
+  VM-UNet (SS2D): ``kernels/depthwise_conv_triton.py`` against PyTorch's ``conv3d`` / ``conv2d`` with ``groups=C``,
+  on the memory format the network passes (channels-first, or channels-last as SS2D/SS3D pass their maps);
+* LightM-UNet's 1x1x1 convs at full resolution with 1 input or 3 output channels (convInit, conv_final): the Triton
+  GEMM (``ops.pointwise_conv``'s autograd function) against cuDNN;
+* LightM-UNet's decoder up-sampling (x2, trilinear) plus the skip connection: ``kernels/upsample_triton.py`` against
+  ``F.interpolate`` and an add.
 
 Shapes: LightM-UNet 3D at 128^3 batch 2 (the Mamba layers' token counts and widths per stage), and the depthwise
 convs' maps of the networks' reference configurations. fp32, forward + backward with every input requiring grad,
@@ -39,7 +43,8 @@ from nnunet_mamba.kernels.causal_conv1d_triton import causal_conv1d_silu_triton 
 from nnunet_mamba.kernels.depthwise_conv_triton import depthwise_conv_triton  # noqa: E402
 from nnunet_mamba.kernels.group_norm_triton import group_norm_triton  # noqa: E402
 from nnunet_mamba.kernels.layer_norm_triton import layer_norm_triton  # noqa: E402
-from nnunet_mamba.ops.token_ops import _GroupNormFn, _conv_torch  # noqa: E402
+from nnunet_mamba.ops.linear import _PointwiseConvFn  # noqa: E402
+from nnunet_mamba.ops.token_ops import _GroupNormFn, _UpsampleFn, _conv_torch  # noqa: E402
 
 # (label, tokens per batch element, conv channels d_inner, LayerNorm channels d_model); batch 2
 SHAPES = [("stage 1 (128^3)", 128 ** 3, 64, 32), ("stage 2 (64^3)", 64 ** 3, 128, 64),
@@ -48,12 +53,20 @@ SHAPES = [("stage 1 (128^3)", 128 ** 3, 64, 32), ("stage 2 (64^3)", 64 ** 3, 128
 DW_SHAPES = [("LightM-UNet ResUpBlock (128^3)", (2, 32, 128, 128, 128), 3, False),
              ("LightM-UNet ResUpBlock (64^3)", (2, 64, 64, 64, 64), 3, False),
              ("LightM-UNet ResUpBlock (32^3)", (2, 128, 32, 32, 32), 3, False),
+             ("LightM-UNet convInit (128^3)", (2, 1, 128, 128, 128), 3, False),
              ("MSVM-UNet 3D MS-MLP (32^3)", (2, 384, 32, 32, 32), 3, False),
              ("MSVM-UNet 3D MS-MLP (32^3)", (2, 384, 32, 32, 32), 5, False),
              ("MSVM-UNet 3D SS3D conv (32^3)", (2, 96, 32, 32, 32), 3, True),
              ("MSVM-UNet 3D MS-MLP (16^3)", (2, 768, 16, 16, 16), 5, False),
              ("VM-UNet SS2D conv (64^2)", (32, 192, 64, 64), 3, True),
              ("MSVM-UNet 2D MS-MLP (56^2)", (32, 384, 56, 56), 5, False)]
+# LightM-UNet's up-sampling inputs (x2 trilinear, the skip connection added)
+UP_SHAPES = [("LightM-UNet decoder (to 128^3)", (2, 32, 64, 64, 64)),
+             ("LightM-UNet decoder (to 64^3)", (2, 64, 32, 32, 32)),
+             ("LightM-UNet decoder (to 32^3)", (2, 128, 16, 16, 16))]
+# 1x1x1 convs with narrow widths: (where, map shape, out channels, bias)
+PW_SHAPES = [("LightM-UNet convInit 1 -> 32 (128^3)", (2, 1, 128, 128, 128), 32, False),
+             ("LightM-UNet conv_final 32 -> 3 (128^3)", (2, 32, 128, 128, 128), 3, True)]
 
 
 def fwd_bwd_ms(fn, *shape_and_params, channels_last=False):
@@ -107,12 +120,23 @@ def cases():
         yield where, shape, lambda x, w, conv=conv, k=k: conv(x, w, None, 1, k // 2, 1, x.shape[1]), \
             [(f"depthwise conv k={k}{', channels-last' if cl else ''}", depthwise_conv_triton)], \
             (0.1 * torch.randn(shape[1], 1, *(k,) * (len(shape) - 2)),), cl
+    for where, shape, cout, bias in PW_SHAPES:
+        params = (0.1 * torch.randn(cout, shape[1], 1, 1, 1),) + ((torch.randn(cout),) if bias else ())
+        yield where, shape, lambda x, w, b=None: F.conv3d(x, w, b), \
+            [("1x1x1 conv, Triton GEMM", lambda x, w, b=None: _PointwiseConvFn.apply(x, w, b))], params, False
+    for where, shape in UP_SHAPES:
+        skip = torch.randn(*shape[:2], *(2 * v for v in shape[2:]))
+        yield where, shape, lambda x, s: F.interpolate(x, None, 2.0, "trilinear", False) + s, \
+            [("x2 trilinear up-sampling + skip, Triton", lambda x, s: _UpsampleFn.apply(x, s, (2, 2, 2)))], \
+            (skip,), False
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent))
+    ap.add_argument("--only", default="", help="comma-separated words: only the ops whose name contains one")
     args = ap.parse_args()
+    only = [w for w in args.only.split(",") if w]
     gpu = torch.cuda.get_device_name()
     lines = ["# Mamba-layer and feature-map ops: project kernels vs PyTorch (fp32, forward + backward)", "",
              f"GPU: {gpu}; torch {torch.__version__}; {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC. Produced by "
@@ -120,6 +144,8 @@ def main():
              "| op | where | tensor | PyTorch (ms) | project (ms) | speed-up | PyTorch GPU (ms) | project GPU (ms) "
              "| GPU speed-up |", "|---|---|---|---|---|---|---|---|---|"]
     for where, shape, torch_fn, projects, params, cl in cases():
+        if only and not any(w in op + " " + where for op, _ in projects for w in only):
+            continue
         t0, k0 = fwd_bwd_ms(torch_fn, shape, *params, channels_last=cl)
         for op, project_fn in projects:
             t1, k1 = fwd_bwd_ms(project_fn, shape, *params, channels_last=cl)

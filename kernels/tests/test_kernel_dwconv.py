@@ -77,6 +77,7 @@ def inputs(shape, ks, dev, seed=0, dtype=torch.float32, channels_last=False, bia
     ((1, 2, 2, 20, 130), (3, 3, 3), False, True),  # several row and column blocks of a channel plane
     ((1, 70, 2, 3, 5), (3, 3, 3), True, True),  # channels-last: C over two blocks of 64, not a multiple
     ((1, 17, 2, 4, 8), (3, 3, 3), False, False),  # channels-first, small planes: C over two blocks of 16
+    ((2, 1, 5, 6, 7), (3, 3, 3), False, False),  # one channel (LightM-UNet's convInit)
 ])
 def test_matches_oracle(conv, dev, shape, ks, channels_last, bias):
     check(conv, *inputs(shape, ks, dev, seed=sum(shape), channels_last=channels_last, bias=bias))

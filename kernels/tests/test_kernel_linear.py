@@ -137,7 +137,8 @@ def test_scaled_residual_in_the_epilogue(lt, tuning, N):
         lt.matmul_tf32x3(x, weight.t(), residual=(rand(2, seed=1), r.t()))
 
 
-@pytest.mark.parametrize("spatial,cin,cout,bias", [((5, 6, 7), 20, 24, True), ((9, 11), 16, 40, False)])
+@pytest.mark.parametrize("spatial,cin,cout,bias", [((5, 6, 7), 20, 24, True), ((9, 11), 16, 40, False),
+                                                   ((5, 6, 7), 1, 32, False), ((5, 6, 7), 32, 3, True)])
 def test_pointwise_conv_on_the_gemm_matches_float64(spatial, cin, cout, bias):
     """ops.pointwise_conv's GEMM form (ops.linear._PointwiseConvFn, taken on CUDA from the measured size): a 1x1(x1)
     conv of a channels-first map as column-major GEMMs per batch element, its output, input, weight and bias
@@ -189,6 +190,26 @@ def test_pointwise_conv_takes_the_gemm_at_full_resolution(monkeypatch):
     gwref = torch.einsum("bol,bcl->oc", gd, x2.double())
     assert max_err(gw.view(32, 32), gwref) <= 2 * sgemm_err(
         g.view(2, 32, -1).transpose(1, 2).reshape(-1, 32).t(), x2.transpose(1, 2).reshape(-1, 32), gwref)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
+def test_narrow_pointwise_convs_take_the_gemm_at_full_resolution(monkeypatch):
+    """LightM-UNet's convInit 1 -> 32 and conv_final 32 -> 3 (with bias) at 128^3 run on the GEMM and match float64;
+    the same convs at 32^3 stay on cuDNN."""
+    import nnunet_mamba.ops.linear as lin
+
+    calls = []
+    real = lin._PointwiseConvFn.apply
+    monkeypatch.setattr(lin._PointwiseConvFn, "apply", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    for cin, cout, b in ((1, 32, None), (32, 3, rand(3, seed=61))):
+        x = rand(2, cin, 128, 128, 128, seed=59)
+        w = rand(cout, cin, 1, 1, 1, seed=60) / cin ** 0.5
+        y = lin.pointwise_conv(x, w, b)
+        ref = torch.nn.functional.conv3d(x.double(), w.double(), None if b is None else b.double())
+        assert max_err(y, ref) < 1e-5
+        lin.pointwise_conv(rand(2, cin, 32, 32, 32, seed=62), w, b)
+    assert calls == [(2, 1, 128, 128, 128), (2, 32, 128, 128, 128)]
 
 
 @pytest.mark.parametrize("B,L,N,K,layout,cfg", [

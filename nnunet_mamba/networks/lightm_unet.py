@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..modules.common import (GroupNorm, TokenLayerNorm, conv_nd, depthwise_conv_nd, fp32_core, interp_mode,
-                              max_pool_nd, pointwise_conv_nd, recomputed)
+from ..modules.common import (GroupNorm, TokenLayerNorm, Upsample, conv_nd, depthwise_conv_nd, fp32_core,
+                              interp_mode, max_pool_nd, pointwise_conv_nd, recomputed)
 from ..modules.mamba import Mamba
 from ..ops import linear_channels_first, scaled_add
 
@@ -135,8 +135,8 @@ class LightMUNet(nn.Module):
             c = widths[n_levels - 1 - j]
             self.up_samples.append(nn.Sequential(
                 ConvOnly(nd, c, c // 2, 1, bias=False),
-                nn.Upsample(scale_factor=tuple(float(f) for f in self.strides[n_levels - 2 - j]),
-                            mode=interp_mode(nd), align_corners=False)))
+                Upsample(scale_factor=tuple(float(f) for f in self.strides[n_levels - 2 - j]),
+                         mode=interp_mode(nd), align_corners=False)))
             self.up_layers.append(nn.Sequential(*[ResUpBlock(nd, c // 2, num_groups) for _ in range(n_blocks)]))
         self.conv_final = nn.Sequential(GroupNorm(num_groups, init_filters), nn.ReLU(),
                                         dw_conv(nd, init_filters, out_channels, 1, bias=True))
@@ -147,7 +147,7 @@ class LightMUNet(nn.Module):
         for down in self.down_layers:
             x = down(x)
             skips.append(x)
-        for j, (up, up_layer) in enumerate(zip(self.up_samples, self.up_layers)):
-            x = up_layer(up(x) + skips[-2 - j])
+        for j, ((conv, upsample), up_layer) in enumerate(zip(self.up_samples, self.up_layers)):
+            x = up_layer(upsample(conv(x), skip=skips[-2 - j]))  # the skip added in the up-sampling's pass
         norm, _, conv = self.conv_final  # GroupNorm, ReLU (fused into it here), DWConv
         return conv(norm(x, relu=True))

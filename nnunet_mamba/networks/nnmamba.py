@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..modules.common import (adaptive_avg_pool_nd, batch_norm_nd, conv_nd, flatten_tokens, fp32_core,
+from ..modules.common import (Upsample, adaptive_avg_pool_nd, batch_norm_nd, conv_nd, flatten_tokens, fp32_core,
                               interp_mode, unflatten_tokens)
 from ..modules.mamba import Mamba
 
@@ -171,7 +171,7 @@ class nnMambaSeg(nn.Module):
         self.layer3 = make_res_layer(nd, 4 * c, 8 * c, blocks, f4, MambaLayer(nd, 8 * c, css=css))
 
         # decoder: each upsampling undoes the factor of the step it mirrors
-        up = lambda f: nn.Upsample(scale_factor=tuple(float(v) for v in f), mode=interp_mode(nd), align_corners=False)
+        up = lambda f: Upsample(scale_factor=tuple(float(v) for v in f), mode=interp_mode(nd), align_corners=False)
         self.up5, self.conv5 = up(f4), DoubleConv(nd, 12 * c, 4 * c)
         self.up6, self.conv6 = up(f3), DoubleConv(nd, 6 * c, 2 * c)
         self.up7, self.conv7 = up(f2), DoubleConv(nd, 3 * c, c)

@@ -10,7 +10,7 @@ mamba-ssm's ``selective_scan_fn``, plus an optional low-rank delta (``delta_proj
 
 ``"auto"`` picks the best backend available for the tensors' device and says once which one it uses.
 ``causal_conv1d_silu`` and ``layer_norm`` (the Mamba layers' conv + SiLU and LayerNorm on (b, L, C) tokens), and
-``depthwise_conv``, ``group_norm`` and ``max_pool`` on (B, C, *S) maps, and ``scaled_add`` (y + s * t, s a
+``depthwise_conv``, ``group_norm``, ``max_pool`` and ``upsample`` on (B, C, *S) maps, and ``scaled_add`` (y + s * t, s a
 residual's 1-element scale; its backward fused), have a PyTorch and a Triton backend
 (``ops/token_ops.py``); ``linear_split`` and ``linear_channels_first`` are Linear layers computed
 in the layouts the Mamba layers need, and ``pointwise_conv`` a 1x1(x1) conv of a channels-first map, their fp32
@@ -26,7 +26,7 @@ from .scan import (
     selective_scan,
 )
 from .linear import linear_channels_first, linear_split, pointwise_conv
-from .token_ops import causal_conv1d_silu, depthwise_conv, group_norm, layer_norm, max_pool, scaled_add
+from .token_ops import causal_conv1d_silu, depthwise_conv, group_norm, layer_norm, max_pool, scaled_add, upsample
 
 __all__ = [
     "BackendUnavailable",
@@ -38,6 +38,7 @@ __all__ = [
     "linear_channels_first",
     "linear_split",
     "max_pool",
+    "upsample",
     "pointwise_conv",
     "cross_scan_orders",
     "cross_selective_scan",

@@ -258,15 +258,19 @@ class _PointwiseConvFn(torch.autograd.Function):
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d/3d(x, weight, bias)`` for a 1x1(x1) ``weight`` (C_out, C_in, 1, ...) on a (B, C_in, *S) map: one
     Triton 3xTF32 GEMM per batch element (as accurate as cuBLAS's SGEMM) for contiguous fp32 CUDA maps outside
-    autocast whose per-element operand has the measured size and up to 64 output channels (module docstring), cuDNN
-    otherwise."""
+    autocast whose per-element operand has the measured size and up to 64 output channels (module docstring), or
+    with fewer than 16 channels on one side and up to 64 on the other from the measured size of the wider map
+    (``TRITON_FROM["pointwise-narrow"]``), cuDNN otherwise."""
     nd = x.dim() - 2
     if weight.dim() != nd + 2 or tuple(weight.shape[2:]) != (1,) * nd or weight.shape[1] != x.shape[1]:
         raise ValueError(f"pointwise_conv: weight must be (C_out, {x.shape[1]}{', 1' * nd}) for a {nd}D map, got "
                          f"{tuple(weight.shape)}")
     (B, C), O = x.shape[:2], weight.shape[0]
-    # _tf32x3 checks device, dtypes, widths and size (x_b^T as the column-major operand it will be)
-    if x.is_contiguous() and not torch.is_autocast_enabled(x.device.type) and \
-            _tf32x3(x.view(B, C, -1)[0].t(), weight.view(O, C).t()):
-        return _PointwiseConvFn.apply(x, weight, bias)
+    if x.is_contiguous() and not torch.is_autocast_enabled(x.device.type):
+        # _tf32x3 checks device, dtypes, widths and size (x_b^T as the column-major operand it will be); narrow convs
+        # (fewer than 16 channels on one side, up to 64 on the other) go by the size of the wider map
+        narrow = min(C, O) < 16 and max(C, O) <= 64 and x.is_cuda and x.dtype == weight.dtype == torch.float32
+        if _tf32x3(x.view(B, C, -1)[0].t(), weight.view(O, C).t()) or (
+                narrow and _use_triton("pointwise-narrow", x, "auto", size=x.numel() // C * max(C, O))):
+            return _PointwiseConvFn.apply(x, weight, bias)
     return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd](x, weight, bias)

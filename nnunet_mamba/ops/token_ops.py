@@ -14,6 +14,9 @@ and on (B, C, *S) feature maps
   many programs per (sample, channel).
 * ``max_pool`` - max pooling with kernel = stride. Torch: ``F.max_pool2d/3d``; Triton
   (``kernels/max_pool_triton.py``): one-byte window indices, a backward without fill or scatter.
+* ``upsample`` - bilinear / trilinear up-sampling (``align_corners=False``) by 1 or 2 per axis, plus an optional
+  map (a skip connection) in the same pass. Torch: ``F.interpolate`` and an add; Triton
+  (``kernels/upsample_triton.py``): a backward that gathers (PyTorch's scatters with atomics).
 * ``scaled_add`` - y + s * t with a 1-element s (a residual's learnt scale). Forward: ``torch.addcmul`` (one pass);
   backward: torch ops (``g * s`` and a sum of ``g * t``: three passes), or the Triton kernel
   (``kernels/scaled_add_triton.py``): both gradients from one read of g and t.
@@ -42,10 +45,12 @@ ENV_BACKEND = "NNUNET_MAMBA_TOKEN_OPS_BACKEND"
 # (kernels/BENCHMARK_mixer_ops.md, H200, session 10). Kernel time, not the wall time of an isolated call: inside a
 # GPU-bound training step the host issues each op while earlier ones run, and below ~1 ms the isolated calls only
 # measure the host (the Triton GroupNorm's wall time is ~2 ms at every size). The conv1d, the LayerNorm and the
-# depthwise conv won at every measured size (the smallest are listed); the GroupNorm from 2 x 64 x 64^3.
+# depthwise conv won at every measured size (the smallest are listed: for the depthwise conv LightM-UNet's one-channel
+# convInit map at 128^3, 22.9x PyTorch's GPU time, session 19); the GroupNorm from 2 x 64 x 64^3.
 TRITON_FROM = {"causal-conv1d": 2 * 4096 * 512, "layer-norm": 2 * 4096 * 256, "group-norm": 2 * 64 * 64 ** 3,
-               "depthwise-conv": 2 * 128 * 32 ** 3, "linear": 2 * 64 ** 3 * 64, "linear-wgrad": 2 * 128 ** 3 * 32,
-               "scaled-add": 2 * 32 * 64 ** 3, "max-pool": 2 * 64 * 128 ** 3}
+               "depthwise-conv": 2 * 128 ** 3, "linear": 2 * 64 ** 3 * 64, "linear-wgrad": 2 * 128 ** 3 * 32,
+               "scaled-add": 2 * 32 * 64 ** 3, "max-pool": 2 * 64 * 128 ** 3, "upsample": 2 * 128 * 16 ** 3,
+               "pointwise-narrow": 2 * 32 * 128 ** 3}
 # "linear": the projections' fp32 GEMMs (ops/linear.py), from the smallest operand kernels/bench_linear.py measured
 # (2 x 64^3 tokens x 64 channels; H200, session 11: the Triton 3xTF32 GEMM 1.29-1.71x cuBLAS's SGEMM, as accurate);
 # "linear-wgrad": their weight gradients, from the output gradient's size (session 13: 2.1-3.2x cuBLAS from 2 x 128^3
@@ -53,6 +58,10 @@ TRITON_FROM = {"causal-conv1d": 2 * 4096 * 512, "layer-norm": 2 * 4096 * 256, "g
 # "scaled-add": the backward's map; LightM-UNet's 64^3 and 128^3 levels take it. PyTorch's backward is three passes
 # (0.38 + 0.37 + 0.28 ms at 2 x 32 x 128^3, H200 profile); with the kernel the step took 251.4 against 253.9 ms
 # (H200, session 15, CUDA graphs, same call). Smaller maps not measured
+# "upsample": the input map; LightM-UNet's decoder x2 with the skip added, forward + backward, in GPU time 1.54x
+# PyTorch's (interpolate + add) at 2 x 32 x 64^3, 2.07x at 2 x 128 x 16^3 (H200, session 19). Smaller maps not measured
+# "pointwise-narrow": the wider map of a 1x1(x1) conv with fewer than 16 channels on one side (ops.pointwise_conv);
+# LightM-UNet's convInit 1 -> 32 and conv_final 32 -> 3 at 2 x 128^3: 3.4x and 1.3x cuDNN's GPU time (session 19)
 # "max-pool": the pooled map; LightM-UNet's full-resolution down-sampling (2 x 64 x 128^3: PyTorch 0.57 ms forward,
 # 0.23 ms fill, 0.61 ms backward, H200 session 16 profile). Smaller maps not measured
 # group_norm's torch backend takes its statistics from var_mean from this size (below: F.group_norm): in GPU time
@@ -61,13 +70,13 @@ TRITON_FROM = {"causal-conv1d": 2 * 4096 * 512, "layer-norm": 2 * 4096 * 256, "g
 VAR_MEAN_FROM = 2 * 256 * 16 ** 3
 
 
-def _use_triton(op: str, x: torch.Tensor, backend: str, measured_faster: bool = True) -> bool:
-    """Whether to run the Triton kernel: "auto" takes it from the op's ``TRITON_FROM`` size where the caller's layout
-    rule (``measured_faster``) does not exclude x; the environment variable overrides "auto"."""
+def _use_triton(op: str, x: torch.Tensor, backend: str, measured_faster: bool = True, size: int | None = None) -> bool:
+    """Whether to run the Triton kernel: "auto" takes it from the op's ``TRITON_FROM`` size (of x, or ``size``) where
+    the caller's layout rule (``measured_faster``) does not exclude x; the environment variable overrides "auto"."""
     if backend == "auto":
         backend = os.environ.get(ENV_BACKEND) or (
-            "triton" if measured_faster and x.numel() >= TRITON_FROM[op] and _triton_unavailable(x.device) is None
-            else "torch")
+            "triton" if measured_faster and (x.numel() if size is None else size) >= TRITON_FROM[op]
+            and _triton_unavailable(x.device) is None else "torch")
     if backend not in ("torch", "triton"):
         raise ValueError(f"unknown {op} backend {backend!r}; known: auto, torch, triton")
     if backend == "triton":
@@ -231,6 +240,44 @@ def scaled_residual_grads(g, s, t, need_s, need_t, triton, t_dtype):
     if gs is not None:
         gs = gs.reshape(s.shape).to(s.dtype)
     return gs, gt
+
+
+def upsample(x: torch.Tensor, scale_factor, skip: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=scale_factor, mode="bilinear"/"trilinear", align_corners=False)`` of a
+    (B, C, *S) map, plus ``skip`` (the output's shape) if given. The Triton kernel takes contiguous float maps
+    up-sampled by 1 or 2 per axis outside autocast (under autocast, interpolation runs as autocast runs it);
+    PyTorch the rest."""
+    nd = x.dim() - 2
+    if nd not in (2, 3):
+        raise ValueError(f"upsample: a (B, C, H, W) or (B, C, D, H, W) map expected, got {tuple(x.shape)}")
+    f = tuple(scale_factor) if isinstance(scale_factor, (tuple, list)) else (scale_factor,) * nd
+    if len(f) != nd:
+        raise ValueError(f"upsample: {nd} scale factors expected for a {nd}D map, got {scale_factor}")
+    out_shape = (*x.shape[:2], *(int(s * v) for s, v in zip(x.shape[2:], f)))
+    if skip is not None and tuple(skip.shape) != out_shape:
+        raise ValueError(f"upsample: skip must have the output's shape {out_shape}, got {tuple(skip.shape)}")
+    supported = (all(v in (1, 2) for v in f) and x.is_floating_point() and x.is_contiguous()
+                 and not torch.is_autocast_enabled(x.device.type)
+                 and (skip is None or (skip.dtype == x.dtype and skip.is_contiguous())))
+    if supported and _use_triton("upsample", x, backend):
+        return _UpsampleFn.apply(x, skip, tuple(int(v) for v in f))
+    y = F.interpolate(x, scale_factor=tuple(float(v) for v in f), mode="bilinear" if nd == 2 else "trilinear",
+                      align_corners=False)
+    return y if skip is None else y + skip
+
+
+class _UpsampleFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, skip, factors):
+        from ..kernels.upsample_triton import upsample_forward
+        ctx.factors = factors
+        return upsample_forward(x, factors, skip)
+
+    @staticmethod
+    def backward(ctx, g):
+        from ..kernels.upsample_triton import upsample_backward
+        gx = upsample_backward(g, ctx.factors) if ctx.needs_input_grad[0] else None
+        return gx, g if ctx.needs_input_grad[1] else None, None
 
 
 def max_pool(x: torch.Tensor, kernel_size, backend: str = "auto") -> torch.Tensor:
