@@ -12,8 +12,8 @@ remainder term is dropped), which is as accurate as SGEMM on these shapes: large
 "Projections"). Since session 15 the product runs persistent (``_mm_stream_kernel``: one or two programs per SM
 take row tiles in turn, so Triton pipelines the next tiles' loads; 1.1-1.8x the one-program-per-tile kernel on
 LightM-UNet's products; since session 19 each program splits its weight tile once and keeps it in shared memory:
-1.1-3.4x faster again on the 128^3 and 64^3 products), with output columns past the last multiple of 16 in a second,
-masked tile. A weight gradient reduces over all L tokens into a small (N, K) matrix, which cuBLAS runs on a few
+1.4-2.6x cuBLAS on the 128^3 and 64^3 products, LightM-UNet's step 3-6 ms faster), with output columns past the last
+multiple of 16 in a second, masked tile. A weight gradient reduces over all L tokens into a small (N, K) matrix, which cuBLAS runs on a few
 thread blocks (3.7x its memory floor for ``out_proj`` at 128^3); ``weight_grad_tf32x3`` splits the tokens over
 programs that each write a partial (N, K) sum, summed in a fixed order afterwards (no atomics: bitwise repeatable).
 With fp32 FMA instead (``PREC="ieee"``) the same kernel is slower than cuBLAS. Under ``TRITON_INTERPRET=1`` the
@@ -136,7 +136,7 @@ def _config(K, N, device, column_major_x=False, column_major_out=False):
     Since session 15 the persistent form (``stream`` programs per SM) on 128-row tiles: faster than one program per
     tile on each of LightM-UNet's products but one (``--stream``). Since session 19 each program keeps its column
     tile's weight for all of K in shared memory (as the TF32 value and remainder that tf32x3 splits it into, split
-    once instead of in every row tile: in_proj at 128^3 1.12 -> 0.76 ms, x_proj 1.48 -> 0.57 ms); its pipeline holds
+    once instead of in every row tile; session 19's results file lists the products); its pipeline holds
     every K step's x tile per stage, plus the epilogue's tile: up to 3 stages as the device's shared memory allows
     (2 at K = 128 on the H200); where fewer than 2 fit (K = 256), one program per tile. N not a multiple of 16
     (x_proj): an unmasked tile of the largest power of 2 below N and a masked rest (BN2).

@@ -58,8 +58,9 @@ TRITON_FROM = {"causal-conv1d": 2 * 4096 * 512, "layer-norm": 2 * 4096 * 256, "g
 # "scaled-add": the backward's map; LightM-UNet's 64^3 and 128^3 levels take it. PyTorch's backward is three passes
 # (0.38 + 0.37 + 0.28 ms at 2 x 32 x 128^3, H200 profile); with the kernel the step took 251.4 against 253.9 ms
 # (H200, session 15, CUDA graphs, same call). Smaller maps not measured
-# "upsample": the input map; LightM-UNet's decoder x2 with the skip added, forward + backward, in GPU time 1.54x
-# PyTorch's (interpolate + add) at 2 x 32 x 64^3, 2.07x at 2 x 128 x 16^3 (H200, session 19). Smaller maps not measured
+# "upsample": the input map; LightM-UNet's decoder x2 with the skip added, forward + backward, in GPU time 2.90x
+# PyTorch's (interpolate + add) at 2 x 32 x 64^3, 3.21x at 2 x 64 x 32^3, 4.47x at 2 x 128 x 16^3 (H200, session 19).
+# Smaller maps not measured
 # "pointwise-narrow": the wider map of a 1x1(x1) conv with fewer than 16 channels on one side (ops.pointwise_conv);
 # LightM-UNet's convInit 1 -> 32 and conv_final 32 -> 3 at 2 x 128^3: 3.4x and 1.3x cuDNN's GPU time (session 19)
 # "max-pool": the pooled map; LightM-UNet's full-resolution down-sampling (2 x 64 x 128^3: PyTorch 0.57 ms forward,
