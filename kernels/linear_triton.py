@@ -12,12 +12,12 @@ remainder term is dropped), which is as accurate as SGEMM on these shapes: large
 "Projections"). Since session 15 the product runs persistent (``_mm_stream_kernel``: one or two programs per SM
 take row tiles in turn, so Triton pipelines the next tiles' loads; 1.1-1.8x the one-program-per-tile kernel on
 LightM-UNet's products; since session 19 each program splits its weight tile once and keeps it in shared memory:
-1.4-2.6x cuBLAS on the 128^3 and 64^3 products, LightM-UNet's step 3-6 ms faster), with output columns past the last
-multiple of 16 in a second, masked tile. A weight gradient reduces over all L tokens into a small (N, K) matrix, which cuBLAS runs on a few
-thread blocks (3.7x its memory floor for ``out_proj`` at 128^3); ``weight_grad_tf32x3`` splits the tokens over
-programs that each write a partial (N, K) sum, summed in a fixed order afterwards (no atomics: bitwise repeatable).
-With fp32 FMA instead (``PREC="ieee"``) the same kernel is slower than cuBLAS. Under ``TRITON_INTERPRET=1`` the
-product is numpy's fp32 matmul.
+1.2-2.1x cuBLAS's SGEMM on the 128^3 and 64^3 products, LightM-UNet's step 233 -> 227 ms), with output columns past
+the last multiple of 16 in a second, masked tile. A weight gradient reduces over all L tokens into a small (N, K)
+matrix, which cuBLAS runs on a few thread blocks (3.7x its memory floor for ``out_proj`` at 128^3);
+``weight_grad_tf32x3`` splits the tokens over programs that each write a partial (N, K) sum, summed in a fixed order
+afterwards (no atomics: bitwise repeatable). With fp32 FMA instead (``PREC="ieee"``) the same kernel is slower than
+cuBLAS. Under ``TRITON_INTERPRET=1`` the product is numpy's fp32 matmul.
 """
 from __future__ import annotations
 
