@@ -96,8 +96,8 @@ def _up_fwd_kernel(x_ptr, skip_ptr, y_ptr, D, H, W, n_w_tiles, FD: tl.constexpr,
     ye = tl.zeros((BH, BW), tl.float32)  # outputs 2j (or j)
     yo = tl.zeros((BH, BW), tl.float32)  # outputs 2j + 1
     for a in tl.static_range(FD):  # nested as PyTorch's kernel nests its sums: w, then h, then d
-        he = tl.zeros((BH, BW), tl.float32)
-        ho = tl.zeros((BH, BW), tl.float32)
+        se = tl.zeros((BH, BW), tl.float32)  # their sums over the rows' sources
+        so = tl.zeros((BH, BW), tl.float32)
         for b in tl.static_range(FH):
             row = x_plane + (di[a] * H + hi[b]) * W
             xc = tl.load(row + j, mask=m, other=0.0).to(tl.float32)
@@ -107,12 +107,12 @@ def _up_fwd_kernel(x_ptr, skip_ptr, y_ptr, D, H, W, n_w_tiles, FD: tl.constexpr,
                 xr = tl.load(row + (j + 1), mask=m & (j + 1 < W), other=0.0).to(tl.float32)
                 xl = tl.where(j >= 1, xl, xc)
                 xr = tl.where(j + 1 < W, xr, xc)
-                he += hw[b] * (0.25 * xl + 0.75 * xc)
-                ho += hw[b] * (0.75 * xc + 0.25 * xr)
+                se += hw[b] * (0.25 * xl + 0.75 * xc)
+                so += hw[b] * (0.75 * xc + 0.25 * xr)
             else:
-                he += hw[b] * xc
-        ye += dw[a] * he
-        yo += dw[a] * ho
+                se += hw[b] * xc
+        ye += dw[a] * se
+        yo += dw[a] * so
     y_row = (p * (D * FD) + od) * OH * OW + oh * OW
     if FW == 2:
         ow = 2 * (tl.program_id(0) % n_w_tiles) * BW + tl.arange(0, 2 * BW)[None, :]
@@ -152,8 +152,8 @@ def _up_bwd_kernel(g_ptr, gx_ptr, D, H, W, n_w_tiles, FD: tl.constexpr, FH: tl.c
             if FW == 2:
                 # the output pairs (2j, 2j + 1) of columns j - 1, j, j + 1: contiguous (BH, 2 BW) loads, split
                 ge, go = _pairs(row, oc, 0, mo)
-                le, lo = _pairs(row, oc, -2, mo & (oc >= 2))
-                re, ro = _pairs(row, oc, 2, mo & (oc + 2 < OW))
+                _, lo = _pairs(row, oc, -2, mo & (oc >= 2))
+                re, _ = _pairs(row, oc, 2, mo & (oc + 2 < OW))
                 # x[j] feeds y[2j - 1] (1/4), y[2j], y[2j + 1] (3/4 each) and y[2j + 2] (1/4); at the ends the
                 # clamped neighbour is x[j] itself, so y[0] and y[2W - 1] give it their whole value
                 lo = tl.where(j >= 1, lo, ge)
