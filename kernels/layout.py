@@ -26,3 +26,10 @@ def column_blocks(parts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
     if first.dim() > 1 and first.shape[-2] > 1 and first.stride(-2) < width:  # rows would overlap
         return None
     return first.as_strided((*first.shape[:-1], width), first.stride(), first.storage_offset())
+
+
+def as_3d(spatial: Sequence[int], per_axis: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A 2D or 3D map's spatial sizes and a per-axis value (a pooling kernel, up-sampling factors) as 3-tuples, with
+    a unit leading axis for 2D: the (D, H, W) form the 2D/3D map kernels take."""
+    pad = (1,) * (3 - len(per_axis))
+    return pad + tuple(spatial), pad + tuple(per_axis)

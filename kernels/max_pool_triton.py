@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .launch import cached_launch
+from .layout import as_3d
 
 BLOCK = 1024
 
@@ -75,16 +76,10 @@ def _pool_bwd_kernel(g_ptr, idx_ptr, gx_ptr, n_out, OD, OH, OW, KD: tl.constexpr
                          tl.where(arg == (i * KH + j) * KW + k, g, 0.0).to(gx_ptr.dtype.element_ty), mask=m)
 
 
-def _as_3d(out: tuple[int, ...], kernel: tuple[int, ...]):
-    """(OD, OH, OW) and (KD, KH, KW): the output's spatial sizes and the kernel, with a unit leading axis for 2D."""
-    pad = (1,) * (3 - len(kernel))
-    return pad + tuple(out), pad + tuple(kernel)
-
-
 def max_pool_forward(x: torch.Tensor, kernel: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, idx) for a contiguous (B, C, *S) map whose spatial sizes are multiples of ``kernel`` (= the stride)."""
     out = tuple(s // k for s, k in zip(x.shape[2:], kernel))
-    (OD, OH, OW), (KD, KH, KW) = _as_3d(out, kernel)
+    (OD, OH, OW), (KD, KH, KW) = as_3d(out, kernel)
     y = x.new_empty(*x.shape[:2], *out)
     idx = torch.empty(y.shape, device=x.device, dtype=torch.int8)
     n = y.numel()
@@ -98,7 +93,7 @@ def max_pool_backward(g: torch.Tensor, idx: torch.Tensor, in_shape, kernel: tupl
     """The input gradient (dense, every element written) of ``max_pool_forward`` for the output gradient g."""
     g = g.contiguous()
     gx = g.new_empty(in_shape)
-    (OD, OH, OW), (KD, KH, KW) = _as_3d(g.shape[2:], kernel)
+    (OD, OH, OW), (KD, KH, KW) = as_3d(g.shape[2:], kernel)
     n = g.numel()
     if n:
         _pool_bwd_kernel[(triton.cdiv(n, BLOCK),)](g, idx, gx, n, OD, OH, OW, KD=KD, KH=KH, KW=KW, BLOCK=BLOCK,

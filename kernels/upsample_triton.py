@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .launch import cached_launch
+from .layout import as_3d
 
 
 @triton.jit
@@ -173,17 +174,11 @@ def _tiles(H: int, W: int) -> tuple[int, int, int]:
     return BH, BW, triton.cdiv(W, BW)
 
 
-def _as_3d(spatial: tuple[int, ...], factors: tuple[int, ...]):
-    """(D, H, W) and (FD, FH, FW), with a unit leading axis for 2D."""
-    pad = (1,) * (3 - len(factors))
-    return pad + tuple(spatial), pad + tuple(factors)
-
-
 def upsample_forward(x: torch.Tensor, factors: tuple[int, ...], skip: torch.Tensor | None = None) -> torch.Tensor:
     """The up-sampled contiguous (B, C, *S) map x (factors 1 or 2 per spatial axis), plus ``skip`` (contiguous, of
     the output's shape) if given, as a new contiguous map of x's dtype."""
     y = x.new_empty(*x.shape[:2], *(s * f for s, f in zip(x.shape[2:], factors)))
-    (D, H, W), (FD, FH, FW) = _as_3d(x.shape[2:], factors)
+    (D, H, W), (FD, FH, FW) = as_3d(x.shape[2:], factors)
     if y.numel():
         BH, BW, nw = _tiles(H * FH, W)
         grid = (triton.cdiv(H * FH, BH) * nw, D * FD, x.shape[0] * x.shape[1])
@@ -196,7 +191,7 @@ def upsample_backward(g: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor
     """The gradient of the up-sampled map's input for the output gradient g (every element written once)."""
     g = g.contiguous()
     gx = g.new_empty(*g.shape[:2], *(s // f for s, f in zip(g.shape[2:], factors)))
-    (D, H, W), (FD, FH, FW) = _as_3d(gx.shape[2:], factors)
+    (D, H, W), (FD, FH, FW) = as_3d(gx.shape[2:], factors)
     if gx.numel():
         BH, BW, nw = _tiles(H, W)
         _up_bwd_kernel[(triton.cdiv(H, BH) * nw, D, g.shape[0] * g.shape[1])](g, gx, D, H, W, nw, FD=FD, FH=FH,
