@@ -15,7 +15,11 @@
 * LightM-UNet's 1x1x1 convs at full resolution with 1 input or 3 output channels (convInit, conv_final): the Triton
   GEMM (``ops.pointwise_conv``'s autograd function) against cuDNN;
 * LightM-UNet's decoder up-sampling (x2, trilinear) plus the skip connection: ``kernels/upsample_triton.py`` against
-  ``F.interpolate`` and an add.
+  ``F.interpolate`` and an add;
+* LightM-UNet's LayerNorm + Linear pairs (``in_proj`` 32 -> 128 as one block, ``proj`` C -> 2C channels-first) on
+  the channels-first token view: the LayerNorm folded into the Triton GEMMs (``ops.linear_split`` /
+  ``ops.linear_channels_first`` with ``norm=``) against the project's unfused path (the LayerNorm kernel, then the
+  same ops without ``norm``); in these rows the "PyTorch" columns hold that unfused path.
 
 Shapes: LightM-UNet 3D at 128^3 batch 2 (the Mamba layers' token counts and widths per stage), and the depthwise
 convs' maps of the networks' reference configurations. fp32, forward + backward with every input requiring grad,
@@ -29,6 +33,7 @@ import argparse
 import datetime
 import pathlib
 import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +48,7 @@ from nnunet_mamba.kernels.causal_conv1d_triton import causal_conv1d_silu_triton 
 from nnunet_mamba.kernels.depthwise_conv_triton import depthwise_conv_triton  # noqa: E402
 from nnunet_mamba.kernels.group_norm_triton import group_norm_triton  # noqa: E402
 from nnunet_mamba.kernels.layer_norm_triton import layer_norm_triton  # noqa: E402
-from nnunet_mamba.ops.linear import _PointwiseConvFn  # noqa: E402
+from nnunet_mamba.ops.linear import _PointwiseConvFn, linear_channels_first, linear_split  # noqa: E402
 from nnunet_mamba.ops.token_ops import _GroupNormFn, _UpsampleFn, _conv_torch  # noqa: E402
 
 # (label, tokens per batch element, conv channels d_inner, LayerNorm channels d_model); batch 2
@@ -115,6 +120,20 @@ def cases():
             [("GroupNorm(8) + ReLU, Triton, ReLU separate", lambda x, g, b: F.relu(group_norm_triton(x, g, b, 8))),
              ("GroupNorm(8) + ReLU, Triton, fused", lambda x, g, b: group_norm_triton(x, g, b, 8, relu=True))], \
             (ln_w, ln_b), False
+    for label, L, d, c in SHAPES[:2]:  # where the LayerNorm folds (16-128 channels; the GEMMs' persistent form)
+        def ln(g, b, c=c):
+            return types.SimpleNamespace(weight=g, bias=b, eps=1e-5, normalized_shape=(c,))
+        ln_w, ln_b, w_in, w_proj, b_proj = torch.randn(c), torch.randn(c), torch.randn(4 * c, c) / c ** 0.5, \
+            torch.randn(2 * c, c) / c ** 0.5, torch.randn(2 * c)
+        yield label, (2, c, L), lambda x, g, b, w: linear_split(layer_norm_triton(x.transpose(1, 2), g, b), w, None,
+                                                                (w.shape[0],))[0], \
+            [("LayerNorm + in_proj, folded", lambda x, g, b, w: linear_split(x.transpose(1, 2), w, None, (w.shape[0],),
+                                                                          norm=ln(g, b))[0])], (ln_w, ln_b, w_in), False
+        yield label, (2, c, L), lambda x, g, b, w, wb: linear_channels_first(layer_norm_triton(x.transpose(1, 2), g, b),
+                                                                             w, wb), \
+            [("LayerNorm + proj (channels-first), folded",
+              lambda x, g, b, w, wb: linear_channels_first(x.transpose(1, 2), w, wb, norm=ln(g, b)))], \
+            (ln_w, ln_b, w_proj, b_proj), False
     for where, shape, k, cl in DW_SHAPES:
         conv = F.conv3d if len(shape) == 5 else F.conv2d
         yield where, shape, lambda x, w, conv=conv, k=k: conv(x, w, None, 1, k // 2, 1, x.shape[1]), \

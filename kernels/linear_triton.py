@@ -53,6 +53,42 @@ def _epilogue(acc, y_ptr, b_ptr, r_ptr, sc_ptr, rows, mm, rn, nm, s_ym, s_yn, s_
     tl.store(y_ptrs, acc, mask=mask)
 
 
+@triton.jit
+def _row_stats(xs, K, inv_K, eps, BK: tl.constexpr, KSTEPS: tl.constexpr):
+    """LayerNorm statistics of the rows of the (BM, K) tile held as KSTEPS (BM, BK) tiles: the mean, then the
+    variance of the centred values (two passes over registers, as kernels/layer_norm_triton.py), rstd."""
+    s = tl.sum(xs[0], axis=1)
+    for ks in tl.static_range(1, KSTEPS):
+        s += tl.sum(xs[ks], axis=1)
+    mean = s * inv_K
+    v = tl.zeros_like(mean)
+    for ks in tl.static_range(KSTEPS):
+        rk = ks * BK + tl.arange(0, BK)
+        xc = tl.where((rk < K)[None, :], xs[ks] - mean[:, None], 0.0)
+        v += tl.sum(xc * xc, axis=1)
+    return mean, 1.0 / tl.sqrt(v * inv_K + eps)
+
+
+@triton.jit
+def _norm_bwd_epilogue(acc, y_ptr, xn_ptr, mu_ptr, rs_ptr, rows, rm, mm, rn, nm, s_ym, s_yn, s_nm, s_nk, inv_N,
+                       ACCUM: tl.constexpr):
+    """LayerNorm's backward on whole rows: acc (+ y) is the gradient of the normalised input xhat = (x - mean) rstd
+    (its weight folded into the product's), x the LayerNorm's input at xn; stores
+    dx = rstd (acc - mean(acc) - xhat mean(acc xhat)) into y's tile."""
+    mask = mm[:, None] & nm[None, :]
+    if ACCUM:
+        acc += tl.load(y_ptr + rows * s_ym + rn[None, :] * s_yn, mask=mask, other=0.0)
+    mu = tl.load(mu_ptr + rm, mask=mm, other=0.0)
+    rs = tl.load(rs_ptr + rm, mask=mm, other=0.0)
+    xn = tl.load(xn_ptr + rows * s_nm + rn[None, :] * s_nk, mask=mask, other=0.0)
+    xh = tl.where(mask, (xn - mu[:, None]) * rs[:, None], 0.0)
+    acc = tl.where(mask, acc, 0.0)
+    c1 = tl.sum(acc * xh, axis=1) * inv_N
+    c2 = tl.sum(acc, axis=1) * inv_N
+    tl.store(y_ptr + rows * s_ym + rn[None, :] * s_yn, rs[:, None] * (acc - c2[:, None] - xh * c1[:, None]),
+             mask=mask)
+
+
 @cached_launch
 @triton.jit
 def _mm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, sc_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym, s_yn, s_rm, s_rn,
@@ -86,10 +122,11 @@ def _w_tiles(w_ptr, rn, nm, K, s_wk, s_wn, BK: tl.constexpr, KSTEPS: tl.constexp
 
 @cached_launch
 @triton.jit
-def _mm_stream_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, sc_ptr, M, N, K, s_xm, s_xk, s_wk, s_wn, s_ym, s_yn, s_rm,
-                      s_rn, HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, RESID: tl.constexpr, BM: tl.constexpr,
-                      BN: tl.constexpr, BK: tl.constexpr, KSTEPS: tl.constexpr, K_MAIN: tl.constexpr,
-                      BN2: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+def _mm_stream_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, sc_ptr, xn_ptr, mu_ptr, rs_ptr, M, N, K, s_xm, s_xk, s_wk,
+                      s_wn, s_ym, s_yn, s_rm, s_rn, s_nm, s_nk, eps, inv_n, HAS_BIAS: tl.constexpr,
+                      ACCUM: tl.constexpr, RESID: tl.constexpr, NORM: tl.constexpr, NORM_BWD: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KSTEPS: tl.constexpr,
+                      K_MAIN: tl.constexpr, BN2: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     """``_mm_kernel`` as a persistent program: programs (p, column tile), a few per SM, each loading its column
     tile's weight for all of K once and taking the (BM, BN) row tiles p, p + programs, ... of y in turn, with the
     whole K in KSTEPS unrolled steps, so that the tile loop is the innermost loop and Triton pipelines its loads over
@@ -98,7 +135,12 @@ def _mm_stream_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, sc_ptr, M, N, K, s_xm, 
     Widths that are not multiples of 16 are kept out of the masks Triton cannot vectorise: the first K_MAIN K steps
     load x without a column mask; with BN2 > 0 (one column tile, N not a multiple of 16) columns 0 .. BN - 1 are
     stored without a column mask and the rest from a second, masked (BM, BN2) accumulator (x_proj's 34 outputs:
-    32 + 2)."""
+    32 + 2).
+
+    LayerNorm folded in (its weight and bias in w and the bias by the caller): with NORM the rows of x are
+    normalised first, (x - mean) rstd (eps, inv_n = 1 / K), and the first column tile's programs store mean and
+    rstd (mu, rs); with NORM_BWD (one column tile holding all N columns) y is the gradient of the LayerNorm's input
+    xn (strides s_nm, s_nk; statistics mu, rs; inv_n = 1 / N), computed from the product (+ y) in the epilogue."""
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     nm = rn < N
     w = _w_tiles(w_ptr, rn, nm, K, s_wk, s_wn, BK, KSTEPS)
@@ -110,21 +152,36 @@ def _mm_stream_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, sc_ptr, M, N, K, s_xm, 
         rm = t * BM + tl.arange(0, BM)
         mm = rm < M
         rows = rm[:, None].to(tl.int64)
-        acc = tl.zeros((BM, BN), tl.float32)
-        if BN2:
-            acc2 = tl.zeros((BM, BN2), tl.float32)
+        xs = ()
         for ks in tl.static_range(KSTEPS):
             rk = ks * BK + tl.arange(0, BK)
             x_ptrs = x_ptr + rows * s_xm + rk[None, :] * s_xk
             if ks < K_MAIN:
-                x = tl.load(x_ptrs, mask=mm[:, None], other=0.0)
+                xs = xs + (tl.load(x_ptrs, mask=mm[:, None], other=0.0),)
             else:
-                x = tl.load(x_ptrs, mask=mm[:, None] & (rk < K)[None, :], other=0.0)
+                xs = xs + (tl.load(x_ptrs, mask=mm[:, None] & (rk < K)[None, :], other=0.0),)
+        if NORM:
+            mean, rstd = _row_stats(xs, K, inv_n, eps, BK, KSTEPS)
+            if tl.program_id(1) == 0:
+                tl.store(mu_ptr + rm, mean, mask=mm)
+                tl.store(rs_ptr + rm, rstd, mask=mm)
+        acc = tl.zeros((BM, BN), tl.float32)
+        if BN2:
+            acc2 = tl.zeros((BM, BN2), tl.float32)
+        for ks in tl.static_range(KSTEPS):
+            x = xs[ks]
+            if NORM:
+                rk = ks * BK + tl.arange(0, BK)
+                x = tl.where((rk < K)[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
             acc = tl.dot(x, w[ks], acc, input_precision=PREC)
             if BN2:
                 acc2 = tl.dot(x, w2[ks], acc2, input_precision=PREC)
-        _epilogue(acc, y_ptr, b_ptr, r_ptr, sc_ptr, rows, mm, rn, nm, s_ym, s_yn, s_rm, s_rn, HAS_BIAS, ACCUM, RESID,
-                  BN2 == 0)
+        if NORM_BWD:
+            _norm_bwd_epilogue(acc, y_ptr, xn_ptr, mu_ptr, rs_ptr, rows, rm, mm, rn, nm, s_ym, s_yn, s_nm, s_nk,
+                               inv_n, ACCUM)
+        else:
+            _epilogue(acc, y_ptr, b_ptr, r_ptr, sc_ptr, rows, mm, rn, nm, s_ym, s_yn, s_rm, s_rn, HAS_BIAS, ACCUM,
+                      RESID, BN2 == 0)
         if BN2:
             _epilogue(acc2, y_ptr, b_ptr, r_ptr, sc_ptr, rows, mm, rn2, nm2, s_ym, s_yn, s_rm, s_rn, HAS_BIAS, ACCUM,
                       RESID, True)
@@ -166,12 +223,26 @@ def _config(K, N, device, column_major_x=False, column_major_out=False):
     return cfg
 
 
+def streams(K, N, device) -> bool:
+    """Whether ``matmul_tf32x3`` runs (K, N) products on the persistent kernel, the one that can fold a LayerNorm in
+    (``norm`` / ``norm_grad``): at most 128 output columns per tile and the pipeline's stages fit (``_config``)."""
+    return bool({**_config(K, N, device), **_TUNING}.get("stream", 0))
+
+
 def matmul_tf32x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                  accumulate: bool = False, residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  accumulate: bool = False, residual: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+                  norm_grad: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x @ w (+ bias)`` for fp32 x (M, K), w (K, N), into ``out`` (M, N) (a new row-major tensor by default); with
     ``accumulate`` added to what ``out`` holds; with ``residual`` = (s, r), s a 1-element fp32 tensor and r (M, N) fp32
     of any strides, ``+ s * r`` (a scaled residual in the same pass). K must be at least 1 (tl.dot tiles are at least
-    16 wide; masked)."""
+    16 wide; masked).
+
+    A LayerNorm over x's rows, its weight and bias folded into w and bias by the caller (ops.linear):
+    ``norm`` = (mean, rstd, eps): ``LN(x) @ w (+ bias)``, LN without its affine, storing each row's mean and rstd into
+    the (M,) fp32 tensors given. ``norm_grad`` = (xn, mean, rstd): x @ w (+ out with ``accumulate``) is the gradient
+    of LN(xn) (xn (M, N), any strides; its statistics as ``norm`` stored them), and out receives that of xn. Both need
+    the persistent kernel (``streams``); ``norm_grad`` also at most 128 columns, a multiple of 16."""
     M, K = x.shape
     N = w.shape[1]
     if w.shape[0] != K or any(t.dtype != torch.float32 for t in (x, w)):
@@ -192,25 +263,45 @@ def matmul_tf32x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     cfg = _config(K, N, x.device, x.stride(0) == 1 != x.stride(1), out.stride(0) == 1 != out.stride(1))
     cfg.update(_TUNING)
     per_sm = cfg.pop("stream", 0)
-    args = (x, w, bias if bias is not None else w, out, r, sc, M, N, K, *x.stride(), *w.stride(), *out.stride(),
-            *r.stride())
     flags = dict(HAS_BIAS=bias is not None, ACCUM=accumulate, RESID=residual is not None, PREC="tf32x3")
-    if per_sm:
-        col_tiles = 1 if cfg["BN2"] else triton.cdiv(N, cfg["BN"])
-        grid = (min(triton.cdiv(M, cfg["BM"]), triton.cdiv(per_sm * sm_count(x.device, 4), col_tiles)), col_tiles)
-        cfg["STAGES"] = cfg.pop("num_stages")
-        _mm_stream_kernel[grid](*args, KSTEPS=triton.cdiv(K, cfg["BK"]), **flags, **cfg)
-    else:
-        _mm_kernel[(triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))](*args, **flags, **cfg)
+    if norm is None and norm_grad is None and not per_sm:
+        _mm_kernel[(triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))](
+            x, w, bias if bias is not None else w, out, r, sc, M, N, K, *x.stride(), *w.stride(), *out.stride(),
+            *r.stride(), **flags, **cfg)
+        return out
+    xn, mu, rs, eps, inv_n = out, out, out, 0.0, 1.0
+    if norm is not None or norm_grad is not None:
+        if norm is not None and norm_grad is not None or residual is not None or not per_sm:
+            raise ValueError("matmul_tf32x3: norm and norm_grad exclude each other and a residual, and need the "
+                             "persistent kernel (streams(K, N))")
+        mu, rs = (norm if norm is not None else norm_grad[1:])[:2]
+        if mu.shape != (M,) or rs.shape != (M,) or mu.stride(0) != 1 or rs.stride(0) != 1 or \
+                mu.dtype != torch.float32 or rs.dtype != torch.float32:
+            raise ValueError(f"matmul_tf32x3: the LayerNorm statistics must be contiguous fp32 ({M},) tensors")
+        if norm is not None:
+            eps, inv_n = float(norm[2]), 1.0 / K
+        else:
+            xn, inv_n = norm_grad[0], 1.0 / N
+            if xn.shape != (M, N) or cfg["BN2"] or cfg["BN"] < N:
+                raise ValueError(f"matmul_tf32x3: norm_grad needs the LayerNorm's input of shape {(M, N)} and at "
+                                 f"most 128 output columns, a multiple of 16; got {tuple(xn.shape)}, N = {N}")
+    col_tiles = 1 if cfg["BN2"] else triton.cdiv(N, cfg["BN"])
+    grid = (min(triton.cdiv(M, cfg["BM"]), triton.cdiv(per_sm * sm_count(x.device, 4), col_tiles)), col_tiles)
+    cfg["STAGES"] = cfg.pop("num_stages")
+    _mm_stream_kernel[grid](x, w, bias if bias is not None else w, out, r, sc, xn, mu, rs, M, N, K, *x.stride(),
+                            *w.stride(), *out.stride(), *r.stride(), *xn.stride(), eps, inv_n,
+                            NORM=norm is not None, NORM_BWD=norm_grad is not None, KSTEPS=triton.cdiv(K, cfg["BK"]),
+                            **flags, **cfg)
     return out
 
 
 @cached_launch
 @triton.jit
-def _wgrad_kernel(g_ptr, x_ptr, p_ptr, L, N, K, CH, SPLITS, s_gb, s_gl, s_gn, s_xb, s_xl, s_xk,
-                  BL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def _wgrad_kernel(g_ptr, x_ptr, p_ptr, mu_ptr, rs_ptr, q_ptr, L, N, K, CH, SPLITS, s_gb, s_gl, s_gn, s_xb, s_xl, s_xk,
+                  NORM: tl.constexpr, BL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """Program (b * SPLITS + s, n tile, k tile): the partial sum over tokens s*CH .. s*CH + CH - 1 of batch element
-    b of g^T x, an (N, K) tile stored at p[b * SPLITS + s]."""
+    b of g^T x, an (N, K) tile stored at p[b * SPLITS + s]. NORM: of g^T xhat instead, xhat = (x - mean) rstd with
+    the (B, L) statistics mu, rs, and the k tile 0 programs store the partial sum of g over their tokens at q."""
     pid = tl.program_id(0)
     b = (pid // SPLITS).to(tl.int64)
     l0 = (pid % SPLITS) * CH
@@ -220,13 +311,23 @@ def _wgrad_kernel(g_ptr, x_ptr, p_ptr, L, N, K, CH, SPLITS, s_gb, s_gl, s_gn, s_
     g_base = g_ptr + b * s_gb + rn[:, None] * s_gn
     x_base = x_ptr + b * s_xb + rk[None, :] * s_xk
     acc = tl.zeros((BN, BK), tl.float32)
+    if NORM:
+        gsum = tl.zeros((BN, BL), tl.float32)
     for l in range(l0, tl.minimum(l0 + CH, L), BL):
         rl = (l + tl.arange(0, BL)).to(tl.int64)  # L x token stride can pass 2**31 elements
         lm = rl < L
         gt = tl.load(g_base + rl[None, :] * s_gl, mask=nm[:, None] & lm[None, :], other=0.0)  # (BN, BL)
         xt = tl.load(x_base + rl[:, None] * s_xl, mask=lm[:, None] & km[None, :], other=0.0)  # (BL, BK)
+        if NORM:
+            mu = tl.load(mu_ptr + b * L + rl, mask=lm, other=0.0)
+            rs = tl.load(rs_ptr + b * L + rl, mask=lm, other=0.0)
+            xt = tl.where(lm[:, None] & km[None, :], (xt - mu[:, None]) * rs[:, None], 0.0)
+            gsum += gt
         acc = tl.dot(gt, xt, acc, input_precision=PREC)
     tl.store(p_ptr + pid * N * K + rn[:, None] * K + rk[None, :], acc, mask=nm[:, None] & km[None, :])
+    if NORM:
+        if tl.program_id(2) == 0:
+            tl.store(q_ptr + pid * N + rn, tl.sum(gsum, axis=1), mask=nm)
 
 
 def _wgrad_config(N, K):
@@ -236,16 +337,23 @@ def _wgrad_config(N, K):
                 num_warps=4, num_stages=3)
 
 
-def weight_grad_tf32x3(g: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None, **config) -> torch.Tensor:
+def weight_grad_tf32x3(g: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None,
+                       norm: tuple[torch.Tensor, torch.Tensor] | None = None, **config):
     """``sum_b g[b]^T @ x[b]`` for fp32 g (B, L, N) and x (B, L, K) (any strides: a channels-first gradient is
     ``g.transpose(1, 2)``), as a new (N, K) tensor or written into ``out``. ``config`` overrides the tiles and
     ``splits`` (the token ranges per batch element; default: about eight programs per SM, the best of 2, 4 and 8 in
-    two of the four shapes the sweep found faster than cuBLAS)."""
+    two of the four shapes the sweep found faster than cuBLAS).
+
+    ``norm`` = (mean, rstd), contiguous fp32 (B, L): the weight gradient of a Linear applied to the LayerNorm of x
+    (without its affine, as matmul_tf32x3's ``norm``), ``sum_b g[b]^T xhat[b]``; returns it with the sum of g over
+    the tokens, (N,), from the same pass."""
     if g.dim() != 3 or x.dim() != 3 or g.shape[:2] != x.shape[:2] or g.dtype != torch.float32 \
             or x.dtype != torch.float32:
         raise ValueError(f"weight_grad_tf32x3: fp32 g (B, L, N) and x (B, L, K) expected, got {tuple(g.shape)} "
                          f"{g.dtype} and {tuple(x.shape)} {x.dtype}")
     (B, L, N), K = g.shape, x.shape[2]
+    if norm is not None and any(t.shape != (B, L) or not t.is_contiguous() or t.dtype != torch.float32 for t in norm):
+        raise ValueError(f"weight_grad_tf32x3: the LayerNorm statistics must be contiguous fp32 {(B, L)} tensors")
     cfg = {**_wgrad_config(N, K), **config}
     tiles = triton.cdiv(N, cfg["BN"]) * triton.cdiv(K, cfg["BK"])
     splits = cfg.pop("splits", None)
@@ -257,6 +365,10 @@ def weight_grad_tf32x3(g: torch.Tensor, x: torch.Tensor, out: torch.Tensor | Non
     if max((N - 1) * abs(g.stride(2)), (K - 1) * abs(x.stride(2))) >= 2 ** 31:
         raise ValueError("weight_grad_tf32x3: offsets along N and K are 32-bit in the kernel")
     partial = torch.empty(B * splits, N, K, device=g.device, dtype=torch.float32)
+    mu, rs = norm if norm is not None else (partial, partial)
+    q = torch.empty(B * splits, N, device=g.device, dtype=torch.float32) if norm is not None else partial
     _wgrad_kernel[(B * splits, triton.cdiv(N, cfg["BN"]), triton.cdiv(K, cfg["BK"]))](
-        g, x, partial, L, N, K, ch, splits, *g.stride(), *x.stride(), PREC="tf32x3", **cfg)
-    return torch.sum(partial, 0, out=out)
+        g, x, partial, mu, rs, q, L, N, K, ch, splits, *g.stride(), *x.stride(), NORM=norm is not None,
+        PREC="tf32x3", **cfg)
+    dw = torch.sum(partial, 0, out=out)
+    return (dw, q.sum(0)) if norm is not None else dw

@@ -359,3 +359,119 @@ def test_mixer_projections_take_it_and_match_float64():
         assert max_err(y.detach(), ref) <= 2 * sgemm_err(lin._rows(x.detach()), w.detach().t(), ref.view(-1, 256))
         gref = gy.double() @ w.detach().double()
         assert max_err(gx, gref) <= 2 * sgemm_err(gy.view(-1, 256), w.detach(), gref.view(-1, 64))
+
+
+def _ln_linear_case(layout, C, N, L=70, B=2, affine=True, bias=True, seed=50):
+    """x (B, L, C) token-major or as the channels-first token view, with an offset (the centred variance); a LayerNorm's
+    weight and bias, a Linear's."""
+    x = rand(B, L, C, seed=seed) * 3 + 2 if layout == "token-major" else \
+        (rand(B, C, L, seed=seed) * 3 + 2).transpose(1, 2)
+    lw, lb = (rand(C, seed=seed + 1), rand(C, seed=seed + 2)) if affine else (None, None)
+    return x, lw, lb, rand(N, C, seed=seed + 3) / C ** 0.5, rand(N, seed=seed + 4) if bias else None
+
+
+def _ln_linear_grads(x, lw, lb, w, b, outputs, gs, dtype):
+    """The outputs and the gradients of x, the LayerNorm's and the Linear's parameters of F.linear(F.layer_norm(x))
+    in ``dtype`` (TF32 off), for outputs = callable(y) and output gradients gs."""
+    import torch.nn.functional as F
+    assert not torch.backends.cuda.matmul.allow_tf32
+    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in (x, lw, lb, w, b)]
+    xl, lwl, lbl, wl, bl = leaves
+    ys = outputs(F.linear(F.layer_norm(xl, xl.shape[-1:], lwl, lbl, 1e-5), wl, bl))
+    used = [(y, g) for y, g in zip(ys, gs) if g is not None]
+    grads = torch.autograd.grad([y for y, _ in used], [t for t in leaves if t is not None],
+                                [g.to(dtype) for _, g in used])
+    return [y.detach() for y in ys], grads
+
+
+@pytest.mark.parametrize("layout", ["token-major", "channels-first"])
+@pytest.mark.parametrize("out", ["split", "one block used", "side by side", "channels-first"])
+@pytest.mark.parametrize("affine,wgrad", [(True, "triton"), (True, "torch"), (False, "triton")])
+def test_layer_norm_folded_into_the_gemms_matches_float64(monkeypatch, layout, out, affine, wgrad):
+    """ops.linear's _NormLinearFn (F.linear(LayerNorm(x)) with the LayerNorm in the GEMMs' prologue and epilogue and its
+    affine folded into the Linear's weight and bias): outputs and the gradients of x, the LayerNorm's weight and bias
+    and the Linear's weight and bias against float64, within 4x the error of the same ops in fp32 (F.layer_norm, then
+    F.linear), for token-major and channels-first x, split or channels-first outputs, a block's gradient missing, the
+    blocks' gradients side by side, with and without the LayerNorm's affine, and the weight gradient on the
+    split-token kernel (statistics and column sums in its pass) or on cuBLAS from the normalised x."""
+    import nnunet_mamba.ops.linear as lin
+
+    monkeypatch.setattr(lin, "_use_triton", lambda op, *a, **k: op == "linear-wgrad" and wgrad == "triton")
+    C, N = 32, 48
+    sizes = (16, 32) if out != "channels-first" else (N,)
+    x, lw, lb, w, b = _ln_linear_case(layout, C, N, affine=affine)
+    leaves = [t.requires_grad_() if t is not None else None for t in (x, lw, lb, w, b)]
+    y = lin._NormLinearFn.apply(x, lw, lb, w, b, 1e-5, sizes, out == "channels-first")
+    ys = [y.transpose(1, 2)] if out == "channels-first" else list(y)
+    gs = [rand(*t.shape, seed=60 + k) for k, t in enumerate(ys)]
+    if out == "one block used":
+        gs[0] = None
+    if out == "side by side":  # gradients written next to each other into one buffer (as the Triton scan does)
+        whole = rand(*x.shape[:2], N, seed=66)
+        gs = list(whole.split(sizes, -1))
+    split = (lambda t: t.split(sizes, -1)) if out != "channels-first" else (lambda t: [t])
+    used = [(t, g) for t, g in zip(ys, gs) if g is not None]
+    grads = torch.autograd.grad([t for t, _ in used], [t for t in leaves if t is not None],
+                                [g for _, g in used])
+    ref_y, ref_g = _ln_linear_grads(x, lw, lb, w, b, split, gs, torch.float64)
+    fp32_y, fp32_g = _ln_linear_grads(x, lw, lb, w, b, split, gs, torch.float32)
+    names = [n for n, t in zip(["x", "ln weight", "ln bias", "weight", "bias"], leaves) if t is not None]
+    for name, got, ref, f32 in [*zip(["y"] * len(ys), ys, ref_y, fp32_y), *zip(names, grads, ref_g, fp32_g)]:
+        err, bound = max_err(got.detach(), ref), max(4 * max_err(f32, ref), 1e-6)
+        assert err <= bound, (name, err, bound)
+    if layout == "channels-first":  # x's gradient in x's layout
+        assert grads[0].stride() == x.stride()
+
+
+def test_layer_norm_fold_rejects_what_it_does_not_compute(lt):
+    x, mu, rs = rand(40, 32), torch.empty(40, device=DEV), torch.empty(40, device=DEV)
+    with pytest.raises(ValueError, match="exclude each other"):
+        lt.matmul_tf32x3(x, rand(32, 16), norm=(mu, rs, 1e-5), norm_grad=(x, mu, rs))
+    with pytest.raises(ValueError, match="statistics"):
+        lt.matmul_tf32x3(x, rand(32, 16), norm=(mu[:20], rs, 1e-5))
+    with pytest.raises(ValueError, match="at most 128 output columns"):
+        lt.matmul_tf32x3(rand(40, 16), rand(16, 40), out=torch.empty(40, 40, device=DEV),
+                         norm_grad=(rand(40, 40), mu, rs))
+    with pytest.raises(ValueError, match="statistics"):
+        lt.weight_grad_tf32x3(rand(2, 20, 16), rand(2, 20, 32), norm=(mu.view(2, 20), rs[:20]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
+@pytest.mark.parametrize("C,N,out", [(32, 128, "split"), (32, 64, "channels-first"), (64, 256, "split"),
+                                     (64, 128, "channels-first")])
+def test_lightm_unet_layer_norms_fold_into_the_projections(C, N, out):
+    """LightM-UNet's LayerNorm + Linear pairs at 128^3 (C = 32) and 64^3 (C = 64) tokens, x the channels-first token
+    view as the Mamba layer passes it: ops.linear_split (in_proj, norm=) and ops.linear_channels_first (proj, norm=)
+    take _NormLinearFn (the dispatch), and match float64 within 4x the error of F.layer_norm + F.linear in fp32."""
+    import torch.nn as nn
+    import nnunet_mamba.ops.linear as lin
+    from nnunet_mamba.ops import linear_channels_first, linear_split
+
+    L = (128 if C == 32 else 64) ** 3
+    x, lw, lb, w, b = _ln_linear_case("channels-first", C, N, L=L, bias=out == "channels-first")
+    ln = nn.LayerNorm(C).to(DEV)
+    with torch.no_grad():
+        ln.weight.copy_(lw), ln.bias.copy_(lb)
+    leaves = [x.requires_grad_(), ln.weight, ln.bias, w.requires_grad_()] + ([b.requires_grad_()] if b is not None else [])
+    calls = []
+    real = lin._NormLinearFn.apply
+    lin._NormLinearFn.apply = lambda *a: calls.append(a[-1]) or real(*a)
+    try:
+        if out == "split":
+            ys = list(linear_split(x, w, None, (N // 2, N // 2), norm=ln))
+            split = lambda t: t.split(N // 2, -1)
+        else:
+            ys = [linear_channels_first(x, w, b, norm=ln).transpose(1, 2)]
+            split = lambda t: [t]
+    finally:
+        lin._NormLinearFn.apply = real
+    assert calls == [out == "channels-first"]
+    gs = [rand(*t.shape, seed=70 + k) for k, t in enumerate(ys)]
+    grads = torch.autograd.grad(ys, leaves, gs)
+    ref_y, ref_g = _ln_linear_grads(x, lw, lb, w, b, split, gs, torch.float64)
+    fp32_y, fp32_g = _ln_linear_grads(x, lw, lb, w, b, split, gs, torch.float32)
+    for name, got, ref, f32 in [*zip(["y"] * len(ys), ys, ref_y, fp32_y),
+                                *zip(["x", "ln weight", "ln bias", "weight", "bias"], grads, ref_g, fp32_g)]:
+        err, bound = max_err(got.detach(), ref), max(4 * max_err(f32, ref), 1e-6)
+        assert err <= bound, (name, err, bound)

@@ -69,10 +69,13 @@ class Mamba(nn.Module):
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
-    def forward(self, hidden_states: torch.Tensor, channels_first: bool = False, residual=None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, channels_first: bool = False, residual=None,
+                norm: nn.LayerNorm | None = None) -> torch.Tensor:
         """(B, L, d_model) tokens -> (B, L, d_model); with ``channels_first`` the same values as a contiguous
         (B, d_model, L) tensor (out_proj computed in that layout: ``ops.linear_channels_first``), to which
-        ``residual`` = (s, t), t (B, d_model, L), adds s * t in out_proj's pass (``ops.scaled_add``'s result)."""
+        ``residual`` = (s, t), t (B, d_model, L), adds s * t in out_proj's pass (``ops.scaled_add``'s result).
+        ``norm``: a LayerNorm over d_model applied to hidden_states first (``mixer(norm(x))``), folded into in_proj's
+        GEMMs where they run on Triton (``ops.linear_split``)."""
         if residual is not None and not channels_first:
             raise ValueError("Mamba: a residual is added only to a channels-first output (channels_first=True)")
         # Token-major (b, L, channels) throughout: the projections' outputs are handed to the conv and the scan as
@@ -80,7 +83,7 @@ class Mamba(nn.Module):
         # is split without its gradients being concatenated in the backward (ops.linear_split): at full resolution
         # that concatenation copied 2 GB. x_proj's output (b, L, R + 2N) too: the Triton scan writes the gradients
         # of dt, B and C side by side into one buffer, which linear_split's backward takes as it is.
-        x, z = linear_split(hidden_states, self.in_proj.weight, self.in_proj.bias, (self.d_inner, self.d_inner))
+        x, z = linear_split(hidden_states, self.in_proj.weight, self.in_proj.bias, (self.d_inner, self.d_inner), norm)
         x = causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)  # (b, L, D)
         dt, B, C = linear_split(x, self.x_proj.weight, self.x_proj.bias, (self.dt_rank, self.d_state, self.d_state))
         # dt_proj goes to the scan op: its weight as the low-rank delta's W (multiplied out by the op, or formed inside

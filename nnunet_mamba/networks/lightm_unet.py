@@ -59,14 +59,14 @@ class MambaLayer(nn.Module):
         if pre is not None:
             x = pre(x)
         # Channels-first throughout, like the feature maps around the layer: the LayerNorm reads the token view of
-        # a (B, C, L) tensor in place and writes dense tokens for the projections, which write (B, C, L) back
-        # (ops.linear_channels_first), so the residual sums and the layer's neighbours (GroupNorm, ReLU, adds) see
-        # one layout, and nothing is copied to change layouts.
+        # a (B, C, L) tensor in place (on CUDA inside the projections' GEMMs, which never write its output) and the
+        # projections write (B, C, L) back (ops.linear_channels_first), so the residual sums and the layer's
+        # neighbours (GroupNorm, ReLU, adds) see one layout, and nothing is copied to change layouts.
         t = x.flatten(2)  # (B, C, L)
-        # u = mamba(norm(t)) + skip_scale * t, the residual added in out_proj's pass
-        u = self.mamba(self.norm(t.transpose(1, 2)), channels_first=True, residual=(self.skip_scale, t))
-        # upstream quirk: the same norm applied a second time
-        v = linear_channels_first(self.norm(u.transpose(1, 2)), self.proj.weight, self.proj.bias)
+        # u = mamba(norm(t)) + skip_scale * t, the residual added in out_proj's pass; the norm folded into in_proj
+        u = self.mamba(t.transpose(1, 2), channels_first=True, residual=(self.skip_scale, t), norm=self.norm)
+        # upstream quirk: the same norm applied a second time (folded into proj)
+        v = linear_channels_first(u.transpose(1, 2), self.proj.weight, self.proj.bias, norm=self.norm)
         return v.view(*v.shape[:2], *x.shape[2:])
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.layout import column_blocks
-from .token_ops import _use_triton, scaled_add, scaled_residual_grads
+from .token_ops import _use_triton, layer_norm, scaled_add, scaled_residual_grads
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -131,18 +131,121 @@ class _SplitLinearFn(torch.autograd.Function):
         return dx, dw, db, None
 
 
+class _NormLinearFn(torch.autograd.Function):
+    """``F.linear(LayerNorm(x), weight, bias)`` with the LayerNorm folded into the Triton GEMMs: its weight into the
+    product's (W' = W diag(ln_weight)) and its bias into the bias (b' = W ln_bias + b), its normalisation into the
+    GEMM's prologue, which reads x in place and stores the rows' mean and rstd; in the backward the input gradient's
+    GEMM ends in LayerNorm's backward (whole rows in a tile) and the weight gradient's normalises x again from the
+    statistics, with the gradient's column sums from the same pass. The LayerNorm's output is never written.
+    dW, d(ln_weight), d(ln_bias) and db follow from dW' = g^T xhat and q = sum g on the host (small matrices). One
+    GEMM per batch element: x may be a channels-first token view. Output: the (B, L, N) tokens split into ``sizes``,
+    or with ``channels_first`` a (B, N, L) tensor."""
+
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, weight, bias, eps, sizes, channels_first):
+        from ..kernels.linear_triton import matmul_tf32x3
+        (B, L, _), N = x.shape, weight.shape[0]
+        w, b = _folded(weight, bias, ln_weight, ln_bias)
+        mean, rstd = x.new_empty(B, L), x.new_empty(B, L)
+        y = x.new_empty(B, N, L) if channels_first else x.new_empty(B, L, N)
+        for i in range(B):
+            matmul_tf32x3(x[i], w.t(), b, out=y[i].t() if channels_first else y[i], norm=(mean[i], rstd[i], eps))
+        ctx.save_for_backward(x, ln_weight, ln_bias, weight, mean, rstd)
+        ctx.cfg = sizes, channels_first
+        ctx.set_materialize_grads(False)
+        return y if channels_first else y.split(sizes, dim=-1)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from ..kernels.linear_triton import matmul_tf32x3, weight_grad_tf32x3
+        x, ln_weight, ln_bias, weight, mean, rstd = ctx.saved_tensors
+        sizes, channels_first = ctx.cfg
+        w, _ = _folded(weight, None, ln_weight, None)
+        # the gradients as (B, L, n) token-major views with their rows of the weight
+        if channels_first:
+            blocks = [(grads[0].transpose(1, 2), slice(None))]
+        else:
+            whole = column_blocks(grads)
+            starts = [sum(sizes[:k]) for k in range(len(sizes))]
+            blocks = [(whole, slice(None))] if whole is not None else [
+                (g, slice(s0, s0 + n)) for g, s0, n in zip(grads, starts, sizes) if g is not None]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x) if blocks else torch.zeros_like(x)  # x's layout (channels-first stays so)
+            for i in range(x.shape[0]):
+                for k, (g, rows) in enumerate(blocks):
+                    last = k == len(blocks) - 1
+                    matmul_tf32x3(g[i], w[rows], out=dx[i], accumulate=k > 0,
+                                  norm_grad=(x[i], mean[i], rstd[i]) if last else None)
+        dw_f = torch.zeros_like(weight)  # g^T xhat, and q = the column sums of g
+        q = weight.new_zeros(weight.shape[0])
+        xhat = None
+        for g, rows in blocks:
+            if _use_triton("linear-wgrad", g, "auto", measured_faster=_wgrad_measured(g.shape[2], x.shape[2])):
+                _, q[rows] = weight_grad_tf32x3(g, x, out=dw_f[rows], norm=(mean, rstd))
+            else:
+                if xhat is None:
+                    xhat = (x - mean[..., None]) * rstd[..., None]
+                _wgrad_cublas(g, xhat, out=dw_f[rows])
+                q[rows] = g.sum((0, 1))
+        dw, dlw, dlb = dw_f, None, None
+        if ln_weight is not None:
+            dw = dw_f * ln_weight
+            dlw = (dw_f * weight).sum(0)
+        if ln_bias is not None:
+            dw = dw.addr(q, ln_bias)
+            dlb = q @ weight
+        return dx, dlw, dlb, dw, q if ctx.needs_input_grad[4] else None, None, None, None
+
+
+def _folded(weight, bias, ln_weight, ln_bias):
+    """The Linear's weight and bias with a LayerNorm's affine folded in: W diag(ln_weight), W ln_bias + b."""
+    w = weight * ln_weight if ln_weight is not None else weight
+    if ln_bias is not None:
+        bias = weight @ ln_bias if bias is None else torch.addmv(bias, weight, ln_bias)
+    return w, bias
+
+
+def _wgrad_measured(N, K) -> bool:
+    """The widths at which the split-token weight gradient measured faster than cuBLAS (``_wgrad``)."""
+    return N <= 64 and K <= 64 and N % 16 == 0 and K % 16 == 0
+
+
+def _norm_folds(x, weight, norm, sizes, channels_first) -> bool:
+    """Whether ``_NormLinearFn`` takes LayerNorm ``norm`` + the Linear: fp32 CUDA operands (no autocast) of the
+    measured size; the persistent GEMM for the forward and for every block's input gradient, whose LayerNorm
+    backward needs the rows whole in one tile (16-128 channels, a multiple of 16; a channels-first output's
+    gradient, read column-major, up to 64 as ``_tf32x3``)."""
+    from ..kernels.linear_triton import streams
+    C = x.shape[-1]
+    params = [t for t in (weight, norm.weight, norm.bias) if t is not None]
+    if not (x.is_cuda and x.dim() == 3 and all(t.dtype == torch.float32 for t in (x, *params))
+            and not torch.is_autocast_enabled(x.device.type) and C % 16 == 0
+            and 16 <= C <= (64 if channels_first else 128) and tuple(norm.normalized_shape) == (C,)):
+        return False
+    shapes = streams(C, weight.shape[0], x.device) and all(streams(n, C, x.device) for n in sizes)
+    return _use_triton("linear", x, "auto", measured_faster=shapes)
+
+
 def linear_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:
+                 sizes: Sequence[int], norm: torch.nn.LayerNorm | None = None) -> tuple[torch.Tensor, ...]:
     """``F.linear(x, weight, bias).split(sizes, dim=-1)`` whose backward does not concatenate the blocks' gradients
-    (module docstring). Under autocast the GEMM runs in the autocast dtype, as ``F.linear`` would."""
+    (module docstring); with ``norm`` (a LayerNorm over x's last axis: its weight, bias and eps) applied to x first,
+    folded into the GEMMs where they run on Triton (``_NormLinearFn``). Under autocast the GEMM runs in the autocast
+    dtype, as ``F.linear`` would."""
     if sum(sizes) != weight.shape[0]:
         raise ValueError(f"linear_split: sizes {list(sizes)} must add up to the {weight.shape[0]} output features")
+    sizes = tuple(int(s) for s in sizes)
+    if norm is not None:
+        if _norm_folds(x, weight, norm, sizes, False):
+            return _NormLinearFn.apply(x, norm.weight, norm.bias, weight, bias, norm.eps, sizes, False)
+        x = layer_norm(x, norm.weight, norm.bias, norm.eps)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         return F.linear(x, weight, bias).split(list(sizes), dim=-1)  # no backward: the plain ops, less overhead
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-    return _SplitLinearFn.apply(x, weight, bias, tuple(int(s) for s in sizes))
+    return _SplitLinearFn.apply(x, weight, bias, sizes)
 
 
 class _ChannelsFirstLinearFn(torch.autograd.Function):
@@ -194,11 +297,18 @@ class _ChannelsFirstLinearFn(torch.autograd.Function):
 
 
 def linear_channels_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                          residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                          residual: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          norm: torch.nn.LayerNorm | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias).transpose(1, 2)`` for tokens x (B, L, C_in), computed into a contiguous
     (B, C_out, L) tensor; the gradient of x comes back token-major (module docstring). ``residual`` = (s, t), s a
     1-element tensor and t (B, C_out, L): ``ops.scaled_add`` of that and s, t, in the GEMM's pass where it runs on
-    Triton (the Mamba mixer's out_proj with LightM-UNet's ``skip_scale`` residual)."""
+    Triton (the Mamba mixer's out_proj with LightM-UNet's ``skip_scale`` residual). ``norm``: a LayerNorm applied to
+    x first, folded into the GEMMs where they run on Triton (``_NormLinearFn``; then x's gradient comes back in x's
+    layout)."""
+    if norm is not None:
+        if residual is None and _norm_folds(x, weight, norm, (weight.shape[0],), True):
+            return _NormLinearFn.apply(x, norm.weight, norm.bias, weight, bias, norm.eps, (weight.shape[0],), True)
+        x = layer_norm(x, norm.weight, norm.bias, norm.eps)
     if x.dim() != 3:
         raise ValueError(f"linear_channels_first: x must be (B, L, C_in), got {tuple(x.shape)}")
     if torch.is_autocast_enabled(x.device.type):
