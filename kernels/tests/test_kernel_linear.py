@@ -443,7 +443,8 @@ def test_layer_norm_fold_rejects_what_it_does_not_compute(lt):
 def test_lightm_unet_layer_norms_fold_into_the_projections(C, N, out):
     """LightM-UNet's LayerNorm + Linear pairs at 128^3 (C = 32) and 64^3 (C = 64) tokens, x the channels-first token
     view as the Mamba layer passes it: ops.linear_split (in_proj, norm=) and ops.linear_channels_first (proj, norm=)
-    take _NormLinearFn (the dispatch), and match float64 within 4x the error of F.layer_norm + F.linear in fp32."""
+    take _NormLinearFn at 128^3 and not at 64^3 (measured slower there: the dispatch), and match float64 within 4x
+    the error of F.layer_norm + F.linear in fp32 either way."""
     import torch.nn as nn
     import nnunet_mamba.ops.linear as lin
     from nnunet_mamba.ops import linear_channels_first, linear_split
@@ -466,7 +467,7 @@ def test_lightm_unet_layer_norms_fold_into_the_projections(C, N, out):
             split = lambda t: [t]
     finally:
         lin._NormLinearFn.apply = real
-    assert calls == [out == "channels-first"]
+    assert calls == ([out == "channels-first"] if C == 32 else [])
     gs = [rand(*t.shape, seed=70 + k) for k, t in enumerate(ys)]
     grads = torch.autograd.grad(ys, leaves, gs)
     ref_y, ref_g = _ln_linear_grads(x, lw, lb, w, b, split, gs, torch.float64)

@@ -212,19 +212,18 @@ def _wgrad_measured(N, K) -> bool:
 
 
 def _norm_folds(x, weight, norm, sizes, channels_first) -> bool:
-    """Whether ``_NormLinearFn`` takes LayerNorm ``norm`` + the Linear: fp32 CUDA operands (no autocast) of the
-    measured size; the persistent GEMM for the forward and for every block's input gradient, whose LayerNorm
-    backward needs the rows whole in one tile (16-128 channels, a multiple of 16; a channels-first output's
-    gradient, read column-major, up to 64 as ``_tf32x3``)."""
+    """Whether ``_NormLinearFn`` takes LayerNorm ``norm`` + the Linear: fp32 CUDA operands (no autocast) from the
+    measured size (``TRITON_FROM["layer-norm-fold"]``) with 16 or 32 channels (the forward's prologue holds a row in
+    one K step; at 64 channels it measured slower), on the persistent GEMM for the forward and for every block's
+    input gradient (whose epilogue, LayerNorm's backward, needs each row whole in one tile)."""
     from ..kernels.linear_triton import streams
     C = x.shape[-1]
     params = [t for t in (weight, norm.weight, norm.bias) if t is not None]
     if not (x.is_cuda and x.dim() == 3 and all(t.dtype == torch.float32 for t in (x, *params))
-            and not torch.is_autocast_enabled(x.device.type) and C % 16 == 0
-            and 16 <= C <= (64 if channels_first else 128) and tuple(norm.normalized_shape) == (C,)):
+            and not torch.is_autocast_enabled(x.device.type) and tuple(norm.normalized_shape) == (C,)):
         return False
-    shapes = streams(C, weight.shape[0], x.device) and all(streams(n, C, x.device) for n in sizes)
-    return _use_triton("linear", x, "auto", measured_faster=shapes)
+    shapes = C in (16, 32) and streams(C, weight.shape[0], x.device) and all(streams(n, C, x.device) for n in sizes)
+    return _use_triton("layer-norm-fold", x, "auto", measured_faster=shapes)
 
 
 def linear_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

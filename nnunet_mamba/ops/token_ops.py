@@ -50,7 +50,7 @@ ENV_BACKEND = "NNUNET_MAMBA_TOKEN_OPS_BACKEND"
 TRITON_FROM = {"causal-conv1d": 2 * 4096 * 512, "layer-norm": 2 * 4096 * 256, "group-norm": 2 * 64 * 64 ** 3,
                "depthwise-conv": 2 * 128 ** 3, "linear": 2 * 64 ** 3 * 64, "linear-wgrad": 2 * 128 ** 3 * 32,
                "scaled-add": 2 * 32 * 64 ** 3, "max-pool": 2 * 64 * 128 ** 3, "upsample": 2 * 128 * 16 ** 3,
-               "pointwise-narrow": 2 * 32 * 128 ** 3}
+               "pointwise-narrow": 2 * 32 * 128 ** 3, "layer-norm-fold": 2 * 128 ** 3 * 32}
 # "linear": the projections' fp32 GEMMs (ops/linear.py), from the smallest operand kernels/bench_linear.py measured
 # (2 x 64^3 tokens x 64 channels; H200, session 11: the Triton 3xTF32 GEMM 1.29-1.71x cuBLAS's SGEMM, as accurate);
 # "linear-wgrad": their weight gradients, from the output gradient's size (session 13: 2.1-3.2x cuBLAS from 2 x 128^3
@@ -63,6 +63,9 @@ TRITON_FROM = {"causal-conv1d": 2 * 4096 * 512, "layer-norm": 2 * 4096 * 256, "g
 # Smaller maps not measured
 # "pointwise-narrow": the wider map of a 1x1(x1) conv with fewer than 16 channels on one side (ops.pointwise_conv);
 # LightM-UNet's convInit 1 -> 32 and conv_final 32 -> 3 at 2 x 128^3: 3.4x and 1.3x cuDNN's GPU time (session 19)
+# "layer-norm-fold": the LayerNorm's input; a LayerNorm folded into the Linear after it (ops.linear's _NormLinearFn):
+# LightM-UNet's in_proj and proj at 2 x 128^3 x 32 (forward + backward GPU time 3.62 -> 3.46 and 2.86 -> 2.22 ms;
+# at 2 x 64^3 x 64, 1.34 -> 2.52 and 1.09 -> 1.41 ms: not taken; H200, session 20). Smaller maps not measured
 # "max-pool": the pooled map; LightM-UNet's full-resolution down-sampling (2 x 64 x 128^3: PyTorch 0.57 ms forward,
 # 0.23 ms fill, 0.61 ms backward, H200 session 16 profile). Smaller maps not measured
 # group_norm's torch backend takes its statistics from var_mean from this size (below: F.group_norm): in GPU time
