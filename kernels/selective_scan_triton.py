@@ -872,10 +872,16 @@ class _ScanFn(torch.autograd.Function):
     which the backward keeps instead of the delta (_dt_buffer).
     ``reuse``: the caller reads neither z after the backward nor the output's gradient after this op's backward, so
     dz is written over z and du over the output gradient (where their layouts allow). Each saves a (b, d, L) buffer
-    at the backward's memory peak (docs/kernels.md, "Memory")."""
+    at the backward's memory peak (docs/kernels.md, "Memory").
+    ``Wx`` with ``x_proj`` = (product, grads_into) (``selective_scan_triton``'s x_proj): delta, B and C are None and
+    come from product(u's tokens, Wx); the backward returns Wx's gradient and adds x_proj's input gradient to du."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, W, W_in_kernels, reuse, slot):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, W, W_in_kernels, reuse, slot, Wx, x_proj):
+        if Wx is not None:  # x_proj's (b, L, R + 2N) output: the low-rank delta, B and C as its column blocks
+            R, N = W.shape[1], A.shape[1]
+            x_dbl = x_proj[0](u.transpose(1, 2), Wx)
+            delta, B, C = (x_dbl[..., i:j].transpose(1, 2) for i, j in ((0, R), (R, R + N), (R + N, R + 2 * N)))
         b, d, L = u.shape
         Bg, Cg = _grouped_bc(B), _grouped_bc(C)
         G = Bg.shape[1] if Bg.dim() == 4 else (Cg.shape[1] if Cg.dim() == 4 else 1)
@@ -910,16 +916,16 @@ class _ScanFn(torch.autograd.Function):
         ctx.scratch[0] = hf
         if slot is not None:
             slot.value = ((hin, sloc), ctx.scratch)
-        ctx.save_for_backward(u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt, v)
-        ctx.cfg = (softplus, plan, W_in_kernels, reuse, dt_done)
+        ctx.save_for_backward(u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt, v, Wx)
+        ctx.cfg = (softplus, plan, W_in_kernels, reuse, dt_done, x_proj)
         ctx.backward_ran = False
         ctx.set_materialize_grads(False)
         return out, last
 
     @staticmethod
     def backward(ctx, gout, glast):
-        u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt, v = ctx.saved_tensors
-        softplus, plan, W_in_kernels, reuse, dt_done = ctx.cfg
+        u, delta, Af, B, C, Df, z, bf, hin, sloc, W, Wt, v, Wx = ctx.saved_tensors
+        softplus, plan, W_in_kernels, reuse, dt_done, x_proj = ctx.cfg
         # the recomputation's segment states, taken out of the box: they serve one backward (a second one walks again)
         hf, ctx.scratch[0] = ctx.scratch[0], None
         if ctx.backward_ran and (reuse or v is not None):
@@ -965,8 +971,11 @@ class _ScanFn(torch.autograd.Function):
             gv, gW = gv.to(v.dtype), gW.to(W.dtype)
         if g_dbl is not None and W_in_kernels:
             gv = g_dbl[..., :gv.shape[1]].copy_(gv.transpose(1, 2)).transpose(1, 2)
+        if Wx is not None:  # x_proj's backward: its input gradient added into du, its weight's gradient
+            gWx = x_proj[1](g_dbl, u.transpose(1, 2), Wx, gu.transpose(1, 2))
+            return gu, None, gA, None, None, gD, gz, gbias, None, gW, None, None, None, gWx.to(Wx.dtype), None
         return (gu, gv, gA, gB.reshape(B.shape).to(B.dtype), gC.reshape(C.shape).to(C.dtype), gD, gz, gbias, None,
-                gW, None, None, None)
+                gW, None, None, None, None, None)
 
 
 # from this many elements of the delta (b, L, d), its product and gradients run on kernels/low_rank_triton.py: fp32
@@ -1058,7 +1067,7 @@ def channels_last(t):
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, delta_proj_weight=None, delta_in_kernels=True, reuse_buffers=False,
-                          chunk_states=None):
+                          chunk_states=None, x_proj=None):
     """mamba-ssm ``selective_scan_fn`` semantics on the Triton kernels (see module docstring).
 
     ``delta_proj_weight`` W (d, R): delta is then (b, R, L) and the scan uses W @ delta (the Mamba mixer's dt_proj
@@ -1069,6 +1078,10 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     alone); dz and du are then written over them. A second backward through the same graph is then an error.
     ``chunk_states``: an ``ops.recompute`` slot: an empty one receives the states entering the chunks (and the
     chunks' dt sums); a filled one, from the forward pass of a recomputed region, replaces the summary pass.
+    ``x_proj`` = (Wx, product, grads_into), with ``delta_proj_weight`` and delta, B, C None: they are the column
+    blocks (R, N, N) of ``product(u's (b, L, d) tokens, Wx)``, a new (b, L, R + 2N) fp32 tensor (the Mamba mixer's
+    x_proj, Wx (R + 2N, d)); the backward calls ``grads_into(g, tokens, Wx, du)`` with that output's gradient g,
+    which adds x_proj's input gradient into du's tokens and returns Wx's gradient (ops.scan passes ops.linear's GEMMs).
     u, delta, z and time-varying B/C are used channels-last (copied to that layout where they are not; a Linear's
     output viewed as (b, d, L) already is); the output and the input gradients come back in that layout."""
     if u.dim() != 3:
@@ -1079,13 +1092,19 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     if W is not None and (W.dim() != 2 or W.shape[0] != u.shape[1]):
         raise ValueError(f"selective_scan: delta_proj_weight must be (dim, R) with dim = {u.shape[1]}, "
                          f"got {tuple(W.shape)}")
+    Wx = x_proj[0] if x_proj is not None else None
+    if Wx is not None and (W is None or delta is not None or B is not None or C is not None or u.dtype != torch.float32
+                           or Wx.shape != (W.shape[1] + 2 * A.shape[1], u.shape[1])):
+        raise ValueError(f"selective_scan (triton): x_proj needs an fp32 u, delta_proj_weight (R columns), delta, B "
+                         f"and C None and an (R + 2N, dim) weight; got {tuple(Wx.shape)}")
     dshape = u.shape if W is None else (u.shape[0], W.shape[1], u.shape[2])
-    if delta.shape != dshape or (z is not None and z.shape != u.shape):
+    if (Wx is None and delta.shape != dshape) or (z is not None and z.shape != u.shape):
         raise ValueError(f"selective_scan: delta must be {tuple(dshape)} and z {tuple(u.shape)} (u's shape), got "
-                         f"{tuple(delta.shape)} and {None if z is None else tuple(z.shape)}")
+                         f"{None if delta is None else tuple(delta.shape)} and {None if z is None else tuple(z.shape)}")
     u, delta, z, B, C = (channels_last(t) for t in (u, delta, z, B, C))
     out, last = _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), W,
-                              W is not None and bool(delta_in_kernels), bool(reuse_buffers), chunk_states)
+                              W is not None and bool(delta_in_kernels), bool(reuse_buffers), chunk_states, Wx,
+                              x_proj[1:] if x_proj is not None else None)
     return (out, last) if return_last_state else out
 
 

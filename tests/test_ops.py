@@ -102,6 +102,56 @@ def test_low_rank_delta_multiplied_out_or_fused(monkeypatch):
         fused("yes")
 
 
+def _x_proj_case(seed=5, b=2, d=6, L=40, N=4, R=3):
+    """Tokens x (b, L, d) (the scan's u as their (b, d, L) view), x_proj's weight (R + 2N, d), dt_proj's (d, R), A, D,
+    the delta bias and z."""
+    g = torch.Generator().manual_seed(seed)
+    leaf = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=g)).requires_grad_()
+    return dict(x=leaf(b, L, d), Wx=leaf(R + 2 * N, d, scale=d ** -0.5), W=leaf(d, R, scale=R ** -0.5),
+                A=(-torch.rand(d, N, generator=g) - 0.5).requires_grad_(), D=leaf(d), bias=leaf(d, scale=0.5),
+                z=leaf(b, d, L))
+
+
+def _x_proj_scan(fn, c, R, N, **kw):
+    return fn(c["x"].transpose(1, 2), None, c["A"], None, None, D=c["D"], z=c["z"], delta_bias=c["bias"],
+              delta_softplus=True, delta_proj_weight=c["W"], x_proj_weight=c["Wx"], **kw)
+
+
+def test_x_proj_applied_by_the_op(monkeypatch):
+    """x_proj_weight Wx with delta, B and C None: a backend without the fused form (torch) gets the column blocks of
+    F.linear(tokens, Wx) (ops.linear_split); the output and the gradients of the tokens and of every parameter
+    against the float64 oracle on the product formed independently. A backend that fuses it (Triton) receives
+    x_proj = (Wx, product, grads_into) and delta, B, C None; misuse is an error that says what to pass."""
+    R, N = 3, 4
+    c = _x_proj_case(R=R, N=N)
+    y = _x_proj_scan(selective_scan, c, R, N, backend="torch", reuse_buffers=True)
+    ref = {k: v.detach().double().requires_grad_() for k, v in c.items()}
+    dbl = ref["x"] @ ref["Wx"].t()
+    delta = torch.einsum("dr,blr->bdl", ref["W"], dbl[..., :R])
+    y0 = selective_scan_oracle(ref["x"].transpose(1, 2), delta, ref["A"], dbl[..., R:R + N].transpose(1, 2),
+                               dbl[..., R + N:].transpose(1, 2), D=ref["D"], z=ref["z"], delta_bias=ref["bias"],
+                               delta_softplus=True)
+    torch.testing.assert_close(y.double(), y0, atol=1e-4, rtol=1e-4)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6))
+    (y * gy).sum().backward()
+    (y0 * gy.double()).sum().backward()
+    for k in c:
+        torch.testing.assert_close(c[k].grad.double(), ref[k].grad, atol=2e-3, rtol=2e-3, msg=k)
+
+    seen = {}
+    monkeypatch.setitem(ops.scan._BACKENDS, "fusing", ops.scan._Backend(
+        "fusing", lambda u, delta, A, B, C, **kw: seen.update(delta=delta, B=B, C=C, **kw) or u, lambda dev: None,
+        -100, fuses_delta_proj=True))
+    _x_proj_scan(selective_scan, c, R, N, backend="fusing")
+    assert seen["x_proj"][0] is c["Wx"] and seen["delta"] is None and seen["B"] is None and seen["C"] is None
+    with pytest.raises(ValueError, match="delta, B and C come from it"):
+        selective_scan(c["x"].transpose(1, 2), c["z"], c["A"], None, None, delta_proj_weight=c["W"],
+                       x_proj_weight=c["Wx"], backend="torch")
+    with pytest.raises(ValueError, match=r"must be \(R \+ 2N, dim\)"):
+        selective_scan(c["x"].transpose(1, 2), None, c["A"], None, None, delta_proj_weight=c["W"],
+                       x_proj_weight=c["Wx"][1:], backend="torch")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_fp32_state(dtype):
     inp = make_inputs(2, 4, 50, 4, "grouped", dtype=dtype, requires_grad=False)

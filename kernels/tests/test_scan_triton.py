@@ -390,6 +390,42 @@ def test_x_proj_and_scan_compose_without_a_concatenation(tk, tuning, dev, monkey
         assert float((a.double() - r).abs().max() / r.abs().max()) < 1e-4, name
 
 
+@pytest.mark.parametrize("in_kernels,reuse", [(False, True), (True, False)])
+def test_x_proj_inside_the_scan_matches_float64(tk, tuning, dev, in_kernels, reuse):
+    """x_proj applied by the scan (ops.selective_scan's x_proj_weight on this backend): the (b, L, R + 2N) product of
+    the tokens (u) computed in the forward, x_proj's backward in the scan's, its input gradient added into du. The
+    output and the gradients of the tokens, of x_proj's and dt_proj's weights, A, D, the bias and z against the
+    float64 oracle on the product formed independently, with the delta multiplied out (and du written over the
+    output gradient) or formed in the kernels. x_proj's GEMMs are ops.linear's (on the CPU cuBLAS's stand-in)."""
+    from nnunet_mamba.ops.linear import _product, linear_grads_into
+
+    tuning(T=16, BD=4)
+    b, d, L, N, R = 2, 8, 45, 4, 2
+    g = torch.Generator().manual_seed(8)
+    leaf = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=g)).to(dev).requires_grad_()
+    c = dict(x=leaf(b, L, d), Wx=leaf(R + 2 * N, d, scale=d ** -0.5), W=leaf(d, R, scale=R ** -0.5),
+             A=(-torch.rand(d, N, generator=g) - 0.5).to(dev).requires_grad_(), D=leaf(d), bias=leaf(d, scale=0.5),
+             z=leaf(b, L, d))
+    ref = {k: v.detach().double().requires_grad_() for k, v in c.items()}  # before reuse writes dz over z
+    y = tk.selective_scan_triton(c["x"].transpose(1, 2), None, c["A"], None, None, D=c["D"], z=c["z"].transpose(1, 2),
+                                 delta_bias=c["bias"], delta_softplus=True, delta_proj_weight=c["W"],
+                                 delta_in_kernels=in_kernels, reuse_buffers=reuse,
+                                 x_proj=(c["Wx"], _product, linear_grads_into))
+    gy = torch.randn(y.shape, generator=g).to(dev)
+    grads = torch.autograd.grad(y, list(c.values()), gy.clone() if reuse else gy)
+    dbl = ref["x"] @ ref["Wx"].t()
+    y0 = oracle(ref["x"].transpose(1, 2), dbl[..., :R].transpose(1, 2), ref["A"], dbl[..., R:R + N].transpose(1, 2),
+                dbl[..., R + N:].transpose(1, 2), delta_proj_weight=ref["W"], D=ref["D"], z=ref["z"].transpose(1, 2),
+                delta_bias=ref["bias"], delta_softplus=True)
+    assert float((y.detach().double() - y0.detach()).abs().max() / y0.detach().abs().max()) < 2e-5
+    refs = torch.autograd.grad(y0, list(ref.values()), gy.double())
+    for k, a, r in zip(c, grads, refs):
+        assert float((a.double() - r).abs().max() / r.abs().max()) < 1e-4, k
+    with pytest.raises(ValueError, match="x_proj needs"):
+        tk.selective_scan_triton(c["x"].transpose(1, 2), None, c["A"], None, None, delta_proj_weight=c["W"],
+                                 x_proj=(c["Wx"][1:], _product, linear_grads_into))
+
+
 @pytest.mark.parametrize("expanded,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16)])
 def test_reuse_buffers_writes_dz_and_du_in_place(tk, tuning, dev, expanded, dtype):
     """reuse_buffers=True (the Mamba mixer's call): dz is written over z, du over the output's gradient and d(delta)

@@ -40,9 +40,10 @@ def a_log_init(rows: int, d_state: int) -> torch.Tensor:
 class Mamba(nn.Module):
     """``Mamba(d_model, d_state=16, d_conv=4, expand=2)``: (B, L, d_model) -> (B, L, d_model).
 
-    The weights of ``in_proj``, ``x_proj`` (and of ``out_proj`` for a channels-first output) are applied through
-    ``ops.linear_split`` / ``ops.linear_channels_first``: same parameters and function, but
-    those submodules' ``forward`` (and hooks on it) are not called."""
+    The weights of ``in_proj`` (and of ``out_proj`` for a channels-first output) are applied through
+    ``ops.linear_split`` / ``ops.linear_channels_first``, those of ``x_proj`` and ``dt_proj`` by the scan op
+    (``ops.selective_scan``'s ``x_proj_weight`` / ``delta_proj_weight``): same parameters and function, but those
+    submodules' ``forward`` (and hooks on it) are not called."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
                  dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
@@ -81,18 +82,18 @@ class Mamba(nn.Module):
         # Token-major (b, L, channels) throughout: the projections' outputs are handed to the conv and the scan as
         # channels-last views (the scan's (b, d, L) arguments are transposed views, no copies). The in_proj output
         # is split without its gradients being concatenated in the backward (ops.linear_split): at full resolution
-        # that concatenation copied 2 GB. x_proj's output (b, L, R + 2N) too: the Triton scan writes the gradients
-        # of dt, B and C side by side into one buffer, which linear_split's backward takes as it is.
+        # that concatenation copied 2 GB.
         x, z = linear_split(hidden_states, self.in_proj.weight, self.in_proj.bias, (self.d_inner, self.d_inner), norm)
         x = causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)  # (b, L, D)
-        dt, B, C = linear_split(x, self.x_proj.weight, self.x_proj.bias, (self.dt_rank, self.d_state, self.d_state))
-        # dt_proj goes to the scan op: its weight as the low-rank delta's W (multiplied out by the op, or formed inside
-        # the Triton kernels with NNUNET_MAMBA_FUSED_DELTA=1, docs/ops.md), its bias as delta_bias. z is this
-        # layer's own view and y goes to out_proj alone, so the scan may write dz over z and du over y's gradient.
-        y = selective_scan(x.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
-                           C.transpose(1, 2), D=self.D.float(), z=z.transpose(1, 2),
-                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.scan_backend,
-                           delta_proj_weight=self.dt_proj.weight, reuse_buffers=True)
+        # x_proj (dt, B, C) and dt_proj go to the scan op, which applies them (ops.selective_scan): x_proj's weight
+        # (the Triton backend computes the product itself and adds x_proj's input gradient into du), dt_proj's weight
+        # as the low-rank delta's W (multiplied out by the op, or formed inside the Triton kernels with
+        # NNUNET_MAMBA_FUSED_DELTA=1, docs/ops.md), its bias as delta_bias. z is this layer's own view and y goes to
+        # out_proj alone, so the scan may write dz over z and du over y's gradient.
+        y = selective_scan(x.transpose(1, 2), None, -torch.exp(self.A_log.float()), None, None, D=self.D.float(),
+                           z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                           backend=self.scan_backend, delta_proj_weight=self.dt_proj.weight, reuse_buffers=True,
+                           x_proj_weight=self.x_proj.weight)
         if channels_first:
             return linear_channels_first(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias, residual)
         return self.out_proj(y.transpose(1, 2))

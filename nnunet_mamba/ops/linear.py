@@ -79,13 +79,25 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out=None) -> torch.Tensor:
     return a @ b if out is None else out.addmm_(a, b)
 
 
-def _product(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+def _product(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: the Triton 3xTF32 GEMM (bias fused) on the rows of x where ``_tf32x3``."""
     x2 = _rows(x)
     if _tf32x3(x2, weight.t()):
         from ..kernels.linear_triton import matmul_tf32x3
         return matmul_tf32x3(x2, weight.t(), bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
+
+
+def linear_grads_into(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """The backward of ``F.linear(x, weight)`` (no bias) for its output's gradient g (..., N): adds ``g @ weight``
+    into dx (x's shape; in the GEMM's pass where dx is contiguous) and returns the weight's gradient. The selective
+    scan's x_proj (ops.selective_scan's ``x_proj_weight``) adds its input gradient into du so."""
+    g2 = _rows(g)
+    if dx.is_contiguous():
+        _mm(g2, weight, out=dx.view(-1, dx.shape[-1]))
+    else:
+        dx += _mm(g2, weight).view(dx.shape)
+    return _wgrad(g2[None], _rows(x)[None])
 
 
 class _SplitLinearFn(torch.autograd.Function):

@@ -156,7 +156,8 @@ def _fuse_delta_proj(be: _Backend) -> bool:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, backend="auto", delta_proj_weight=None, reuse_buffers=False):
+                   return_last_state=False, backend="auto", delta_proj_weight=None, reuse_buffers=False,
+                   x_proj_weight=None):
     """mamba-ssm ``selective_scan_fn`` semantics; see docs/ops.md.
 
     u, delta, z: (b, d, L); A: (d, N) fp32; B, C: (d, N), (b, N, L) or grouped (b, G, N, L);
@@ -176,7 +177,21 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     Inside a recomputed region (``ops.recompute``) a backend that can (Triton) keeps the states entering its chunks
     from the forward pass, and the recomputation starts at its output pass.
+
+    ``x_proj_weight`` Wx (R + 2N, d), with ``delta_proj_weight`` (R columns) and delta, B, C None: they are the
+    column blocks (R, N, N) of ``F.linear(u's (b, L, d) tokens, Wx)`` (the Mamba mixer's x_proj, no bias). A backend
+    that can (Triton, fp32 outside autocast) computes that product in its forward and x_proj's backward in its own,
+    with x_proj's input gradient added into du in the GEMM's pass (no separate sum of the two gradients of u); the
+    others get delta, B and C from ``ops.linear_split`` here.
     """
+    if x_proj_weight is not None:
+        if delta is not None or B is not None or C is not None or delta_proj_weight is None:
+            raise ValueError("selective_scan: with x_proj_weight, delta, B and C come from it (pass None) and "
+                             "delta_proj_weight is needed (the low-rank delta's R columns)")
+        sizes = (delta_proj_weight.shape[1], A.shape[1], A.shape[1])
+        if x_proj_weight.shape != (sum(sizes), u.shape[1]):
+            raise ValueError(f"selective_scan: x_proj_weight must be (R + 2N, dim) = {(sum(sizes), u.shape[1])}, "
+                             f"got {tuple(x_proj_weight.shape)}")
     be = _resolve(backend, u, B)
     if _RECORDERS:
         _record(be.name, u, A, D, z)
@@ -185,6 +200,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         kw["reuse_buffers"] = reuse_buffers
     if be.keeps_chunk_states:
         kw["chunk_states"] = recompute.slot()
+    if x_proj_weight is not None:
+        from .linear import _product, linear_grads_into, linear_split  # (ops.linear imports this module)
+        if be.fuses_delta_proj and u.dtype == x_proj_weight.dtype == torch.float32 and \
+                not torch.is_autocast_enabled(u.device.type):
+            kw["x_proj"] = (x_proj_weight, _product, linear_grads_into)
+        else:
+            delta, B, C = (t.transpose(1, 2) for t in linear_split(u.transpose(1, 2), x_proj_weight, None, sizes))
     if delta_proj_weight is not None:
         if be.fuses_delta_proj:
             kw.update(delta_proj_weight=delta_proj_weight, delta_in_kernels=_fuse_delta_proj(be))
