@@ -187,7 +187,7 @@ def _mm_stream_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, sc_ptr, xn_ptr, mu_ptr,
                       RESID, True)
 
 
-def _config(K, N, device, column_major_x=False, column_major_out=False):
+def _config(K, N, device, column_major_x=False, column_major_out=False, accumulate=False):
     """Tile sizes and launch shape, from the sweeps of kernels/bench_linear.py on the H200.
 
     Since session 15 the persistent form (``stream`` programs per SM) on 128-row tiles: faster than one program per
@@ -196,7 +196,9 @@ def _config(K, N, device, column_major_x=False, column_major_out=False):
     once instead of in every row tile; session 19's results file lists the products); its pipeline holds
     every K step's x tile per stage, plus the epilogue's tile: up to 3 stages as the device's shared memory allows
     (2 at K = 128 on the H200); where fewer than 2 fit (K = 256), one program per tile. N not a multiple of 16
-    (x_proj): an unmasked tile of the largest power of 2 below N and a masked rest (BN2).
+    (x_proj): an unmasked tile of the largest power of 2 below N and a masked rest (BN2). 8 warps from K = 64, and
+    when accumulating: on 4 warps the pipelined tile of y spilled registers (compiled for sm_90: 324 bytes at x_proj's
+    input gradient, 34 -> 64; 2.76 ms at 128^3 against 0.61 ms without accumulating, session 20).
 
     One program per tile (``stream=0``): row-major operands (session 11); a column-major x (a channels-first Linear's
     input gradient) runs best on 4 warps, a column-major output of up to 32 columns (its forward) on 64-row tiles
@@ -212,7 +214,7 @@ def _config(K, N, device, column_major_x=False, column_major_out=False):
         resident = Kp * (BN1 + BN2) * 4 * 2  # the weight, as its TF32 value and remainder
         stages = min(3, (smem_bytes(device) - BM * (BN1 + BN2) * 4 - resident) // (Kp * BM * 4))
         if stages >= 2 or "stream" in _TUNING:  # a sweep's explicit request is taken (and may not fit)
-            return dict(BM=BM, BN=BN1, BN2=BN2, BK=BK, K_MAIN=K // BK, num_warps=8 if K >= 64 else 4,
+            return dict(BM=BM, BN=BN1, BN2=BN2, BK=BK, K_MAIN=K // BK, num_warps=8 if K >= 64 or accumulate else 4,
                         num_stages=max(stages, 1), stream=1 if K >= 128 or N > 128 else 2)
     cfg = dict(BM=64 if BN >= 128 else 128, BN=BN, BK=BK, num_warps=8 if BN == 64 else 4,
                num_stages=2 if BN >= 128 else 3)
@@ -260,7 +262,7 @@ def matmul_tf32x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
                                  or r.dtype != torch.float32):
         raise ValueError(f"matmul_tf32x3: residual (s, r) needs a 1-element fp32 s and an fp32 r of shape {(M, N)}, "
                          f"got {tuple(sc.shape)} {sc.dtype} and {tuple(r.shape)} {r.dtype}")
-    cfg = _config(K, N, x.device, x.stride(0) == 1 != x.stride(1), out.stride(0) == 1 != out.stride(1))
+    cfg = _config(K, N, x.device, x.stride(0) == 1 != x.stride(1), out.stride(0) == 1 != out.stride(1), accumulate)
     cfg.update(_TUNING)
     per_sm = cfg.pop("stream", 0)
     flags = dict(HAS_BIAS=bias is not None, ACCUM=accumulate, RESID=residual is not None, PREC="tf32x3")
