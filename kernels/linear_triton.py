@@ -18,6 +18,11 @@ matrix, which cuBLAS runs on a few thread blocks (3.7x its memory floor for ``ou
 ``weight_grad_tf32x3`` splits the tokens over programs that each write a partial (N, K) sum, summed in a fixed order
 afterwards (no atomics: bitwise repeatable). With fp32 FMA instead (``PREC="ieee"``) the same kernel is slower than
 cuBLAS. Under ``TRITON_INTERPRET=1`` the product is numpy's fp32 matmul.
+
+A LayerNorm before the product folds in (session 20; ops.linear's ``_NormLinearFn`` folds its affine into w and the
+bias): ``matmul_tf32x3(norm=...)`` normalises x's rows in the persistent kernel's prologue and stores their mean and
+rstd, ``norm_grad=...`` ends the input gradient's product in LayerNorm's backward (whole rows in one tile), and
+``weight_grad_tf32x3(norm=...)`` normalises x from the stored statistics and sums the gradient's columns in its pass.
 """
 from __future__ import annotations
 

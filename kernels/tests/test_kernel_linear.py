@@ -454,7 +454,8 @@ def test_lightm_unet_layer_norms_fold_into_the_projections(C, N, out):
     ln = nn.LayerNorm(C).to(DEV)
     with torch.no_grad():
         ln.weight.copy_(lw), ln.bias.copy_(lb)
-    leaves = [x.requires_grad_(), ln.weight, ln.bias, w.requires_grad_()] + ([b.requires_grad_()] if b is not None else [])
+    leaves = [x.requires_grad_(), ln.weight, ln.bias, w.requires_grad_()]
+    leaves += [b.requires_grad_()] if b is not None else []
     calls = []
     real = lin._NormLinearFn.apply
     lin._NormLinearFn.apply = lambda *a: calls.append(a[-1]) or real(*a)

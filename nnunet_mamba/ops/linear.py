@@ -7,6 +7,13 @@
   lie side by side in one buffer (the Triton scan writes those of the mixer's x_proj blocks dt, B, C so) are used
   as that one tensor; blocks narrower than 16 columns are otherwise concatenated (x_proj's per-block products
   measured slower than the concatenation).
+* ``norm=`` (a LayerNorm over x's last axis) on ``linear_split`` / ``linear_channels_first``: ``F.linear(LN(x))`` with
+  the LayerNorm folded into the Triton GEMMs (``_NormLinearFn``): its affine into the Linear's weight and bias, its
+  normalisation into the forward GEMM's prologue, its backward into the input gradient's epilogue; its output is
+  never written. Taken at 16-32 channels from ``TRITON_FROM["layer-norm-fold"]`` (LightM-UNet's 128^3 layers; at
+  64 channels it measured slower), else LayerNorm then the product.
+* ``linear_grads_into(g, x, weight, dx)`` - the backward of ``F.linear(x, weight)`` with the input gradient added
+  into dx in the GEMM's pass (the scan op applies the Mamba mixer's x_proj with it: ops.selective_scan).
 * ``pointwise_conv(x, weight, bias)`` - a 1x1(x1) convolution of a channels-first (B, C_in, *S) map, ``W x_b`` per
   batch element: on the Triton GEMM where its size and widths qualify (LightM-UNet's ResUpBlock conv at 128^3),
   without cuDNN's NCHW <-> NHWC conversions; ``F.conv2d/3d`` otherwise.
