@@ -16,7 +16,7 @@
   GEMM (``ops.pointwise_conv``'s autograd function) against cuDNN;
 * LightM-UNet's decoder up-sampling (x2, trilinear) plus the skip connection: ``kernels/upsample_triton.py`` against
   ``F.interpolate`` and an add;
-* LightM-UNet's LayerNorm + Linear pairs (``in_proj`` 32 -> 128 as one block, ``proj`` C -> 2C channels-first) on
+* LightM-UNet's LayerNorm + Linear pairs (``in_proj`` C -> 4C as one block, ``proj`` C -> 2C channels-first) on
   the channels-first token view: the LayerNorm folded into the Triton GEMMs (``ops.linear_split`` /
   ``ops.linear_channels_first`` with ``norm=``) against the project's unfused path (the LayerNorm kernel, then the
   same ops without ``norm``); in these rows the "PyTorch" columns hold that unfused path.
