@@ -1,7 +1,7 @@
 """Compile the scan kernels for a Hopper GPU on any machine and show what the GPU would run.
 
-    python kernels/inspect_sass.py [--kernels chunk,bsum,bwd,carry] [--spread 0|1] [--dt-done 0|1] [--bwd-maxnreg N]
-                                   [--out DIR]
+    python kernels/inspect_sass.py [--kernels chunk,bsum,bwd,carry,linear] [--spread 0|1] [--dt-done 0|1]
+                                   [--bwd-maxnreg N] [--out DIR]
 
 Uses the Triton on ``sys.path`` (put the GPU's version first: layouts differ between versions) and its bundled ptxas
 and cuobjdump; needs no GPU. The arguments are those of one channels-last fp32 call at (2, 64, 64^3), N = 16,
@@ -10,6 +10,11 @@ constants (except the ``do_not_specialize`` ones), pointers are 16-byte aligned.
 layouts differ (docs/kernels.md, "Layout"). Prints, per kernel: registers and spills, the TTGIR register layouts,
 and the SASS instruction mix of its longest loops (the step loops) with their barriers (each layout
 conversion through shared memory costs one). Writes TTGIR, PTX and SASS to --out.
+
+``--kernels linear``: the projections' persistent GEMM (kernels/linear_triton.py) in the forms LightM-UNet's 128^3
+layers launch (``LINEAR``), with the tiles, warps and stages ``_config`` picks for the H100 / H200's shared memory:
+plain, accumulating, with a LayerNorm folded into its prologue or its epilogue. Session 20 found the accumulating
+form's spills this way (324 bytes on 4 warps, none on 8).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import re
 import subprocess
 import sys
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -64,8 +70,12 @@ def loop_mix(sass: str, top: int = 2) -> list[str]:
     return out
 
 
-def compile_kernel(fn, constexprs: dict, num_warps: int, tag: str, out: pathlib.Path, maxnreg: int | None = None):
+def compile_kernel(fn, constexprs: dict, num_warps: int, tag: str, out: pathlib.Path, maxnreg: int | None = None,
+                   ints: dict | None = None):
+    """Compile ``fn`` (under @cached_launch) for sm_90 with these constexprs and integer arguments (default: the
+    scan's INTS; float arguments given as floats there), and print its registers, spills, layouts and loop mix."""
     fn = fn.jit  # the @triton.jit function under @cached_launch
+    ints = INTS if ints is None else ints
     names = list(inspect.signature(fn.fn).parameters)
     constexprs = {k: v for k, v in constexprs.items() if k in names}
     keep = {names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
@@ -75,11 +85,13 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, tag: str, out: pathlib.
             sig[a] = "constexpr"
         elif a.endswith("_ptr"):
             sig[a], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
-        elif INTS[a] == 1 and a not in keep:
+        elif isinstance(ints[a], float):
+            sig[a] = "fp32"
+        elif ints[a] == 1 and a not in keep:
             sig[a], consts[a] = "constexpr", 1
         else:
             sig[a] = "i32"
-            if INTS[a] % 16 == 0 and a not in keep:
+            if ints[a] % 16 == 0 and a not in keep:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32),
@@ -98,6 +110,37 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, tag: str, out: pathlib.
         if line.startswith(("#blocked", "#linear")):
             print("  ", line[:150])
     print("\n".join(loop_mix(sass)))
+
+
+# LightM-UNet's products at 128^3 on the persistent GEMM (kernels/linear_triton.py), as ops.linear launches them per
+# batch element (M = 128^3 rows) or over both (2 x 128^3): (tag, M, K, N, x strides, y strides, xn strides, flags)
+L1 = 128 ** 3
+LINEAR = [
+    ("x_proj dgrad (34 -> 64)", 2 * L1, 34, 64, (34, 1), (64, 1), (64, 1), {}),
+    ("x_proj dgrad accumulating into du", 2 * L1, 34, 64, (34, 1), (64, 1), (64, 1), dict(ACCUM=True)),
+    ("in_proj fwd, LayerNorm folded (channels-first x)", L1, 32, 128, (1, L1), (128, 1), (128, 1), dict(NORM=True)),
+    ("in_proj dgrad block, LayerNorm backward", L1, 64, 32, (128, 1), (1, L1), (1, L1), dict(NORM_BWD=True)),
+    ("in_proj dgrad block, LayerNorm backward, accumulating", L1, 64, 32, (128, 1), (1, L1), (1, L1),
+     dict(NORM_BWD=True, ACCUM=True)),
+]
+SM90_SMEM = 232448  # shared memory one program may use on the H100 / H200, which _config sizes the pipeline by
+
+
+def compile_linear(out: pathlib.Path):
+    from nnunet_mamba.kernels import linear_triton as lt
+    lt.smem_bytes = lambda device, cpu=0: SM90_SMEM  # _config as on the GPU
+    for i, (tag, M, K, N, (sxm, sxk), (sym, syn), (snm, snk), flags) in enumerate(LINEAR):
+        cfg = lt._config(K, N, torch.device("cpu"), accumulate=flags.get("ACCUM", False))
+        warps = cfg.pop("num_warps")
+        cfg["STAGES"] = cfg.pop("num_stages")
+        cfg.pop("stream")
+        consts = dict(HAS_BIAS=flags.get("NORM", False), ACCUM=False, RESID=False, NORM=False, NORM_BWD=False,
+                      PREC="tf32x3", KSTEPS=triton.cdiv(K, cfg["BK"]), **cfg)
+        consts.update(flags)
+        ints = dict(M=M, N=N, K=K, s_xm=sxm, s_xk=sxk, s_wk=N, s_wn=1, s_ym=sym, s_yn=syn, s_rm=sym, s_rn=syn,
+                    s_nm=snm, s_nk=snk, eps=1e-5, inv_n=1.0 / K)
+        print(f"linear{i}: {tag}: M={M} K={K} N={N}, {warps} warps, tiles {cfg}")
+        compile_kernel(lt._mm_stream_kernel, consts, warps, f"linear{i}", out, ints=ints)
 
 
 def main():
@@ -127,8 +170,10 @@ def main():
         elif name == "carry":
             compile_kernel(sst._carry_kernel, dict(REV=True, HAS_INIT=True, BD=32, BNC=4, KC=8, STAGES=3), 1,
                            "carry", out)
+        elif name == "linear":
+            compile_linear(out)
         else:
-            raise SystemExit(f"unknown kernel {name!r}: chunk, bsum, bwd, carry")
+            raise SystemExit(f"unknown kernel {name!r}: chunk, bsum, bwd, carry, linear")
 
 
 if __name__ == "__main__":
