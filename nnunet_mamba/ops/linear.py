@@ -62,8 +62,7 @@ def _wgrad(g: torch.Tensor, x: torch.Tensor, out=None) -> torch.Tensor:
     """``sum_b g[b]^T @ x[b]`` for g (B, L, N) and x (B, L, K), any strides (a Linear's weight gradient), or written
     into ``out``: the Triton split-token reduction where measured faster (module docstring), else cuBLAS."""
     (N, K), fp32 = (g.shape[2], x.shape[2]), g.dtype == torch.float32 and x.dtype == torch.float32
-    if g.is_cuda and fp32 and _use_triton("linear-wgrad", g, "auto",
-                                          measured_faster=N <= 64 and K <= 64 and N % 16 == 0 and K % 16 == 0):
+    if g.is_cuda and fp32 and _use_triton("linear-wgrad", g, "auto", measured_faster=_wgrad_measured(N, K)):
         from ..kernels.linear_triton import weight_grad_tf32x3
         return weight_grad_tf32x3(g, x, out=out)
     return _wgrad_cublas(g, x, out)
