@@ -61,11 +61,18 @@ def _tf32x3(a: torch.Tensor, b: torch.Tensor, size_of: torch.Tensor | None = Non
 def _wgrad(g: torch.Tensor, x: torch.Tensor, out=None) -> torch.Tensor:
     """``sum_b g[b]^T @ x[b]`` for g (B, L, N) and x (B, L, K), any strides (a Linear's weight gradient), or written
     into ``out``: the Triton split-token reduction where measured faster (module docstring), else cuBLAS."""
-    (N, K), fp32 = (g.shape[2], x.shape[2]), g.dtype == torch.float32 and x.dtype == torch.float32
-    if g.is_cuda and fp32 and _use_triton("linear-wgrad", g, "auto", measured_faster=_wgrad_measured(N, K)):
+    if _wgrad_on_triton(g, x):
         from ..kernels.linear_triton import weight_grad_tf32x3
         return weight_grad_tf32x3(g, x, out=out)
     return _wgrad_cublas(g, x, out)
+
+
+def _wgrad_on_triton(g: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``sum_b g[b]^T @ x[b]`` runs the Triton split-token reduction: fp32 CUDA operands with the widths and
+    from the size at which it measured faster than cuBLAS (module docstring)."""
+    N, K = g.shape[2], x.shape[2]
+    return g.is_cuda and g.dtype == x.dtype == torch.float32 and _use_triton(
+        "linear-wgrad", g, "auto", measured_faster=N <= 64 and K <= 64 and N % 16 == 0 and K % 16 == 0)
 
 
 def _wgrad_cublas(g: torch.Tensor, x: torch.Tensor, out=None) -> torch.Tensor:
@@ -106,6 +113,17 @@ def linear_grads_into(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dx
     return _wgrad(g2[None], _rows(x)[None])
 
 
+def _gradient_blocks(grads, sizes) -> list[tuple[torch.Tensor, slice]]:
+    """The gradients of a split Linear's output blocks as (gradient, its rows of the weight): one block of all rows
+    where they lie side by side in one buffer (the Triton scan writes x_proj's dt, B and C so), else every block
+    that reached the loss."""
+    whole = column_blocks(grads)
+    if whole is not None:
+        return [(whole, slice(None))]
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    return [(g, slice(s0, s0 + n)) for g, s0, n in zip(grads, starts, sizes) if g is not None]
+
+
 class _SplitLinearFn(torch.autograd.Function):
 
     @staticmethod
@@ -120,23 +138,13 @@ class _SplitLinearFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         x2 = _rows(x)
-        whole = column_blocks(grads)  # the blocks' gradients side by side in one buffer (the Triton scan's): as is
-        if whole is None and None not in grads and min(ctx.sizes) < 16:
-            whole = torch.cat(grads, dim=-1)  # narrow blocks (x_proj's dt): one product beats per-block products
-        if whole is not None:
-            g2 = _rows(whole)
-            dx = _mm(g2, weight).view(x.shape) if need_x else None
-            dw = _wgrad(g2[None], x2[None]) if need_w else None
-            return dx, dw, g2.sum(0) if need_b else None, None
+        blocks = _gradient_blocks(grads, ctx.sizes)
+        if len(blocks) > 1 and None not in grads and min(ctx.sizes) < 16:  # narrow blocks (x_proj's dt): one
+            blocks = [(torch.cat(grads, dim=-1), slice(None))]  # product beats per-block products
         dx = None
-        dw = torch.zeros_like(weight) if need_w else None
+        dw = torch.zeros_like(weight) if need_w else None  # the rows of blocks that did not reach the loss stay 0
         db = torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype) if need_b else None
-        start = 0
-        for g, n in zip(grads, ctx.sizes):
-            rows = slice(start, start + n)
-            start += n
-            if g is None:  # a block that did not reach the loss: its dW / db rows stay 0
-                continue
+        for g, rows in blocks:
             g2 = _rows(g)
             if need_x:
                 dx = _mm(g2, weight[rows], out=dx)
@@ -180,13 +188,7 @@ class _NormLinearFn(torch.autograd.Function):
         sizes, channels_first = ctx.cfg
         w, _ = _folded(weight, None, ln_weight, None)
         # the gradients as (B, L, n) token-major views with their rows of the weight
-        if channels_first:
-            blocks = [(grads[0].transpose(1, 2), slice(None))]
-        else:
-            whole = column_blocks(grads)
-            starts = [sum(sizes[:k]) for k in range(len(sizes))]
-            blocks = [(whole, slice(None))] if whole is not None else [
-                (g, slice(s0, s0 + n)) for g, s0, n in zip(grads, starts, sizes) if g is not None]
+        blocks = [(grads[0].transpose(1, 2), slice(None))] if channels_first else _gradient_blocks(grads, sizes)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x) if blocks else torch.zeros_like(x)  # x's layout (channels-first stays so)
@@ -199,7 +201,7 @@ class _NormLinearFn(torch.autograd.Function):
         q = weight.new_zeros(weight.shape[0])
         xhat = None
         for g, rows in blocks:
-            if _use_triton("linear-wgrad", g, "auto", measured_faster=_wgrad_measured(g.shape[2], x.shape[2])):
+            if _wgrad_on_triton(g, x):
                 _, q[rows] = weight_grad_tf32x3(g, x, out=dw_f[rows], norm=(mean, rstd))
             else:
                 if xhat is None:
@@ -222,11 +224,6 @@ def _folded(weight, bias, ln_weight, ln_bias):
     if ln_bias is not None:
         bias = weight @ ln_bias if bias is None else torch.addmv(bias, weight, ln_bias)
     return w, bias
-
-
-def _wgrad_measured(N, K) -> bool:
-    """The widths at which the split-token weight gradient measured faster than cuBLAS (``_wgrad``)."""
-    return N <= 64 and K <= 64 and N % 16 == 0 and K % 16 == 0
 
 
 def _norm_folds(x, weight, norm, sizes, channels_first) -> bool:
