@@ -112,7 +112,7 @@ def _x_proj_case(seed=5, b=2, d=6, L=40, N=4, R=3):
                 z=leaf(b, d, L))
 
 
-def _x_proj_scan(fn, c, R, N, **kw):
+def _x_proj_scan(fn, c, **kw):
     return fn(c["x"].transpose(1, 2), None, c["A"], None, None, D=c["D"], z=c["z"], delta_bias=c["bias"],
               delta_softplus=True, delta_proj_weight=c["W"], x_proj_weight=c["Wx"], **kw)
 
@@ -124,7 +124,7 @@ def test_x_proj_applied_by_the_op(monkeypatch):
     x_proj = (Wx, product, grads_into) and delta, B, C None; misuse is an error that says what to pass."""
     R, N = 3, 4
     c = _x_proj_case(R=R, N=N)
-    y = _x_proj_scan(selective_scan, c, R, N, backend="torch", reuse_buffers=True)
+    y = _x_proj_scan(selective_scan, c, backend="torch", reuse_buffers=True)
     ref = {k: v.detach().double().requires_grad_() for k, v in c.items()}
     dbl = ref["x"] @ ref["Wx"].t()
     delta = torch.einsum("dr,blr->bdl", ref["W"], dbl[..., :R])
@@ -142,7 +142,7 @@ def test_x_proj_applied_by_the_op(monkeypatch):
     monkeypatch.setitem(ops.scan._BACKENDS, "fusing", ops.scan._Backend(
         "fusing", lambda u, delta, A, B, C, **kw: seen.update(delta=delta, B=B, C=C, **kw) or u, lambda dev: None,
         -100, fuses_delta_proj=True))
-    _x_proj_scan(selective_scan, c, R, N, backend="fusing")
+    _x_proj_scan(selective_scan, c, backend="fusing")
     assert seen["x_proj"][0] is c["Wx"] and seen["delta"] is None and seen["B"] is None and seen["C"] is None
     with pytest.raises(ValueError, match="delta, B and C come from it"):
         selective_scan(c["x"].transpose(1, 2), c["z"], c["A"], None, None, delta_proj_weight=c["W"],

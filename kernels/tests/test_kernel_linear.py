@@ -384,6 +384,16 @@ def _ln_linear_grads(x, lw, lb, w, b, outputs, gs, dtype):
     return [y.detach() for y in ys], grads
 
 
+def _assert_as_accurate_as_fp32(ys, grads, names, case, outputs, gs):
+    """Outputs ys and gradients (of the leaves ``names``) against float64 F.linear(F.layer_norm(x)) of ``case``, each
+    within 4x the error of the same ops in fp32 (or 1e-6)."""
+    ref_y, ref_g = _ln_linear_grads(*case, outputs, gs, torch.float64)
+    fp32_y, fp32_g = _ln_linear_grads(*case, outputs, gs, torch.float32)
+    for name, got, ref, f32 in [*zip(["y"] * len(ys), ys, ref_y, fp32_y), *zip(names, grads, ref_g, fp32_g)]:
+        err, bound = max_err(got.detach(), ref), max(4 * max_err(f32, ref), 1e-6)
+        assert err <= bound, (name, err, bound)
+
+
 @pytest.mark.parametrize("layout", ["token-major", "channels-first"])
 @pytest.mark.parametrize("out", ["split", "one block used", "side by side", "channels-first"])
 @pytest.mark.parametrize("affine,wgrad", [(True, "triton"), (True, "torch"), (False, "triton")])
@@ -413,12 +423,8 @@ def test_layer_norm_folded_into_the_gemms_matches_float64(monkeypatch, layout, o
     used = [(t, g) for t, g in zip(ys, gs) if g is not None]
     grads = torch.autograd.grad([t for t, _ in used], [t for t in leaves if t is not None],
                                 [g for _, g in used])
-    ref_y, ref_g = _ln_linear_grads(x, lw, lb, w, b, split, gs, torch.float64)
-    fp32_y, fp32_g = _ln_linear_grads(x, lw, lb, w, b, split, gs, torch.float32)
     names = [n for n, t in zip(["x", "ln weight", "ln bias", "weight", "bias"], leaves) if t is not None]
-    for name, got, ref, f32 in [*zip(["y"] * len(ys), ys, ref_y, fp32_y), *zip(names, grads, ref_g, fp32_g)]:
-        err, bound = max_err(got.detach(), ref), max(4 * max_err(f32, ref), 1e-6)
-        assert err <= bound, (name, err, bound)
+    _assert_as_accurate_as_fp32(ys, grads, names, (x, lw, lb, w, b), split, gs)
     if layout == "channels-first":  # x's gradient in x's layout
         assert grads[0].stride() == x.stride()
 
@@ -471,9 +477,5 @@ def test_lightm_unet_layer_norms_fold_into_the_projections(C, N, out):
     assert calls == ([out == "channels-first"] if C == 32 else [])
     gs = [rand(*t.shape, seed=70 + k) for k, t in enumerate(ys)]
     grads = torch.autograd.grad(ys, leaves, gs)
-    ref_y, ref_g = _ln_linear_grads(x, lw, lb, w, b, split, gs, torch.float64)
-    fp32_y, fp32_g = _ln_linear_grads(x, lw, lb, w, b, split, gs, torch.float32)
-    for name, got, ref, f32 in [*zip(["y"] * len(ys), ys, ref_y, fp32_y),
-                                *zip(["x", "ln weight", "ln bias", "weight", "bias"], grads, ref_g, fp32_g)]:
-        err, bound = max_err(got.detach(), ref), max(4 * max_err(f32, ref), 1e-6)
-        assert err <= bound, (name, err, bound)
+    _assert_as_accurate_as_fp32(ys, grads, ["x", "ln weight", "ln bias", "weight", "bias"], (x, lw, lb, w, b), split,
+                                gs)
