@@ -44,7 +44,7 @@ T = 512
 n_chunks = L // T
 # one channels-last call: (b, d, L) tensors with the channel axis fastest, B/C (b, N, L) with n fastest
 INTS = dict(L=L, d=d, dg=d, N=N, RK=1, n_chunks=n_chunks, cbg=d // 32, one=1, T=T, hf_rs=b * N * d,
-            Q1=0, Q2=0, R0=0, R1=0, R2=0, s_pc=b * L * N, s_pb=L * N, s_pg=L * N)
+            Q1=0, Q2=0, R0=0, R1=0, R2=0, s_pc=b * L * 2 * N, s_pb=L * 2 * N, s_pg=L * 2 * N, s_pl=2 * N)
 for t in ("u", "d", "z", "o", "g", "gu", "gd", "gz"):
     INTS.update({f"s_{t}b": L * d, f"s_{t}d": 1, f"s_{t}l": d})
 for t in ("B", "C"):

@@ -422,10 +422,10 @@ def _bsum_kernel(dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, bias_ptr, C_ptr, q_ptr,
 def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_ptr, C_ptr,
                 hin_ptr, rin_ptr, hf_ptr,
                 gu_ptr, gdt_ptr, gz_ptr, gBp_ptr, gCp_ptr, gAp_ptr, gDp_ptr, gbp_ptr, gWp_ptr,
-                L, d, dg, N, RK, n_chunks, cbg, one, hf_rs,
+                L, d, dg, N, RK, n_chunks, cbg, one, hf_rs, s_pr,
                 s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
                 s_gub, s_gud, s_gul, s_gdb, s_gdd, s_gdl, s_gzb, s_gzd, s_gzl,
-                s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_pc, s_pb, s_pg, Q1, Q2, R0, R1, R2,
+                s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_pc, s_pb, s_pg, s_pl, Q1, Q2, R0, R1, R2,
                 HAS_MAP: tl.constexpr, FLIP: tl.constexpr, GU_ACCUM: tl.constexpr, B_VAR: tl.constexpr,
                 C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr, DT_DONE: tl.constexpr, DT_LOW: tl.constexpr,
@@ -544,7 +544,7 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                 else:
                     _store_channels(gdt_ptr + b * s_gdb + c * s_gdd + o * s_gdl, gdt, mk)
                 gA += ghx * dt[None, :]
-                pofs = cbi * s_pc + b * s_pb + g * s_pg + o * N + rn1
+                pofs = cbi * s_pc + b * s_pb + g * s_pg + o * s_pl + rn1
                 if B_VAR:
                     tl.store(gBp_ptr + pofs, tl.sum(Gt * du[None, :], axis=1), mask=nm & lm)
                 else:
@@ -553,16 +553,17 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
                     tl.store(gCp_ptr + pofs, tl.sum(ht * dy[None, :], axis=1), mask=nm & lm)
                 else:
                     gCc += ht * dy[None, :]
-    prow = b * n_chunks + j  # per-program partial sums (rows, N, d), reduced on the host
-    pm = _state_ofs(prow, 0, 1, N, d, rn1, c)
+    # per-program partial sums: row b * chunks + j of one (rows, s_pr) buffer, in which each sum has its columns
+    # (gA, constant gB / gC as (N, d); gD, gbias as (d,); gW as (R, d)); reduced on the host in one pass
+    prow = (b * n_chunks + j) * s_pr
+    pm = prow + rn1[:, None] * d + c[None, :]
     tl.store(gAp_ptr + pm, gA, mask=m2)
     if HAS_D:
-        tl.store(gDp_ptr + prow * d + c, gD, mask=cm)
+        tl.store(gDp_ptr + prow + c, gD, mask=cm)
     if HAS_BIAS:
-        tl.store(gbp_ptr + prow * d + c, gb, mask=cm)
+        tl.store(gbp_ptr + prow + c, gb, mask=cm)
     if DT_LOW:
-        tl.store(gWp_ptr + (prow * RK + tl.arange(0, BR)[:, None]) * d + c[None, :], gW,
-                 mask=rm[:, None] & cm[None, :])
+        tl.store(gWp_ptr + prow + tl.arange(0, BR)[:, None] * d + c[None, :], gW, mask=rm[:, None] & cm[None, :])
     if not B_VAR:
         tl.store(gBp_ptr + pm, gBc, mask=m2)
     if not C_VAR:
@@ -765,8 +766,7 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
     gB/gC time-varying as (b, G, N, L-positions) in the position layout of ``order``. With a low-rank delta (W, see
     _forward) gdt must be None and the gradient of dt (b, R, L-positions) comes back instead, with gW (d, R).
     ``hf``: the state scratch with the segment-entering states written by the forward (``_forward``). ``bc_out``:
-    two (b, G, positions, N) tensors (views) into which the time-varying gB and gC are summed. ``dt_done``: dt holds
-    softplus(dt + bias), written by ``_forward(dt_out=...)``."""
+    two (b, G, positions, N) tensors (views) into which the time-varying gB and gC are summed. ``dt_done``: dt holds softplus(dt + bias), written by ``_forward(dt_out=...)``."""
     b, d, L = u.shape
     N = A.shape[1]
     G = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
@@ -796,25 +796,29 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
     walked = hf is not None
     if not walked:
         hf = torch.empty(plan.scratch_states(b, d, L, plan.T, plan.S) * N, device=dev, dtype=f32)
-    rows = b * plan.n_chunks
-    gAp = torch.empty(rows, N, d, device=dev, dtype=f32)
-    gDp = torch.empty(rows, d, device=dev, dtype=f32) if D is not None else gAp
-    gbp = torch.empty(rows, d, device=dev, dtype=f32) if bias is not None else gAp
+    # the per-program partial sums side by side in one (programs' rows, columns) buffer: one reduction for all
+    sizes = dict(A=N * d, B=0 if B_VAR else N * d, C=0 if C_VAR else N * d, D=d if D is not None else 0,
+                 bias=d if bias is not None else 0, W=R * d if W is not None else 0)
+    sums = torch.empty(b * plan.n_chunks, sum(sizes.values()), device=dev, dtype=f32)
+    cols = dict(zip(sizes, torch.split(sums, list(sizes.values()), dim=1)))
+    gAp = cols["A"]
     npos = B.shape[3] if B_VAR else (C.shape[3] if C_VAR else L)
-    # time-varying B/C gradients per channel block as (b, G, positions, N): a step's N values are contiguous
-    gBp = torch.empty(plan.cbg, b, G, npos, N, device=dev, dtype=f32) if B_VAR else torch.empty_like(gAp)
-    gCp = torch.empty(plan.cbg, b, G, npos, N, device=dev, dtype=f32) if C_VAR else torch.empty_like(gAp)
-    s_p = (gBp if B_VAR else gCp).stride()[:3] if (B_VAR or C_VAR) else (0, 0, 0)
+    # time-varying B/C gradients per channel block side by side as (blocks, b, G, positions, N or 2N): a step's
+    # values are contiguous, and one pass sums the blocks of both (_block_sum)
+    width = N * (B_VAR + C_VAR)
+    bcp = torch.empty(plan.cbg, b, G, npos, width, device=dev, dtype=f32) if width else None
+    gBp = bcp[..., :N] if B_VAR else cols["B"]
+    gCp = bcp[..., width - N:] if C_VAR else cols["C"]
+    s_p = (*bcp.stride()[:3], width) if width else (0, 0, 0, 0)
     if W is not None:  # the low-rank dt's gradient per channel block as (blocks, b, positions, R), and gW per program
         gdt = torch.empty(plan.grid[1], b, L, R, device=dev, dtype=f32)
         s_gdt = (gdt.stride(1), gdt.stride(0), gdt.stride(2))  # (batch, channel block, position) as the kernel reads
-        gWp = torch.empty(rows, R, d, device=dev, dtype=f32)
     else:
-        s_gdt, gWp = gdt.stride(), gAp
+        s_gdt = gdt.stride()
     _bwd_kernel[plan.grid](
         u, dt, Wk, zt, gout, A, D if D is not None else A, bt, B, C, hin, rin, hf,
-        gu, gdt, gz if gz is not None else gu, gBp, gCp, gAp, gDp, gbp, gWp,
-        L, d, plan.dg, N, R, plan.n_chunks, plan.cbg, 1, b * d * N,
+        gu, gdt, gz if gz is not None else gu, gBp, gCp, gAp, cols["D"], cols["bias"], cols["W"],
+        L, d, plan.dg, N, R, plan.n_chunks, plan.cbg, 1, b * d * N, sums.stride(0),
         *u.stride(), *dt.stride(), *zt.stride(), *gout.stride(),
         *gu.stride(), *s_gdt, *(gz if gz is not None else gu).stride(), *_bc(B), *_bc(C), *s_p, *pos,
         HAS_MAP=order.has_map, FLIP=order.flip, GU_ACCUM=gu_accum, B_VAR=B_VAR, C_VAR=C_VAR, HAS_D=D is not None,
@@ -823,21 +827,55 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
         OUTER_STAGES=plan.bwd_stages if plan.S == plan.F else 1, SPREAD=plan.spread, WALKED=walked,
         num_warps=plan.bwd_warps, **plan.bwd_options)
     del hf  # back to the caching allocator now (stream-ordered after the kernel): the sums below may reuse it
-    out = bc_out if bc_out is not None else (None, None)
-    gB = _sum_partials(gBp, out[0]).transpose(-1, -2)  # time-varying: (b, G, N, positions); constant: (d, N)
-    gC = _sum_partials(gCp, out[1]).transpose(-1, -2)
-    low_grads = (gdt.sum(0).transpose(1, 2), gWp.sum(0).t()) if W is not None else (None, None)
-    return (gAp.sum(0).t(), gB, gC, gDp.sum(0) if D is not None else None, gbp.sum(0) if bias is not None else None,
-            *low_grads)
+    bc = iter(_block_sum(bcp, B_VAR + C_VAR, bc_out) if width else ())  # (b, G, positions, N) each
+    total = dict(zip(sizes, torch.split(sums.sum(0), list(sizes.values()))))
+    # time-varying: (b, G, N, positions); constant: (d, N)
+    gB = next(bc).transpose(-1, -2) if B_VAR else total["B"].view(N, d).t()
+    gC = next(bc).transpose(-1, -2) if C_VAR else total["C"].view(N, d).t()
+    low_grads = (gdt.sum(0).transpose(1, 2), total["W"].view(R, d).t()) if W is not None else (None, None)
+    return (total["A"].view(N, d).t(), gB, gC, total["D"] if D is not None else None,
+            total["bias"] if bias is not None else None, *low_grads)
 
 
-def _sum_partials(p, out=None):
-    """The sum over the first axis of the per-channel-block partials p, into ``out`` if given: two as one add (0.39
-    against ``torch.sum``'s 0.52 ms for LightM-UNet's 128^3 B gradients into x_proj's side-by-side buffer), more by
-    ``torch.sum`` (0.09 against 0.15 ms of adds for four at 64^3; H200, session 15)."""
-    if p.shape[0] == 2:
-        return torch.add(p[0], p[1], out=out)
-    return torch.sum(p, 0, out=out)
+@cached_launch
+@triton.jit
+def _block_sum_kernel(p_ptr, out_ptr, rows, P, s_pp, s_or, s_oh, W: tl.constexpr, H: tl.constexpr,
+                      WB: tl.constexpr, BR: tl.constexpr):
+    """out[r, w] = sum over q < P of p[q, r, w] for p (P, rows, W) contiguous, added in order q = 0, 1, ... (the
+    result does not depend on the launch); out's columns in halves of H (B's, C's), s_oh apart, rows s_or apart."""
+    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    w = tl.arange(0, WB)
+    m = (r < rows)[:, None] & (w < W)[None, :]
+    src = p_ptr + r[:, None] * W + w[None, :]
+    acc = tl.load(src, mask=m, other=0.0)
+    for _ in range(1, P):
+        src += s_pp
+        acc += tl.load(src, mask=m, other=0.0)
+    tl.store(out_ptr + r[:, None] * s_or + ((w // H) * s_oh + w % H)[None, :], acc, mask=m)
+
+
+def _block_sum(p, k, halves=None):
+    """The sum over the first axis of the backward's per-channel-block partials p (blocks, b, G, positions, W) of k
+    time-varying gradients side by side (W = k N: B's, then C's), in one pass; returned as k tensors (b, G,
+    positions, N): ``halves`` if given (views whose rows are one stride apart, the same for all: the columns of B's
+    and C's gradients in x_proj's output gradient), else new contiguous ones (in the layout of the inputs the kernels
+    read coalesced, channels-last B/C, so autograd does not copy them). Written into the views of x_proj's gradient,
+    PyTorch's strided add had run at a quarter of the memory's pace: 0.39 ms per tensor for LightM-UNet's 128^3 B
+    gradients (H200, session 20)."""
+    P, W = p.shape[0], p.shape[-1]
+    H = W // k
+    if halves is None:
+        halves = torch.empty(k, *p.shape[1:-1], H, device=p.device, dtype=p.dtype).unbind(0)
+    rows = p[0].numel() // W
+    o = [h.view(rows, H) for h in halves]  # rows one stride apart (raises otherwise)
+    if not p.is_contiguous() or any(x.stride() != o[0].stride() or x.stride(1) != 1 for x in o):
+        raise ValueError("selective_scan (triton): block sums need contiguous partials and outputs with the same "
+                         "row stride and unit column stride")
+    BR = 64
+    _block_sum_kernel[(triton.cdiv(rows, BR),)](
+        p, o[0], rows, P, rows * W, o[0].stride(0), (o[-1].data_ptr() - o[0].data_ptr()) // p.element_size(),
+        W=W, H=H, WB=triton.next_power_of_2(W), BR=BR, num_warps=4)
+    return halves
 
 
 # ------------------------------------------------------------------------------------------------------------------

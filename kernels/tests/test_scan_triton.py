@@ -342,16 +342,22 @@ def test_x_proj_blocks_get_their_gradients_side_by_side(tk, tuning, dev, in_kern
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 4])
-def test_partial_sums_into_a_strided_buffer(tk, dev, parts):
-    """The backward's per-channel-block B/C partials summed into a column block of a wider buffer (one add for two,
-    torch.sum otherwise), and into a new tensor; against float64."""
-    p = torch.randn(parts, 2, 1, 7, 4, generator=torch.Generator().manual_seed(parts)).to(dev)
+@pytest.mark.parametrize("k, n", [(1, 4), (2, 4), (2, 3)])
+def test_block_sums_into_strided_buffers(tk, dev, parts, k, n):
+    """The backward's per-channel-block partials of k gradients side by side summed in one pass: into column blocks
+    of a wider buffer (its other columns untouched) and into new contiguous tensors; against float64."""
+    p = torch.randn(parts, 2, 1, 7, k * n, generator=torch.Generator().manual_seed(parts)).to(dev)
     buf = torch.full((2, 7, 11), float("nan"), device=dev)
-    out = buf[..., 3:7].unsqueeze(1)
+    halves = [buf[..., 3 + i * n:3 + (i + 1) * n].unsqueeze(1) for i in range(k)]
     ref = p.double().sum(0)
-    assert tk._sum_partials(p, out).data_ptr() == out.data_ptr()
-    assert float((out.double() - ref).abs().max()) < 1e-6 and buf[..., 7:].isnan().all() and buf[..., :3].isnan().all()
-    assert torch.equal(tk._sum_partials(p), out)
+    got = tk._block_sum(p, k, halves)
+    assert [h.data_ptr() for h in got] == [h.data_ptr() for h in halves]
+    assert float((torch.cat(halves, -1).double() - ref).abs().max()) < 1e-6
+    assert buf[..., 3 + k * n:].isnan().all() and buf[..., :3].isnan().all()
+    new = tk._block_sum(p, k)
+    assert all(h.is_contiguous() and torch.equal(h, g) for h, g in zip(new, halves))
+    with pytest.raises(ValueError, match="contiguous partials"):
+        tk._block_sum(p.transpose(-1, -2).contiguous().transpose(-1, -2), k)
 
 
 def test_x_proj_and_scan_compose_without_a_concatenation(tk, tuning, dev, monkeypatch):
