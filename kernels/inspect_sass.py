@@ -44,7 +44,8 @@ T = 512
 n_chunks = L // T
 # one channels-last call: (b, d, L) tensors with the channel axis fastest, B/C (b, N, L) with n fastest
 INTS = dict(L=L, d=d, dg=d, N=N, RK=1, n_chunks=n_chunks, cbg=d // 32, one=1, T=T, hf_rs=b * N * d,
-            Q1=0, Q2=0, R0=0, R1=0, R2=0, s_pc=b * L * 2 * N, s_pb=L * 2 * N, s_pg=L * 2 * N, s_pl=2 * N)
+            Q1=0, Q2=0, R0=0, R1=0, R2=0, s_pc=b * L * 2 * N, s_pb=L * 2 * N, s_pg=L * 2 * N, s_pl=2 * N,
+            s_pr=(N + 2) * d, KG=16, n_groups=n_chunks // 16)
 for t in ("u", "d", "z", "o", "g", "gu", "gd", "gz"):
     INTS.update({f"s_{t}b": L * d, f"s_{t}d": 1, f"s_{t}l": d})
 for t in ("B", "C"):
@@ -168,8 +169,9 @@ def main():
             compile_kernel(sst._bwd_kernel, dict(f, F=2, SF=1, STAGES=4, OUTER_STAGES=4, WALKED=False), 1, "bwd",
                            out, args.bwd_maxnreg)
         elif name == "carry":
-            compile_kernel(sst._carry_kernel, dict(REV=True, HAS_INIT=True, BD=32, BNC=4, KC=8, STAGES=3), 1,
-                           "carry", out)
+            for summary in (True, False):  # a group's composite; the walk from the composites
+                compile_kernel(sst._carry_kernel, dict(REV=True, HAS_INIT=True, SUMMARY=summary, BD=32, BNC=4, KC=8,
+                                                       STAGES=3), 1, f"carry{'_summary' if summary else ''}", out)
         elif name == "linear":
             compile_linear(out)
         else:

@@ -714,3 +714,27 @@ def test_against_mamba_ssm():
     assert rel_err(y, y0) < 1e-5 and rel_err(last, last0) < 1e-5
     for k in gr:
         assert rel_err(gr[k], gr0[k]) < 1e-4, (k, rel_err(gr[k], gr0[k]))
+
+
+@pytest.mark.parametrize("n_chunks, groups_from", [(5, 64), (21, 2), (64, 64)])
+@pytest.mark.parametrize("rev, init", [(False, False), (True, True), (True, False)])
+def test_carry_walks_in_groups(tk, dev, monkeypatch, n_chunks, groups_from, rev, init):
+    """Every chunk's entering state from the chunk summaries (_carry), in one serial walk or in groups (their
+    composites first, then each group from its entering state): against the recurrence in float64."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(tk, "_CARRY_GROUPS_FROM", groups_from)
+    b, d, N = 2, 6, 5
+    g = torch.Generator().manual_seed(n_chunks)
+    A = -torch.rand(N, d, generator=g) - 0.1
+    loc = torch.randn(b, n_chunks, N, d, generator=g)
+    sums = torch.rand(b, d, n_chunks, generator=g)
+    glast = torch.randn(b, d, N, generator=g) if init else None
+    plan = SimpleNamespace(BN=8, n_chunks=n_chunks, carry_BD=8)
+    out = tk._carry(A.to(dev), loc.to(dev), sums.to(dev), glast.to(dev) if init else None, rev, plan, b, d, N)
+    H = glast.double().transpose(1, 2) if init else torch.zeros(b, N, d, dtype=torch.float64)
+    ref = torch.empty(b, n_chunks, N, d, dtype=torch.float64)
+    for k in range(n_chunks):
+        j = n_chunks - 1 - k if rev else k
+        ref[:, j] = H
+        H = torch.exp(A.double() * sums.double()[:, :, j].unsqueeze(1)) * H + loc.double()[:, j]
+    assert float((out.cpu().double() - ref).abs().max() / ref.abs().max()) < 1e-5
