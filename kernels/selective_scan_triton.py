@@ -18,7 +18,8 @@ per element and step, no cross-thread scan; the step loops' loads are software-p
 * **Forward**: ``_chunk_kernel`` (no output) gives each chunk's end state from a zero entering state and its summed
   dt; ``_carry_kernel`` walks the chunk summaries in order, ``H_{j+1} = exp(A S_j) H_j + h_j`` (b*d*N independent
   recurrences, in parallel; from 64 chunks in groups, the groups' composites first), giving every chunk's entering
-  state; ``_chunk_kernel`` (output) runs each chunk again from that state and writes ``y``. The entering states (b, d, chunks, N) are kept for the backward pass.
+  state; ``_chunk_kernel`` (output) runs each chunk again from that state and writes ``y``. The entering states
+  (b, d, chunks, N) are kept for the backward pass.
 * **Backward**: ``_bsum_kernel`` walks each chunk backwards from a zero carry, ``G_t = C_t dy_t + a_{t+1} G_{t+1}``,
   and ``_carry_kernel`` (reversed) gives the carry entering every chunk from the right (the last chunk gets the
   gradient of the last state). ``_bwd_kernel`` then walks its chunk forward once, writing the state entering every
@@ -594,6 +595,23 @@ def _bwd_kernel(u_ptr, dt_ptr, W_ptr, z_ptr, g_ptr, A_ptr, D_ptr, bias_ptr, B_pt
         tl.store(gCp_ptr + pm, gCc, mask=m2)
 
 
+@cached_launch
+@triton.jit
+def _block_sum_kernel(p_ptr, out_ptr, rows, P, s_pp, s_or, s_oh, W: tl.constexpr, H: tl.constexpr,
+                      WB: tl.constexpr, BR: tl.constexpr):
+    """out[r, w] = sum over q < P of p[q, r, w] for p (P, rows, W) contiguous, added in order q = 0, 1, ... (the
+    result does not depend on the launch); out's columns in halves of H (B's, C's), s_oh apart, rows s_or apart."""
+    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    w = tl.arange(0, WB)
+    m = (r < rows)[:, None] & (w < W)[None, :]
+    src = p_ptr + r[:, None] * W + w[None, :]
+    acc = tl.load(src, mask=m, other=0.0)
+    for _ in range(1, P):
+        src += s_pp
+        acc += tl.load(src, mask=m, other=0.0)
+    tl.store(out_ptr + r[:, None] * s_or + ((w // H) * s_oh + w % H)[None, :], acc, mask=m)
+
+
 @dataclass
 class _Order:
     """Position map: sequence position l -> element offset; None = identity."""
@@ -807,7 +825,8 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
     gB/gC time-varying as (b, G, N, L-positions) in the position layout of ``order``. With a low-rank delta (W, see
     _forward) gdt must be None and the gradient of dt (b, R, L-positions) comes back instead, with gW (d, R).
     ``hf``: the state scratch with the segment-entering states written by the forward (``_forward``). ``bc_out``:
-    two (b, G, positions, N) tensors (views) into which the time-varying gB and gC are summed. ``dt_done``: dt holds softplus(dt + bias), written by ``_forward(dt_out=...)``."""
+    two (b, G, positions, N) tensors (views) into which the time-varying gB and gC are summed. ``dt_done``: dt holds
+    softplus(dt + bias), written by ``_forward(dt_out=...)``."""
     b, d, L = u.shape
     N = A.shape[1]
     G = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
@@ -876,23 +895,6 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
     low_grads = (gdt.sum(0).transpose(1, 2), total["W"].view(R, d).t()) if W is not None else (None, None)
     return (total["A"].view(N, d).t(), gB, gC, total["D"] if D is not None else None,
             total["bias"] if bias is not None else None, *low_grads)
-
-
-@cached_launch
-@triton.jit
-def _block_sum_kernel(p_ptr, out_ptr, rows, P, s_pp, s_or, s_oh, W: tl.constexpr, H: tl.constexpr,
-                      WB: tl.constexpr, BR: tl.constexpr):
-    """out[r, w] = sum over q < P of p[q, r, w] for p (P, rows, W) contiguous, added in order q = 0, 1, ... (the
-    result does not depend on the launch); out's columns in halves of H (B's, C's), s_oh apart, rows s_or apart."""
-    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-    w = tl.arange(0, WB)
-    m = (r < rows)[:, None] & (w < W)[None, :]
-    src = p_ptr + r[:, None] * W + w[None, :]
-    acc = tl.load(src, mask=m, other=0.0)
-    for _ in range(1, P):
-        src += s_pp
-        acc += tl.load(src, mask=m, other=0.0)
-    tl.store(out_ptr + r[:, None] * s_or + ((w // H) * s_oh + w % H)[None, :], acc, mask=m)
 
 
 def _block_sum(p, k, halves=None):
