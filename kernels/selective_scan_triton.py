@@ -751,9 +751,10 @@ def _carry(A, loc, sums, init, rev, plan, b, d, N):
     n_groups = triton.cdiv(n, KG)
     grid = (n_groups * triton.cdiv(d, plan.carry_BD), b, triton.cdiv(N, BNC))
     args = dict(REV=rev, HAS_INIT=init is not None, BD=plan.carry_BD, BNC=BNC, KC=KC, STAGES=3, num_warps=1)
-    gh, gs = (torch.empty(b, n_groups, N, d, device=A.device, dtype=torch.float32),
-              torch.empty(b, d, n_groups, device=A.device, dtype=torch.float32)) if n_groups > 1 else (A, A)
+    gh = gs = A  # the groups' composites: end states (b, groups, N, d) and summed dt (b, d, groups)
     if n_groups > 1:
+        gh = torch.empty(b, n_groups, N, d, device=A.device, dtype=torch.float32)
+        gs = torch.empty(b, d, n_groups, device=A.device, dtype=torch.float32)
         _carry_kernel[grid](A, loc, sums, out, A, gh, gs, d, N, n, KG, n_groups, SUMMARY=True, **args)
     _carry_kernel[grid](A, loc, sums, out, init if init is not None else A, gh, gs, d, N, n, KG, n_groups,
                         SUMMARY=False, **args)
