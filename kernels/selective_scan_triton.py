@@ -888,11 +888,11 @@ def _backward(u, dt, z, gout, A, D, B, C, bias, softplus, hin, sloc, glast, plan
         OUTER_STAGES=plan.bwd_stages if plan.S == plan.F else 1, SPREAD=plan.spread, WALKED=walked,
         num_warps=plan.bwd_warps, **plan.bwd_options)
     del hf  # back to the caching allocator now (stream-ordered after the kernel): the sums below may reuse it
-    bc = iter(_block_sum(bcp, B_VAR + C_VAR, bc_out) if width else ())  # (b, G, positions, N) each
+    bc = _block_sum(bcp, B_VAR + C_VAR, bc_out) if width else ()  # (b, G, positions, N) each: B's first, C's last
     total = dict(zip(sizes, torch.split(sums.sum(0), list(sizes.values()))))
     # time-varying: (b, G, N, positions); constant: (d, N)
-    gB = next(bc).transpose(-1, -2) if B_VAR else total["B"].view(N, d).t()
-    gC = next(bc).transpose(-1, -2) if C_VAR else total["C"].view(N, d).t()
+    gB = bc[0].transpose(-1, -2) if B_VAR else total["B"].view(N, d).t()
+    gC = bc[-1].transpose(-1, -2) if C_VAR else total["C"].view(N, d).t()
     low_grads = (gdt.sum(0).transpose(1, 2), total["W"].view(R, d).t()) if W is not None else (None, None)
     return (total["A"].view(N, d).t(), gB, gC, total["D"] if D is not None else None,
             total["bias"] if bias is not None else None, *low_grads)
